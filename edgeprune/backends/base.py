@@ -1,0 +1,51 @@
+"""The interface every inference runtime implements."""
+
+from __future__ import annotations
+
+import os
+import platform
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from edgeprune.latency.measurement import Measurement, Protocol
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class Backend(ABC):
+    """An inference runtime configured for one device profile."""
+
+    name: str = ""
+    package: str = ""  # the pip package that provides it
+
+    @classmethod
+    @abstractmethod
+    def available(cls) -> bool:
+        """Whether the runtime imports here."""
+
+    @abstractmethod
+    def fingerprint(self) -> dict:
+        """Runtime version, hardware and settings: what makes two measurements comparable."""
+
+    @abstractmethod
+    def session(self, onnx_path: str | os.PathLike, input_shape: tuple[int, ...]):
+        """A callable `run(x: np.ndarray) -> np.ndarray` for the model."""
+
+    def measure(
+        self, onnx_path: str | os.PathLike, input_shape: tuple[int, ...], protocol: Protocol | None = None
+    ) -> Measurement:
+        from edgeprune.latency.measurement import measure_callable
+
+        run = self.session(onnx_path, input_shape)
+        x = np.random.default_rng(0).standard_normal(input_shape, dtype=np.float32)
+        return measure_callable(lambda: run(x), protocol)

@@ -1,0 +1,69 @@
+"""ONNX Runtime backend: threads, execution providers, graph optimisation level."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from edgeprune.backends.base import Backend, cpu_model
+from edgeprune.errors import EdgepruneError
+
+OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    package = "onnxruntime"
+
+    def __init__(self, *, threads: int = 1, providers: list[str] | None = None, graph_optimization: str = "all"):
+        if graph_optimization not in OPT_LEVELS:
+            raise EdgepruneError(f"unknown graph_optimization {graph_optimization!r}; choose one of {list(OPT_LEVELS)}")
+        self.threads = threads
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.graph_optimization = graph_optimization
+
+    @classmethod
+    def available(cls) -> bool:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def fingerprint(self) -> dict:
+        import onnxruntime as ort
+
+        return {
+            "runtime": "onnxruntime",
+            "version": ort.__version__,
+            "cpu": cpu_model(),
+            "threads": self.threads,
+            "providers": self.providers,
+            "precision": "fp32",
+            "graph_optimization": self.graph_optimization,
+        }
+
+    def session(self, onnx_path: str | os.PathLike, input_shape: tuple[int, ...]):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[self.graph_optimization])
+        try:
+            sess = ort.InferenceSession(str(onnx_path), opts, providers=self.providers)
+        except Exception as e:
+            raise EdgepruneError(f"ONNX Runtime cannot load {onnx_path}: {str(e).splitlines()[0][:200]}") from None
+        name = sess.get_inputs()[0].name
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return sess.run(None, {name: x})[0]
+
+        return run

@@ -1,0 +1,204 @@
+"""Supervised training: SGD + cosine schedule, standard augmentation, resumable mid-epoch.
+
+The resume file beside the output checkpoint holds model and optimizer state and the position
+(epoch, batch); batch order and augmentation are functions of (seed, epoch, batch), so a resumed
+run sees exactly the batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgeprune.checkpoint import Checkpoint, atomic_torch_save, save_checkpoint
+from edgeprune.data import Dataset, load_dataset
+from edgeprune.errors import EdgepruneError
+from edgeprune.models import build_model
+from edgeprune.training.evaluate import accuracy
+from edgeprune.training.progress import progress_bar
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the result of a training run (stored in the checkpoint)."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    label_smoothing: float = 0.0
+    warmup_epochs: float = 0.0
+    seed: int = 0
+    max_batches_per_epoch: int | None = None  # for smoke runs on a subset
+
+    def lr_at(self, step: int, total: int, steps_per_epoch: int) -> float:
+        warm = int(self.warmup_epochs * steps_per_epoch)
+        if step < warm:
+            return self.lr * (step + 1) / warm
+        t = (step - warm) / max(1, total - warm)
+        return 0.5 * self.lr * (1 + math.cos(math.pi * t))
+
+
+def resume_path(out: Path) -> Path:
+    return out.with_name(out.name + ".resume")
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on BN/bias parameters (standard practice, and it keeps BN scales usable as a criterion)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    recipe: Recipe,
+    *,
+    state_file: Path | None = None,
+    loss_fn: Loss | None = None,
+    save_every_s: float = 120.0,
+    progress: bool = True,
+    description: str = "train",
+    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+) -> nn.Module:
+    """Train `model` in place following `recipe`; resumes from `state_file` when it exists.
+
+    `loss_fn(model, x, y, logits)` replaces cross-entropy (used for distillation).
+    """
+    torch.manual_seed(recipe.seed)
+    opt = torch.optim.SGD(
+        _param_groups(model, recipe.weight_decay), lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov
+    )
+    train_split = data.split("train")
+    per_epoch = train_split.num_batches(recipe.batch_size)
+    if recipe.max_batches_per_epoch:
+        per_epoch = min(per_epoch, recipe.max_batches_per_epoch)
+    total = per_epoch * recipe.epochs
+    epoch, batch = 0, 0
+    if state_file is not None and state_file.exists():
+        try:
+            state = torch.load(state_file, map_location="cpu", weights_only=True)
+        except Exception:
+            raise EdgepruneError(f"resume file {state_file} is damaged; delete it to start over") from None
+        if state.get("recipe") != asdict(recipe):
+            raise EdgepruneError(
+                f"resume file {state_file} was written with a different recipe; rerun with the same options, "
+                "or delete it (--restart) to start over"
+            )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        epoch, batch = state["epoch"], state["batch"]
+
+    def save_state(e: int, b: int) -> None:
+        if state_file is not None:
+            atomic_torch_save(
+                {
+                    "recipe": asdict(recipe),
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "epoch": e,
+                    "batch": b,
+                },
+                state_file,
+            )
+
+    ce = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    last_save = time.monotonic()
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task(description, total=total, completed=epoch * per_epoch + batch, status="")
+        try:
+            while epoch < recipe.epochs:
+                model.train()
+                loss_sum = correct = seen = 0.0
+                for b, (x, y) in enumerate(
+                    data.batches(
+                        "train",
+                        recipe.batch_size,
+                        train=True,
+                        seed=recipe.seed,
+                        epoch=epoch,
+                        start=batch,
+                        limit=per_epoch,
+                    ),
+                    start=batch,
+                ):
+                    lr = recipe.lr_at(epoch * per_epoch + b, total, per_epoch)
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    logits = model(x)
+                    loss = loss_fn(model, x, y, logits) if loss_fn else ce(logits, y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    loss_sum += loss.item() * len(y)
+                    correct += (logits.argmax(1) == y).sum().item()
+                    seen += len(y)
+                    bar.update(
+                        task,
+                        advance=1,
+                        status=(
+                            f"epoch {epoch + 1}/{recipe.epochs} loss {loss_sum / seen:.3f} acc {correct / seen:.3f}"
+                        ),
+                    )
+                    if time.monotonic() - last_save > save_every_s:
+                        save_state(epoch, b + 1)
+                        last_save = time.monotonic()
+                epoch, batch = epoch + 1, 0
+                save_state(epoch, 0)
+                last_save = time.monotonic()
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, model)
+        except KeyboardInterrupt:
+            done = bar.tasks[0].completed
+            save_state(int(done // per_epoch), int(done % per_epoch))
+            where = f"; run the same command again to resume from {state_file}" if state_file else ""
+            raise EdgepruneError(f"training interrupted at step {int(done)}/{total}{where}") from None
+    return model
+
+
+def train(
+    *,
+    model: str,
+    data: str | Dataset,
+    out: str | os.PathLike,
+    recipe: Recipe | None = None,
+    restart: bool = False,
+    data_root: str | None = None,
+    progress: bool = True,
+) -> Checkpoint:
+    """Train `model` on `data` and write a checkpoint to `out`; resumes an interrupted run."""
+    recipe = recipe or Recipe()
+    dataset = data if isinstance(data, Dataset) else load_dataset(data, root=data_root)
+    out = Path(out)
+    state_file = resume_path(out)
+    if restart:
+        state_file.unlink(missing_ok=True)
+    torch.manual_seed(recipe.seed)  # initialisation is part of the recipe
+    net = build_model(model, num_classes=dataset.num_classes, in_channels=dataset.input_shape[0])
+    started = time.monotonic()
+    fit(net, dataset, recipe, state_file=state_file, progress=progress, description=f"train {model}")
+    meta = {
+        "recipe": asdict(recipe),
+        "test_accuracy": accuracy(net, dataset, "test"),
+        "heldout_accuracy": accuracy(net, dataset, "heldout"),
+        "train_seconds_this_session": round(time.monotonic() - started, 1),
+        "threads": torch.get_num_threads(),
+    }
+    ckpt = Checkpoint(model, dataset.num_classes, dataset.input_shape, dataset.name, net.state_dict(), meta)
+    save_checkpoint(ckpt, out)
+    state_file.unlink(missing_ok=True)
+    return ckpt

@@ -1,0 +1,64 @@
+import pytest
+
+VERBS = ["models", "train", "run"]
+
+
+def test_help(cli):
+    r = cli("--help")
+    assert r.returncode == 0
+    for verb in VERBS:
+        assert verb in r.stdout
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_verb_help(cli, verb):
+    r = cli(verb, "--help")
+    assert r.returncode == 0 and "Usage" in r.stdout
+
+
+def _one_line_error(r):
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def test_unknown_model(cli, tmp_path):
+    line = _one_line_error(cli("train", "--model", "resnet21", "--data", "digits", "--out", str(tmp_path / "x.pt")))
+    assert "resnet20" in line and "resnet56" in line
+
+
+def test_unknown_dataset(cli, tmp_path):
+    line = _one_line_error(cli("train", "--model", "resnet20", "--data", "mnist", "--out", str(tmp_path / "x.pt")))
+    assert "fashion-mnist" in line
+
+
+def test_missing_data_files(cli, tmp_path):
+    r = cli(
+        "train",
+        "--model",
+        "resnet20",
+        "--data",
+        "fashion-mnist",
+        "--out",
+        str(tmp_path / "x.pt"),
+        env={"EDGEPRUNE_FASHION_MNIST": str(tmp_path)},
+    )
+    assert "dataset-fashion-mnist" in _one_line_error(r)
+
+
+def test_corrupt_checkpoint(cli, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00" * 100)
+    assert "corrupt" in _one_line_error(cli("run", "--weights", str(bad), "--runs-dir", str(tmp_path)))
+
+
+def test_train_cli_json(cli, tmp_path):
+    import json
+
+    r = cli(
+        "train", "--model", "resnet20", "--data", "digits", "--epochs", "1", "--out", str(tmp_path / "d.pt"), "--json"
+    )
+    assert r.returncode == 0, r.stderr
+    assert 0 <= json.loads(r.stdout.strip().splitlines()[-1])["test_accuracy"] <= 1
