@@ -10,20 +10,26 @@ from pathlib import Path
 from typing import Any
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON atomically (temp file + rename), so readers never see half a file."""
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a file atomically (temp file + fsync + rename), so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write JSON atomically."""
+    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def new_run_dir(root: str | os.PathLike = "runs", name: str = "run") -> Path:

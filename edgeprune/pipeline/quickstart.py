@@ -6,7 +6,6 @@ own module, to be replaced by the full versions (budgeted search, distillation, 
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -28,7 +27,7 @@ from edgeprune.zoo import shipped_checkpoint
 class QuickstartConfig:
     checkpoint: str = str(shipped_checkpoint("resnet20", "fashion-mnist"))
     keep_ratio: float = 0.5
-    round_to: int = 8
+    step: int = 8
     finetune_epochs: int = 1
     finetune_lr: float = 0.02
     threads: int = 1  # latency is measured with one thread: stable on a shared machine
@@ -56,8 +55,7 @@ def run_quickstart(
     shape = (1, *ckpt.input_shape)
     log(f"[1/4] loaded {ckpt.model} ({ckpt.dataset}) from {cfg.checkpoint}")
 
-    pruned = copy.deepcopy(dense)
-    prune_uniform(pruned, torch.randn(shape), keep_ratio=cfg.keep_ratio, round_to=cfg.round_to)
+    pruned = prune_uniform(dense, torch.randn(shape), keep_ratio=cfg.keep_ratio, step=cfg.step)
     recalibrate_bn(pruned, data)
     if cfg.finetune_epochs:
         recipe = Recipe(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, max_batches_per_epoch=cfg.finetune_batches)

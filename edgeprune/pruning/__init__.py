@@ -1,5 +1,18 @@
-"""Structured channel pruning."""
+"""Structured channel pruning: prunable space, plans, channel criteria, cost counting.
 
-from edgeprune.pruning.uniform import classifier_layers, prune_uniform
+s = edgeprune.pruning.space(model, example_input, step=8)
+plan = s.plan(counts, criterion="reprune")      # or s.uniform(0.5)
+pruned = plan.apply(model)
+"""
 
-__all__ = ["classifier_layers", "prune_uniform"]
+from edgeprune.pruning.cost import CostModel, count_macs
+from edgeprune.pruning.criteria import CRITERIA, acp_widths, make_criterion
+from edgeprune.pruning.plan import Plan
+from edgeprune.pruning.sampling import random_counts
+from edgeprune.pruning.space import ChannelGroup, PrunableSpace, allowed_counts, classifier_layers, space
+from edgeprune.pruning.uniform import prune_uniform
+
+__all__ = [
+    "CRITERIA", "ChannelGroup", "CostModel", "Plan", "PrunableSpace", "acp_widths", "allowed_counts",
+    "classifier_layers", "count_macs", "make_criterion", "prune_uniform", "random_counts", "space",
+]  # fmt: skip

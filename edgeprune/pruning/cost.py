@@ -1,0 +1,143 @@
+"""MACs and parameter counts of any plan, computed from keep-counts without building the model.
+
+One forward pass of the base model records each layer's shape; each group says by how many
+channels it shrinks each layer's input and output. Counting a plan is then a few vector ops,
+fast enough to sit inside a search loop (the FLOPs-constrained baseline uses it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+@dataclass
+class CostModel:
+    names: list[str]
+    kind: np.ndarray  # 0 conv, 1 linear, 2 norm
+    out0: np.ndarray
+    in0: np.ndarray
+    groups0: np.ndarray
+    depthwise: np.ndarray
+    kernel: np.ndarray  # kh * kw
+    spatial: np.ndarray  # output positions per sample (Hout * Wout, or tokens for linear)
+    has_bias: np.ndarray
+    a_out: np.ndarray  # layers x groups: output channels removed per channel pruned from the group
+    a_in: np.ndarray
+    widths: np.ndarray
+    other_params: int  # parameters outside conv/linear/norm layers (e.g. ConvNeXt's layer scale), counted as unpruned
+
+    @classmethod
+    def from_space(cls, space) -> CostModel:
+        model = space.base
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, *NORMS))}
+        spatial: dict[str, int] = {}
+        hooks = []
+        for name, m in layers.items():
+
+            def hook(mod, inp, out, name=name):
+                channels = out.shape[1] if isinstance(mod, nn.Conv2d) else out.shape[-1]
+                spatial[name] = int(out[0].numel() // channels) if out.dim() > 1 else 1
+
+            hooks.append(m.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                model.eval()(torch.randn(*space.input_shape))
+        finally:
+            for h in hooks:
+                h.remove()
+        names = [n for n in layers if n in spatial]
+        index = {n: i for i, n in enumerate(names)}
+        L, G = len(names), len(space.groups)
+        a_out, a_in = np.zeros((L, G)), np.zeros((L, G))
+        for g in space.groups:
+            for d in g.layers:
+                if d.layer in index:
+                    (a_out if d.dim == "out" else a_in)[index[d.layer], g.index] = d.factor
+        kind, out0, in0, groups0, dw, kernel, bias = [], [], [], [], [], [], []
+        counted = 0
+        for n in names:
+            m = layers[n]
+            counted += sum(p.numel() for p in m.parameters(recurse=False))
+            if isinstance(m, nn.Conv2d):
+                kind.append(0)
+                out0.append(m.out_channels)
+                in0.append(m.in_channels)
+                groups0.append(m.groups)
+                dw.append(m.groups > 1 and m.groups == m.in_channels == m.out_channels)
+                kernel.append(m.kernel_size[0] * m.kernel_size[1])
+                bias.append(m.bias is not None)
+            elif isinstance(m, nn.Linear):
+                kind.append(1)
+                out0.append(m.out_features)
+                in0.append(m.in_features)
+                groups0.append(1)
+                dw.append(False)
+                kernel.append(1)
+                bias.append(m.bias is not None)
+            else:
+                c = m.num_features if hasattr(m, "num_features") else getattr(m, "num_channels", 0)
+                if isinstance(m, nn.LayerNorm):
+                    c = int(np.prod(m.normalized_shape))
+                kind.append(2)
+                out0.append(c)
+                in0.append(c)
+                groups0.append(1)
+                dw.append(False)
+                kernel.append(1)
+                bias.append(sum(p.numel() for p in m.parameters(recurse=False)) > c)
+        total = sum(p.numel() for p in model.parameters())
+        arr = np.asarray
+        return cls(names, arr(kind), arr(out0), arr(in0), arr(groups0), arr(dw, bool), arr(kernel),
+                   arr([spatial[n] for n in names]), arr(bias, bool), a_out, a_in, arr(space.widths), total - counted)  # fmt: skip
+
+    def _shapes(self, counts: Sequence[int]):
+        removed = self.widths - np.asarray(counts)
+        out = self.out0 - self.a_out @ removed
+        inp = np.where(self.depthwise, out, self.in0 - self.a_in @ removed)
+        groups = np.where(self.depthwise, out, self.groups0)
+        norm = self.kind == 2
+        inp = np.where(norm, out, inp)
+        return out, inp, groups
+
+    def macs(self, counts: Sequence[int]) -> int:
+        out, inp, groups = self._shapes(counts)
+        per = out * (inp / groups) * self.kernel * self.spatial
+        return int(round(per[self.kind != 2].sum()))
+
+    def params(self, counts: Sequence[int]) -> int:
+        out, inp, groups = self._shapes(counts)
+        weights = np.where(self.kind == 2, out, out * (inp / groups) * self.kernel)
+        norm_affine = (self.kind == 2) & (weights > 0)
+        weights = np.where(norm_affine, out * np.where(self.has_bias, 2, 1), weights)
+        bias = np.where((self.kind != 2) & self.has_bias, out, 0)
+        return int(round(weights.sum() + bias.sum())) + self.other_params
+
+
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    """MACs of conv and linear layers measured by hooks on a real forward pass (the reference)."""
+    total = 0
+
+    def conv_hook(m, inp, out):
+        nonlocal total
+        total += out.numel() // out.shape[0] * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear_hook(m, inp, out):
+        nonlocal total
+        total += out.numel() // out.shape[0] * m.in_features
+
+    hooks = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            model.eval()(example_input[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return int(total)
