@@ -14,8 +14,18 @@ from edgeprune.models import BUILTINS, build_model
 from edgeprune.pruning import Plan, allowed_counts, count_macs, random_counts, space
 
 STEP = 8
-TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-               "regnet_x_400mf", "densenet121", "mnasnet1_0", "convnext_tiny"]  # fmt: skip
+TORCHVISION = [
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "regnet_x_400mf",
+    "densenet121",
+    "mnasnet1_0",
+    "convnext_tiny",
+]
 CASES = [(n, (1, 1, 28, 28)) for n in BUILTINS] + [(n, (1, 3, 64, 64)) for n in TORCHVISION]
 
 

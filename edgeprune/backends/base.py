@@ -48,4 +48,5 @@ class Backend(ABC):
 
         run = self.session(onnx_path, input_shape)
         x = np.random.default_rng(0).standard_normal(input_shape, dtype=np.float32)
-        return measure_callable(lambda: run(x), protocol)
+        timed = getattr(run, "timed", None)
+        return measure_callable(lambda: run(x), protocol, timed=timed)

@@ -13,6 +13,17 @@ from edgeprune.pruning.space import ChannelGroup, PrunableSpace, allowed_counts,
 from edgeprune.pruning.uniform import prune_uniform
 
 __all__ = [
-    "CRITERIA", "ChannelGroup", "CostModel", "Plan", "PrunableSpace", "acp_widths", "allowed_counts",
-    "classifier_layers", "count_macs", "make_criterion", "prune_uniform", "random_counts", "space",
-]  # fmt: skip
+    "CRITERIA",
+    "ChannelGroup",
+    "CostModel",
+    "Plan",
+    "PrunableSpace",
+    "acp_widths",
+    "allowed_counts",
+    "classifier_layers",
+    "count_macs",
+    "make_criterion",
+    "prune_uniform",
+    "random_counts",
+    "space",
+]

@@ -94,8 +94,21 @@ class CostModel:
                 bias.append(sum(p.numel() for p in m.parameters(recurse=False)) > c)
         total = sum(p.numel() for p in model.parameters())
         arr = np.asarray
-        return cls(names, arr(kind), arr(out0), arr(in0), arr(groups0), arr(dw, bool), arr(kernel),
-                   arr([spatial[n] for n in names]), arr(bias, bool), a_out, a_in, arr(space.widths), total - counted)  # fmt: skip
+        return cls(
+            names,
+            arr(kind),
+            arr(out0),
+            arr(in0),
+            arr(groups0),
+            arr(dw, bool),
+            arr(kernel),
+            arr([spatial[n] for n in names]),
+            arr(bias, bool),
+            a_out,
+            a_in,
+            arr(space.widths),
+            total - counted,
+        )
 
     def _shapes(self, counts: Sequence[int]):
         removed = self.widths - np.asarray(counts)

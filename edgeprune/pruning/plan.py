@@ -36,17 +36,29 @@ class Plan:
         return {root: len(self.keep.get(root, range(w))) for root, w in self.widths.items()}
 
     def to_dict(self) -> dict:
-        return {"version": PLAN_VERSION, "input_shape": list(self.input_shape), "widths": self.widths,
-                "keep": self.keep, "criterion": self.criterion, "step": self.step, "exclude": self.exclude}  # fmt: skip
+        return {
+            "version": PLAN_VERSION,
+            "input_shape": list(self.input_shape),
+            "widths": self.widths,
+            "keep": self.keep,
+            "criterion": self.criterion,
+            "step": self.step,
+            "exclude": self.exclude,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
         try:
             if d.get("version", 0) > PLAN_VERSION:
                 raise EdgepruneError(f"plan format {d['version']} is newer than this edgeprune ({PLAN_VERSION})")
-            return cls(tuple(d["input_shape"]), {k: int(v) for k, v in d["widths"].items()},
-                       {k: [int(i) for i in v] for k, v in d["keep"].items()}, d.get("criterion", ""),
-                       int(d.get("step", 1)), list(d.get("exclude", [])))  # fmt: skip
+            return cls(
+                tuple(d["input_shape"]),
+                {k: int(v) for k, v in d["widths"].items()},
+                {k: [int(i) for i in v] for k, v in d["keep"].items()},
+                d.get("criterion", ""),
+                int(d.get("step", 1)),
+                list(d.get("exclude", [])),
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise EdgepruneError(f"not a valid edgeprune plan ({type(e).__name__}: {e})") from None
 

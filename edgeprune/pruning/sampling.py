@@ -10,8 +10,9 @@ from edgeprune.pruning.space import PrunableSpace
 MODES = ("uniform", "near-uniform")
 
 
-def random_counts(space: PrunableSpace, rng: np.random.Generator, *, mode: str = "uniform",
-                  spread: float = 0.15) -> list[int]:  # fmt: skip
+def random_counts(
+    space: PrunableSpace, rng: np.random.Generator, *, mode: str = "uniform", spread: float = 0.15
+) -> list[int]:
     """Keep-counts drawn at random.
 
     ``uniform``: each group independently uniform over its allowed counts.

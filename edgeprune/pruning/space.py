@@ -159,8 +159,14 @@ class PrunableSpace:
         for g, k in zip(self.groups, counts):
             if k < g.width:
                 keep[g.root] = sorted(int(i) for i in crit.select(g, k))
-        return Plan(input_shape=tuple(self.input_shape), widths={g.root: g.width for g in self.groups}, keep=keep,
-                    criterion=criterion, step=self.step, exclude=list(self.exclude))  # fmt: skip
+        return Plan(
+            input_shape=tuple(self.input_shape),
+            widths={g.root: g.width for g in self.groups},
+            keep=keep,
+            criterion=criterion,
+            step=self.step,
+            exclude=list(self.exclude),
+        )
 
     def uniform(self, keep_ratio: float, *, criterion: str = "l1", **kw):
         return self.plan(self.counts_from_ratios(keep_ratio), criterion=criterion, **kw)
@@ -177,8 +183,9 @@ def _layer_dims(DG: tp.DependencyGraph, group, width: int) -> list[LayerDim]:
     for dep, idxs in group:
         module = dep.target.module
         name = module_name(DG, module)
-        if name is None or not isinstance(module, (*ROOT_TYPES, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
-                                                   nn.LayerNorm, nn.PReLU)):  # fmt: skip
+        if name is None or not isinstance(
+            module, (*ROOT_TYPES, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.PReLU)
+        ):
             continue
         dim = "out" if DG.is_out_channel_pruning_fn(dep.handler) else "in"
         factor = max(1, len(idxs) // width)

@@ -1,0 +1,78 @@
+"""A device: a profile plus a transport. Local devices run the backend in this process; remote
+ones send the work to an agent. The profiler and validator use `measure`/`measure_many` and never
+know which."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from edgeprune.devices.spec import DeviceSpec
+from edgeprune.latency.measurement import Measurement, Protocol
+
+
+class Device:
+    def __init__(self, spec: DeviceSpec) -> None:
+        self.spec = spec
+        self._backend = None
+        self._client = None
+
+    @classmethod
+    def load(cls, name_or_path: str | os.PathLike) -> Device:
+        return cls(DeviceSpec.load(name_or_path))
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.spec.agent)
+
+    @property
+    def backend(self):
+        if self._backend is None:
+            self._backend = self.spec.make_backend()
+        return self._backend
+
+    @property
+    def client(self):
+        if self._client is None:
+            from edgeprune.agent.client import AgentClient
+
+            self._client = AgentClient.from_spec(self.spec)
+        return self._client
+
+    def fingerprint(self) -> dict:
+        return self.client.info()["fingerprint"] if self.remote else self.backend.fingerprint()
+
+    def measure(
+        self, onnx_path: str | os.PathLike, input_shape: Sequence[int], protocol: Protocol | None = None
+    ) -> Measurement:
+        """Latency of one ONNX model with this device's profile and protocol."""
+        protocol = protocol or self.spec.protocol
+        if self.remote:
+            return self.client.measure(Path(onnx_path).read_bytes(), tuple(input_shape), protocol)
+        return self.backend.measure(onnx_path, tuple(input_shape), protocol)
+
+    def measure_many(
+        self,
+        items: Sequence[tuple[str | os.PathLike, Sequence[int]]],
+        protocol: Protocol | None = None,
+        *,
+        on_result: Callable[[int, Measurement], None] | None = None,
+    ) -> list[Measurement]:
+        """Measure several models; `on_result(i, m)` is called as each one finishes."""
+        protocol = protocol or self.spec.protocol
+        if self.remote:
+            return self.client.measure_many(
+                [(Path(p).read_bytes(), tuple(s)) for p, s in items], protocol, on_result=on_result
+            )
+        results = []
+        for i, (path, shape) in enumerate(items):
+            m = self.backend.measure(path, tuple(shape), protocol)
+            results.append(m)
+            if on_result:
+                on_result(i, m)
+        return results

@@ -1,0 +1,123 @@
+"""Device profiles: which runtime measures latency, with which settings, locally or via an agent.
+
+A profile is a small YAML file in `devices/` (see devices/README.md for every field). Precision
+is always explicit, because OpenVINO otherwise picks bf16 by itself on AVX-512 CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from edgeprune.errors import EdgepruneError, choices_error
+from edgeprune.latency.measurement import Protocol
+
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+DEVICES_ENV = "EDGEPRUNE_DEVICES"
+FIELDS = {
+    "name",
+    "description",
+    "backend",
+    "options",
+    "protocol",
+    "channel_step",
+    "agent",
+    "token_env",
+    "token_file",
+    "timeout_s",
+}
+
+
+def devices_dirs() -> list[Path]:
+    """Where profiles are looked up: $EDGEPRUNE_DEVICES, ./devices, then the repository's devices/."""
+    dirs = [Path(p) for p in os.environ.get(DEVICES_ENV, "").split(os.pathsep) if p]
+    dirs += [Path.cwd() / "devices", Path(__file__).resolve().parents[2] / "devices"]
+    seen, out = set(), []
+    for d in dirs:
+        if d.resolve() not in seen and d.is_dir():
+            seen.add(d.resolve())
+            out.append(d)
+    return out
+
+
+@dataclass
+class DeviceSpec:
+    name: str
+    backend: str
+    options: dict = field(default_factory=dict)
+    protocol: Protocol = field(default_factory=Protocol)
+    description: str = ""
+    channel_step: int | None = None
+    agent: str | None = None  # http://HOST:PORT of an `edgeprune agent serve`
+    token_env: str | None = None
+    token_file: str | None = None
+    timeout_s: float = 600.0
+    path: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict, *, path: str | None = None) -> DeviceSpec:
+        where = path or "device profile"
+        if not isinstance(d, dict):
+            raise EdgepruneError(f"{where}: expected a mapping of fields, got {type(d).__name__}")
+        unknown = set(d) - FIELDS
+        if unknown:
+            raise EdgepruneError(f"{where}: unknown field(s) {sorted(unknown)}; see devices/README.md")
+        if d.get("backend") not in BACKENDS:
+            raise EdgepruneError(f"{where}: backend must be one of {', '.join(BACKENDS)}, got {d.get('backend')!r}")
+        name = d.get("name") or (Path(path).stem if path else None)
+        if not name:
+            raise EdgepruneError(f"{where}: a profile needs a name")
+        try:
+            protocol = Protocol.from_dict(d.get("protocol"))
+        except (TypeError, ValueError) as e:
+            raise EdgepruneError(f"{where}: bad protocol ({e})") from None
+        return cls(
+            name=name,
+            backend=d["backend"],
+            options=dict(d.get("options") or {}),
+            protocol=protocol,
+            description=d.get("description", ""),
+            channel_step=d.get("channel_step"),
+            agent=d.get("agent"),
+            token_env=d.get("token_env"),
+            token_file=d.get("token_file"),
+            timeout_s=float(d.get("timeout_s", 600.0)),
+            path=path,
+        )
+
+    @classmethod
+    def load(cls, name_or_path: str | os.PathLike) -> DeviceSpec:
+        """A profile by name (looked up in the devices folders) or by path to a YAML file."""
+        p = Path(name_or_path)
+        if not (p.suffix in (".yaml", ".yml") and p.is_file()):
+            found = [d / f"{name_or_path}.yaml" for d in devices_dirs() if (d / f"{name_or_path}.yaml").is_file()]
+            if not found:
+                raise choices_error("device", str(name_or_path), list_profiles() or ["(no profiles found)"])
+            p = found[0]
+        try:
+            data = yaml.safe_load(p.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise EdgepruneError(f"cannot read device profile {p}: {str(e).splitlines()[0]}") from None
+        return cls.from_dict(data, path=str(p))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["protocol"] = self.protocol.to_dict()
+        d.pop("path")
+        return d
+
+    def make_backend(self):
+        """The configured runtime (local only)."""
+        from edgeprune.backends import make_backend
+
+        return make_backend(self.backend, **self.options)
+
+
+def list_profiles() -> list[str]:
+    names = []
+    for d in devices_dirs():
+        names += [p.stem for p in sorted(d.glob("*.yaml")) if p.stem not in names]
+    return names

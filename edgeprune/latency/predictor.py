@@ -1,0 +1,65 @@
+"""Plan -> predicted milliseconds: table look-ups, summed, then calibrated on whole models.
+
+predicted = a * sum(table[unit] for unit in plan) + b, where (a, b) are fitted by least squares on
+a few whole-model measurements of random plans (the part no table covers: input/output copies,
+layout reorders between units, fusion across units, per-inference overhead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeprune.errors import EdgepruneError
+from edgeprune.latency.layers import ModelLayers
+from edgeprune.latency.table import LatencyTable
+
+
+@dataclass
+class Predictor:
+    layers: ModelLayers
+    table: LatencyTable
+
+    def unit_sum(self, counts: Sequence[int] | None = None) -> float:
+        configs = self.layers.configs(counts)
+        missing = [c.key for c in configs if c.key not in self.table.entries]
+        if missing:
+            raise EdgepruneError(
+                f"latency table lacks {len(missing)} of {len(configs)} layer configurations of this plan "
+                f"(e.g. {missing[0]}); profile this model on this device with `edgeprune profile`"
+            )
+        return float(sum(self.table.entries[c.key]["median_ms"] for c in configs))
+
+    def predict(self, counts: Sequence[int] | None = None) -> float:
+        cal = self.table.calibration
+        return cal["a"] * self.unit_sum(counts) + cal["b"]
+
+    def breakdown(self, counts: Sequence[int] | None = None) -> list[tuple[str, float]]:
+        return [(c.key, self.table.entries[c.key]["median_ms"]) for c in self.layers.configs(counts)]
+
+    def fit_calibration(self, sums: Sequence[float], measured: Sequence[float]) -> dict:
+        """Least-squares (a, b) from unit sums and measured whole-model ms; a pure ratio when only one point."""
+        x, y = np.asarray(sums, float), np.asarray(measured, float)
+        if len(x) == 0:
+            cal = {"a": 1.0, "b": 0.0, "n": 0}
+        elif len(x) == 1 or np.ptp(x) < 1e-9:
+            cal = {"a": float(np.mean(y / x)), "b": 0.0, "n": len(x)}
+        else:
+            a, b = np.polyfit(x, y, 1)
+            if a <= 0:  # degenerate fit: keep the ratio
+                a, b = float(np.mean(y / x)), 0.0
+            cal = {"a": float(a), "b": float(b), "n": len(x)}
+        residual = (cal["a"] * x + cal["b"] - y) / y if len(x) else np.array([])
+        cal["fit_median_abs_err"] = float(np.median(np.abs(residual))) if len(x) else None
+        self.table.calibration = cal
+        return cal
+
+
+def error_stats(predicted: Sequence[float], measured: Sequence[float]) -> dict:
+    """Share of predictions within +-5 % and +-10 % of the measurement, and the median |error| %."""
+    p, m = np.asarray(predicted, float), np.asarray(measured, float)
+    err = np.abs(p - m) / m
+    return {"n": len(m), "within_5": float(np.mean(err <= 0.05)), "within_10": float(np.mean(err <= 0.10)),
+            "median_abs_pct": float(np.median(err) * 100), "max_abs_pct": float(np.max(err) * 100)}  # fmt: skip

@@ -1,0 +1,151 @@
+"""Profiler: measure every layer configuration a model's prunable space can reach, on a device.
+
+Configurations are de-duplicated, turned into single-unit ONNX models, measured in batches
+(locally or through an agent) and written to the table after every batch, so an interrupted
+profile resumes where it stopped. A few whole-model measurements of random plans then fit the
+predictor's calibration (hardware in the loop).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from edgeprune.devices import Device
+from edgeprune.errors import EdgepruneError
+from edgeprune.latency.layers import LayerConfig, ModelLayers, unit_model
+from edgeprune.latency.measurement import Measurement, Protocol
+from edgeprune.latency.predictor import Predictor
+from edgeprune.latency.table import LatencyTable, fingerprint_diff
+from edgeprune.training.progress import progress_bar
+
+# Single units are fast and many: a lighter protocol than whole models (stored in the table).
+UNIT_PROTOCOL = Protocol(warmup_runs=5, warmup_s=0.05, min_runs=30, min_s=0.15, max_cv=0.15, retries=2)
+STEP_CANDIDATES = (32, 16, 8, 4, 2)
+
+
+def measure_configs(device: Device, configs: list[LayerConfig], protocol: Protocol,
+                    on_result=None) -> list[Measurement]:  # fmt: skip
+    """Measure single-unit models of `configs` on `device`."""
+    with tempfile.TemporaryDirectory(prefix="edgeprune-units-") as d:
+        items = []
+        for i, cfg in enumerate(configs):
+            model, shape = unit_model(cfg, seed=i)
+            path = Path(d) / f"u{i}.onnx"
+            onnx.save(model, str(path))
+            items.append((path, shape))
+        return device.measure_many(items, protocol, on_result=on_result)
+
+
+def detect_step(device: Device, *, cin: int = 64, hw: tuple[int, int] = (14, 14), max_out: int = 72,
+                tolerance: float = 0.03, protocol: Protocol = UNIT_PROTOCOL, progress: bool = True) -> tuple[int, dict]:  # fmt: skip
+    """The device's channel step: sweep a 3x3 conv's output channels and find the widest block
+    size inside which latency stays flat (on the development CPU with ONNX Runtime: 16)."""
+    outs = list(range(4, max_out + 1))
+    configs = [LayerConfig("conv", cin, c, hw[0], hw[1], (3, 3), (1, 1), (1, 1, 1, 1), 1, "relu") for c in outs]
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task("channel step sweep", total=len(configs), status="")
+        ms = measure_configs(device, configs, protocol, on_result=lambda i, m: bar.update(task, advance=1))
+    t = {c: m.median_ms for c, m in zip(outs, ms)}
+    errors = {}
+    for s in STEP_CANDIDATES:
+        errs = [abs(t[c] - t[-(-c // s) * s]) / t[c] for c in outs if -(-c // s) * s in t]
+        errors[s] = float(np.median(errs)) if errs else 1.0
+    step = next((s for s in STEP_CANDIDATES if errors[s] <= tolerance), 1)
+    return step, {"sweep": {"cin": cin, "hw": list(hw), "out": outs, "ms": [round(t[c], 5) for c in outs]},
+                  "quantisation_error": errors}  # fmt: skip
+
+
+def _open_table(out: Path, device: Device, fingerprint: dict, step: int, model_id: str, shape) -> tuple[LatencyTable, int]:
+    """The table to extend: the existing file when it matches this device and step, else a new one."""
+    if out.exists():
+        old = LatencyTable.load(out)
+        if not fingerprint_diff(old.fingerprint, fingerprint) and old.step == step:
+            return old, len(old.entries)
+        raise EdgepruneError(
+            f"{out} holds a table for another setup ({fingerprint_diff(old.fingerprint, fingerprint) or f'step {old.step}'}); "
+            "choose another --out or delete it"
+        )
+    return LatencyTable(device.name, fingerprint, UNIT_PROTOCOL.to_dict(), step, model_id, list(shape)), 0
+
+
+def profile(
+    *,
+    model: nn.Module,
+    model_id: str,
+    input_shape: tuple[int, ...],
+    device: Device,
+    out: str | os.PathLike,
+    step: int | str | None = None,
+    calibrate: int = 8,
+    batch: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+    log=print,
+) -> LatencyTable:
+    """Profile `model`'s reachable layer configurations on `device` into the table at `out`."""
+    from edgeprune.export import export_onnx
+    from edgeprune.pruning import random_counts, space
+
+    out = Path(out)
+    fingerprint = device.fingerprint()
+    sweep = None
+    if step == "auto":
+        hw = tuple(input_shape[2:]) if len(input_shape) == 4 else (14, 14)
+        hw = (max(7, hw[0] // 4), max(7, hw[1] // 4))
+        step, sweep = detect_step(device, hw=hw, progress=progress)
+        log(f"channel step on {device.name}: {step} (quantisation error by step: "
+            f"{', '.join(f'{s}: {e:.1%}' for s, e in sweep['quantisation_error'].items())})")  # fmt: skip
+    step = int(step or device.spec.channel_step or 8)
+    s = space(model, torch.randn(*input_shape), step=step)
+    layers = ModelLayers.from_model(s)
+    configs = layers.reachable()
+    table, reused = _open_table(out, device, fingerprint, step, model_id, input_shape)
+    if sweep:
+        table.meta["step_sweep"] = sweep
+    todo = [c for c in configs if c.key not in table.entries]
+    log(f"{model_id}: {len(s.groups)} groups, {len(configs)} reachable layer configurations at step {step}; "
+        f"{len(todo)} to measure, {reused} already in {out}")  # fmt: skip
+    started = time.monotonic()
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task(f"profile {model_id} on {device.name}", total=len(todo), status="")
+        for i in range(0, len(todo), batch):
+            chunk = todo[i : i + batch]
+            results = measure_configs(device, chunk, UNIT_PROTOCOL,
+                                      on_result=lambda j, m: bar.update(task, advance=1))  # fmt: skip
+            for cfg, m in zip(chunk, results):
+                table.entries[cfg.key] = {k: round(v, 6) if isinstance(v, float) else v for k, v in m.to_dict().items()
+                                          if k != "extra"}  # fmt: skip
+            table.meta["profile_seconds"] = round(table.meta.get("profile_seconds", 0) + time.monotonic() - started, 1)
+            started = time.monotonic()
+            table.save(out)
+    # calibration on whole models: dense plus random plans (kept in the table, so resumable too)
+    points = table.meta.setdefault("calibration_points", {})
+    rng = np.random.default_rng(seed)
+    plans = [s.full_counts()] + [random_counts(s, rng, mode="near-uniform") for _ in range(calibrate)]
+    predictor = Predictor(layers, table)
+    with progress_bar(enabled=progress) as bar, tempfile.TemporaryDirectory() as d:
+        task = bar.add_task("calibrate on whole models", total=len(plans), status="")
+        for counts in plans:
+            key = ",".join(map(str, counts))
+            if key not in points:
+                pruned = s.plan(counts).apply(model)
+                path = export_onnx(pruned, input_shape, Path(d) / "m.onnx")
+                m = device.measure(path, input_shape, replace(device.spec.protocol))
+                points[key] = {"sum_ms": predictor.unit_sum(counts), "measured_ms": m.median_ms}
+                table.save(out)
+            bar.update(task, advance=1)
+    pts = list(points.values())
+    predictor.fit_calibration([p["sum_ms"] for p in pts], [p["measured_ms"] for p in pts])
+    table.meta["model_protocol"] = device.spec.protocol.to_dict()
+    table.meta["configurations"] = len(configs)
+    table.save(out)
+    return table

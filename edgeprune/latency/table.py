@@ -1,0 +1,82 @@
+"""Latency tables: LayerConfig key -> measurement, with the device fingerprint and protocol.
+
+JSON, written atomically (a killed write leaves the previous file intact), loadable by anyone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeprune.errors import EdgepruneError
+from edgeprune.runs import write_text
+
+SCHEMA = 1
+# fingerprint fields that make measurements incomparable when they differ
+FINGERPRINT_KEYS = ("runtime", "version", "cpu", "gpu", "threads", "precision", "device", "providers")
+
+
+@dataclass
+class LatencyTable:
+    device: str
+    fingerprint: dict
+    protocol: dict
+    step: int | None = None
+    model: str | None = None
+    input_shape: list[int] | None = None
+    entries: dict[str, dict] = field(default_factory=dict)  # key -> Measurement.to_dict()
+    calibration: dict = field(default_factory=lambda: {"a": 1.0, "b": 0.0, "n": 0})
+    meta: dict = field(default_factory=dict)
+
+    def ms(self, key: str) -> float:
+        return self.entries[key]["median_ms"]
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, "device": self.device, "fingerprint": self.fingerprint, "protocol": self.protocol,
+                "step": self.step, "model": self.model, "input_shape": self.input_shape,
+                "calibration": self.calibration, "meta": self.meta, "entries": self.entries}  # fmt: skip
+
+    def save(self, path: str | os.PathLike) -> Path:
+        d = self.to_dict()
+        entries = d.pop("entries")
+        head = json.dumps(d, indent=2)[:-2]  # without the closing brace
+        body = ",\n".join(f"    {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}" for k, v in sorted(entries.items()))
+        return write_text(path, f'{head},\n  "entries": {{\n{body}\n  }}\n}}\n')
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, fingerprint: dict | None = None, strict: bool = False) -> LatencyTable:
+        """Read a table; compare its fingerprint with `fingerprint` (warn, or refuse when `strict`)."""
+        path = Path(path)
+        if not path.is_file():
+            raise EdgepruneError(f"latency table {path} does not exist; create it with `edgeprune profile`")
+        try:
+            d = json.loads(path.read_text())
+            if not isinstance(d, dict) or "entries" not in d:
+                raise ValueError("no entries")
+            if d.get("schema", 0) > SCHEMA:
+                raise EdgepruneError(f"latency table {path} has schema {d['schema']}; this edgeprune reads {SCHEMA}")
+            table = cls(d["device"], d["fingerprint"], d["protocol"], d.get("step"), d.get("model"), d.get("input_shape"),
+                        d["entries"], d.get("calibration") or {"a": 1.0, "b": 0.0, "n": 0}, d.get("meta", {}))  # fmt: skip
+        except EdgepruneError:
+            raise
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise EdgepruneError(
+                f"latency table {path} is corrupt or truncated ({type(e).__name__}: {str(e)[:80]}); profile again"
+            ) from None
+        if fingerprint is not None:
+            diff = fingerprint_diff(table.fingerprint, fingerprint)
+            if diff:
+                msg = f"latency table {path} was profiled on another device setup ({diff})"
+                if strict:
+                    raise EdgepruneError(msg + "; profile this device, or drop --strict to use it anyway")
+                warnings.warn(msg + "; predictions may be off", stacklevel=2)
+        return table
+
+
+def fingerprint_diff(a: dict, b: dict) -> str:
+    """The fields that differ, as 'field: A != B' (empty when they match)."""
+    diffs = [f"{k}: {a.get(k)} != {b.get(k)}" for k in FINGERPRINT_KEYS if k in a or k in b if a.get(k) != b.get(k)]
+    return "; ".join(diffs)
