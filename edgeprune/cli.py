@@ -92,6 +92,226 @@ def train(
         )
 
 
+def _print_json(obj) -> None:
+    print(json.dumps(obj, default=str))
+
+
+def _default_table(device: str, model_id: str) -> Path:
+    return Path("latency_tables") / device / f"{model_id}.json"
+
+
+@app.command()
+def devices(json_out: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+    """List device profiles (devices/*.yaml) and whether each runtime is usable here."""
+    from edgeprune.backends import BACKENDS
+    from edgeprune.devices import DeviceSpec, list_profiles
+
+    rows = []
+    for name in list_profiles():
+        spec = DeviceSpec.load(name)
+        usable = "via agent" if spec.agent else ("yes" if BACKENDS[spec.backend].available() else "no")
+        rows.append(
+            {
+                "name": name,
+                "backend": spec.backend,
+                "options": spec.options,
+                "agent": spec.agent,
+                "usable": usable,
+                "description": spec.description,
+            }
+        )
+    runtimes = {n: b.available() for n, b in BACKENDS.items()}
+    if json_out:
+        _print_json({"profiles": rows, "runtimes_here": runtimes})
+        return
+    table = Table(title="device profiles")
+    for col in ("name", "backend", "options", "agent", "usable here"):
+        table.add_column(col)
+    for r in rows:
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
+        table.add_row(r["name"], r["backend"], opts, r["agent"] or "-", r["usable"])
+    out.print(table)
+    out.print("runtimes here: " + ", ".join(f"{n} {'yes' if ok else 'no'}" for n, ok in runtimes.items()))
+
+
+def _onnx_input_shape(path: Path) -> tuple[int, ...]:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise EdgepruneError(f"{path} is not a readable ONNX file ({str(e).splitlines()[0][:100]})") from None
+    inits = {i.name for i in model.graph.initializer}
+    inp = next(i for i in model.graph.input if i.name not in inits)
+    dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+    if not dims or min(dims) < 1:
+        raise EdgepruneError(f"{path} has a dynamic input shape {dims}; give --input-shape N,C,H,W")
+    return tuple(dims)
+
+
+@app.command()
+def measure(
+    model_path: Annotated[Path, typer.Argument(help="ONNX file to measure.", metavar="MODEL.onnx")],
+    device: Annotated[str, typer.Option(help="Device profile name or YAML path.")] = "cpu-onnxruntime",
+    input_shape: Annotated[str | None, typer.Option(help="N,C,H,W (default: the model's static input).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Measure a whole ONNX model's latency on a device with its profile's protocol."""
+    from edgeprune.devices import Device
+    from edgeprune.resolve import parse_shape
+
+    if not model_path.is_file():
+        raise EdgepruneError(f"{model_path} does not exist")
+    shape = parse_shape(input_shape) if input_shape else _onnx_input_shape(model_path)
+    dev = Device.load(device)
+    m = dev.measure(model_path, shape)
+    result = {
+        "model": str(model_path),
+        "device": dev.name,
+        "input_shape": list(shape),
+        **m.to_dict(),
+        "fingerprint": dev.fingerprint(),
+        "protocol": dev.spec.protocol.to_dict(),
+    }
+    if json_out:
+        _print_json(result)
+    else:
+        out.print(
+            f"{model_path} on {dev.name}: median {m.median_ms:.4f} ms, p90 {m.p90_ms:.4f} ms, "
+            f"cv {m.cv:.1%}, n {m.n}, foreign CPU load {m.foreign_load:.0%}"
+        )
+
+
+@app.command()
+def profile(
+    model: Annotated[str | None, typer.Option(help="Model name (see `edgeprune models`).")] = None,
+    device: Annotated[str, typer.Option(help="Device profile name or YAML path.")] = "cpu-onnxruntime",
+    out_path: Annotated[
+        Path | None, typer.Option("--out", help="Table file (default latency_tables/DEVICE/MODEL.json).")
+    ] = None,
+    step: Annotated[
+        str, typer.Option(help="Channel step: N, auto (detect it), or profile (the device profile's channel_step).")
+    ] = "profile",
+    weights: Annotated[str | None, typer.Option(help="Checkpoint (gives model and input shape).")] = None,
+    data: Annotated[str | None, typer.Option(help="Data set whose input shape to use.")] = None,
+    input_shape: Annotated[str | None, typer.Option(help="N,C,H,W input shape.")] = None,
+    calibrate: Annotated[int, typer.Option(help="Random whole-model plans measured to calibrate.")] = 8,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a summary as JSON.")] = False,
+) -> None:
+    """Profile every layer configuration reachable by pruning a model into a latency table (resumable)."""
+    from edgeprune.devices import Device
+    from edgeprune.latency.profiler import profile as profile_fn
+    from edgeprune.resolve import resolve_model
+
+    net, model_id, shape = resolve_model(model, weights=weights, data=data, input_shape=input_shape)
+    dev = Device.load(device)
+    if step == "profile":
+        step_value: int | str | None = None
+    elif step == "auto":
+        step_value = "auto"
+    elif step.isdigit() and int(step) > 0:
+        step_value = int(step)
+    else:
+        raise EdgepruneError(f"--step must be a positive number or auto, got {step!r}")
+    target = out_path or _default_table(dev.name, model_id)
+    log = (lambda s: err.print(s, highlight=False)) if json_out else (lambda s: out.print(s, highlight=False))
+    table = profile_fn(
+        model=net,
+        model_id=model_id,
+        input_shape=shape,
+        device=dev,
+        out=target,
+        step=step_value,
+        calibrate=calibrate,
+        log=log,
+    )
+    summary = {
+        "table": str(target),
+        "device": dev.name,
+        "model": model_id,
+        "step": table.step,
+        "entries": len(table.entries),
+        "calibration": table.calibration,
+        "profile_seconds": table.meta.get("profile_seconds"),
+    }
+    if json_out:
+        _print_json(summary)
+    else:
+        cal = table.calibration
+        out.print(
+            f"wrote {target}: {len(table.entries)} entries at step {table.step}, "
+            f"calibration a={cal['a']:.3f} b={cal['b']:.4f} ms on {cal['n']} whole models"
+        )
+
+
+@app.command()
+def predict(
+    model: Annotated[str | None, typer.Option(help="Model name.")] = None,
+    table_path: Annotated[
+        Path | None, typer.Option("--table", help="Latency table (default latency_tables/DEVICE/MODEL.json).")
+    ] = None,
+    plan: Annotated[Path | None, typer.Option(help="Plan JSON to predict (default: the dense model).")] = None,
+    check: Annotated[int, typer.Option(help="Measure N random plans on --device and report the error.")] = 0,
+    device: Annotated[
+        str, typer.Option(help="Device profile for --check (and the default table).")
+    ] = "cpu-onnxruntime",
+    weights: Annotated[str | None, typer.Option(help="Checkpoint (gives model and input shape).")] = None,
+    data: Annotated[str | None, typer.Option(help="Data set whose input shape to use.")] = None,
+    input_shape: Annotated[str | None, typer.Option(help="N,C,H,W input shape.")] = None,
+    strict: Annotated[bool, typer.Option(help="Refuse a table profiled on another device setup.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Predict a plan's latency from a table; --check N holds the predictor against the device."""
+    from edgeprune.devices import Device
+    from edgeprune.latency.check import check_predictor, predictor_for
+    from edgeprune.latency.table import LatencyTable
+    from edgeprune.pruning import Plan
+    from edgeprune.resolve import resolve_model
+
+    net, model_id, shape = resolve_model(model, weights=weights, data=data, input_shape=input_shape)
+    dev = Device.load(device) if check or strict else None
+    table = LatencyTable.load(
+        table_path or _default_table(device, model_id),
+        fingerprint=dev.fingerprint() if dev and strict else None,
+        strict=strict,
+    )
+    s, predictor = predictor_for(net, shape, table)
+    counts = s.counts_of(Plan.load(plan)) if plan else s.full_counts()
+    result = {
+        "model": model_id,
+        "table": str(table_path or _default_table(device, model_id)),
+        "predicted_ms": predictor.predict(counts),
+        "macs": s.macs(counts),
+        "params": s.params(counts),
+    }
+    if check:
+        result["check"] = check_predictor(
+            model=net, input_shape=shape, table=table, device=dev, n=check, progress=not json_out
+        )
+    if json_out:
+        _print_json(result)
+        return
+    out.print(
+        f"{model_id}: predicted {result['predicted_ms']:.4f} ms ({result['macs'] / 1e6:.2f} M MACs, "
+        f"{result['params']:,} params)"
+    )
+    if check:
+        c = result["check"]
+        t = Table(title=f"prediction error over {check} random plans measured on {dev.name}")
+        for col in ("predictor", "within ±5%", "within ±10%", "median |err|", "max |err|"):
+            t.add_column(col, justify="right")
+        for label, key in (("latency table", "table"), ("FLOPs-proportional", "flops_baseline")):
+            e = c[key]
+            t.add_row(
+                label,
+                f"{e['within_5']:.0%}",
+                f"{e['within_10']:.0%}",
+                f"{e['median_abs_pct']:.2f}%",
+                f"{e['max_abs_pct']:.1f}%",
+            )
+        out.print(t)
+
+
 @app.command()
 def run(
     keep_ratio: Annotated[float, typer.Option(help="Share of channels kept in every group.")] = 0.5,

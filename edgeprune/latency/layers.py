@@ -24,10 +24,30 @@ from torch import nn
 
 from edgeprune.errors import EdgepruneError
 
-ACTIVATIONS = {"Relu": "relu", "Clip": "relu6", "HardSwish": "hswish", "Sigmoid": "sigmoid", "HardSigmoid": "hsigmoid",
-               "LeakyRelu": "lrelu", "Tanh": "tanh", "Gelu": "gelu", "Swish": "silu"}  # fmt: skip
-SKIPPED = {"Identity", "Constant", "Flatten", "Reshape", "Shape", "Gather", "Unsqueeze", "Squeeze", "Cast",
-           "ConstantOfShape", "Dropout"}  # fmt: skip
+ACTIVATIONS = {
+    "Relu": "relu",
+    "Clip": "relu6",
+    "HardSwish": "hswish",
+    "Sigmoid": "sigmoid",
+    "HardSigmoid": "hsigmoid",
+    "LeakyRelu": "lrelu",
+    "Tanh": "tanh",
+    "Gelu": "gelu",
+    "Swish": "silu",
+}
+SKIPPED = {
+    "Identity",
+    "Constant",
+    "Flatten",
+    "Reshape",
+    "Shape",
+    "Gather",
+    "Unsqueeze",
+    "Squeeze",
+    "Cast",
+    "ConstantOfShape",
+    "Dropout",
+}
 POOLS = {"GlobalAveragePool", "MaxPool", "AveragePool", "GlobalMaxPool", "ReduceMean"}
 
 
@@ -51,7 +71,9 @@ class LayerConfig:
     def key(self) -> str:
         k = f"{self.op}|c{self.cin}>{self.cout}|{self.h}x{self.w}"
         if self.op == "conv" or self.op.startswith("pool"):
-            k += f"|k{self.kernel[0]}x{self.kernel[1]}|s{self.stride[0]}x{self.stride[1]}|p" + ",".join(map(str, self.pads))
+            k += f"|k{self.kernel[0]}x{self.kernel[1]}|s{self.stride[0]}x{self.stride[1]}|p" + ",".join(
+                map(str, self.pads)
+            )
         if self.op == "conv":
             k += "|g" + ("dw" if self.groups == self.cin == self.cout and self.groups > 1 else str(self.groups))
         if self.extra:
@@ -132,8 +154,11 @@ class ModelLayers:
                     raise EdgepruneError("ONNX graph has more Conv nodes than the model has Conv2d layers")
                 unit.layer = convs.pop(0)
                 unit.op = "conv"
-                unit.attrs = {"kernel": tuple(_attr(node, "kernel_shape", [1, 1])), "stride": tuple(_attr(node, "strides", [1, 1])),
-                              "pads": tuple(_attr(node, "pads", [0, 0, 0, 0]))}  # fmt: skip
+                unit.attrs = {
+                    "kernel": tuple(_attr(node, "kernel_shape", [1, 1])),
+                    "stride": tuple(_attr(node, "strides", [1, 1])),
+                    "pads": tuple(_attr(node, "pads", [0, 0, 0, 0])),
+                }
                 if tuple(_attr(node, "dilations", [1, 1])) != (1, 1):
                     unit.attrs["extra"] = tuple(_attr(node, "dilations", [1, 1]))
                 unit.groups0 = _attr(node, "group", 1)
@@ -152,8 +177,11 @@ class ModelLayers:
             else:
                 if op in POOLS:
                     unit.op = f"pool:{op}"
-                    unit.attrs = {"kernel": tuple(_attr(node, "kernel_shape", [1, 1])),
-                                  "stride": tuple(_attr(node, "strides", [1, 1])), "pads": tuple(_attr(node, "pads", [0, 0, 0, 0]))}  # fmt: skip
+                    unit.attrs = {
+                        "kernel": tuple(_attr(node, "kernel_shape", [1, 1])),
+                        "stride": tuple(_attr(node, "strides", [1, 1])),
+                        "pads": tuple(_attr(node, "pads", [0, 0, 0, 0])),
+                    }
                 elif op in ACTIVATIONS:
                     unit.op = f"act:{ACTIVATIONS[op]}"
                 elif op in ("Add", "Mul", "Sub", "Div"):
@@ -173,7 +201,9 @@ class ModelLayers:
                 unit.attrs["extra"] = (1,) if len(other) == 4 and other[2] * other[3] == 1 and h * w > 1 else ()
             units.append(unit)
         if convs or linears:
-            raise EdgepruneError(f"could not pair {len(convs)} conv and {len(linears)} linear layers with the ONNX graph")
+            raise EdgepruneError(
+                f"could not pair {len(convs)} conv and {len(linears)} linear layers with the ONNX graph"
+            )
         self.units = units
         self.tensors = tensors
         self.c0 = {name: t.c0 for name, t in tensors.items()}
@@ -206,8 +236,21 @@ class ModelLayers:
             if u.op == "concat":
                 extra = tuple(ch[t] for t in u.inputs)
             groups = cin if u.depthwise else u.groups0
-            out.append(LayerConfig(u.op, cin, cout, u.h, u.w, u.attrs.get("kernel", (1, 1)), u.attrs.get("stride", (1, 1)),
-                                   u.attrs.get("pads", (0, 0, 0, 0)), groups, u.act, tuple(extra)))  # fmt: skip
+            out.append(
+                LayerConfig(
+                    u.op,
+                    cin,
+                    cout,
+                    u.h,
+                    u.w,
+                    u.attrs.get("kernel", (1, 1)),
+                    u.attrs.get("stride", (1, 1)),
+                    u.attrs.get("pads", (0, 0, 0, 0)),
+                    groups,
+                    u.act,
+                    tuple(extra),
+                )
+            )
         return out
 
     def reachable(self, limit: int = 20000) -> list[LayerConfig]:
@@ -230,19 +273,35 @@ class ModelLayers:
 
     def _unit_config(self, u: _Unit, counts) -> LayerConfig:
         removed = np.asarray(self.space.widths) - counts
-        ch = {t: int(round(self._c0[self._tindex[t]] - self._a[self._tindex[t]] @ removed)) for t in u.inputs + [u.output]}
+        ch = {
+            t: int(round(self._c0[self._tindex[t]] - self._a[self._tindex[t]] @ removed)) for t in u.inputs + [u.output]
+        }
         cin, cout = ch[u.inputs[0]], ch[u.output]
         extra = u.attrs.get("extra", ())
         if u.op == "concat":
             extra = tuple(ch[t] for t in u.inputs)
-        return LayerConfig(u.op, cin, cout, u.h, u.w, u.attrs.get("kernel", (1, 1)), u.attrs.get("stride", (1, 1)),
-                           u.attrs.get("pads", (0, 0, 0, 0)), cin if u.depthwise else u.groups0, u.act, tuple(extra))  # fmt: skip
+        return LayerConfig(
+            u.op,
+            cin,
+            cout,
+            u.h,
+            u.w,
+            u.attrs.get("kernel", (1, 1)),
+            u.attrs.get("stride", (1, 1)),
+            u.attrs.get("pads", (0, 0, 0, 0)),
+            cin if u.depthwise else u.groups0,
+            u.act,
+            tuple(extra),
+        )
 
 
 def _call_order(model: nn.Module, input_shape) -> list[str]:
     order: list[str] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
-             for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]  # fmt: skip
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
     try:
         with torch.no_grad():
             model.eval()(torch.randn(*input_shape))
@@ -254,9 +313,13 @@ def _call_order(model: nn.Module, input_shape) -> list[str]:
 
 # ----- single-unit ONNX models, what the profiler measures -----
 
+
 def _act_nodes(act: str, x: str, out: str, inits: list) -> list:
     if act == "relu6":
-        inits += [numpy_helper.from_array(np.array(0.0, np.float32), "lo"), numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
+        inits += [
+            numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+            numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
+        ]
         return [helper.make_node("Clip", [x, "lo", "hi"], [out])]
     if act == "silu":
         return [helper.make_node("Sigmoid", [x], ["sig"]), helper.make_node("Mul", [x, "sig"], [out])]
@@ -278,9 +341,18 @@ def unit_model(cfg: LayerConfig, *, seed: int = 0) -> tuple[onnx.ModelProto, tup
     if cfg.op == "conv":
         const("W", rng.standard_normal((cfg.cout, cfg.cin // cfg.groups, *cfg.kernel)) * 0.1)
         const("B", rng.standard_normal(cfg.cout) * 0.1)
-        nodes.append(helper.make_node("Conv", ["x", "W", "B"], [body_out], kernel_shape=list(cfg.kernel),
-                                      strides=list(cfg.stride), pads=list(cfg.pads), group=cfg.groups,
-                                      dilations=list(cfg.extra or (1, 1))))  # fmt: skip
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                ["x", "W", "B"],
+                [body_out],
+                kernel_shape=list(cfg.kernel),
+                strides=list(cfg.stride),
+                pads=list(cfg.pads),
+                group=cfg.groups,
+                dilations=list(cfg.extra or (1, 1)),
+            )
+        )
     elif cfg.op == "gemm":
         const("W", rng.standard_normal((cfg.cout, cfg.cin)) * 0.1)
         const("B", rng.standard_normal(cfg.cout) * 0.1)
@@ -299,8 +371,11 @@ def unit_model(cfg: LayerConfig, *, seed: int = 0) -> tuple[onnx.ModelProto, tup
         nodes.append(helper.make_node("Concat", names, [body_out], axis=1))
     elif cfg.op.startswith("pool:"):
         op = cfg.op.split(":", 1)[1]
-        kw = {} if op.startswith("Global") or op == "ReduceMean" else {
-            "kernel_shape": list(cfg.kernel), "strides": list(cfg.stride), "pads": list(cfg.pads)}
+        kw = (
+            {}
+            if op.startswith("Global") or op == "ReduceMean"
+            else {"kernel_shape": list(cfg.kernel), "strides": list(cfg.stride), "pads": list(cfg.pads)}
+        )
         if op == "ReduceMean":
             const("axes", np.array([2, 3]))
             inits[-1] = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
@@ -313,8 +388,13 @@ def unit_model(cfg: LayerConfig, *, seed: int = 0) -> tuple[onnx.ModelProto, tup
         raise EdgepruneError(f"cannot build a single-unit model for op {cfg.op!r}")
     if cfg.act:
         nodes += _act_nodes(cfg.act, "pre", "y", inits)
-    graph = helper.make_graph(nodes, "unit", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(shape))],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "unit",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgeprune")
     model.ir_version = 8
     return model, shape

@@ -61,5 +61,10 @@ def error_stats(predicted: Sequence[float], measured: Sequence[float]) -> dict:
     """Share of predictions within +-5 % and +-10 % of the measurement, and the median |error| %."""
     p, m = np.asarray(predicted, float), np.asarray(measured, float)
     err = np.abs(p - m) / m
-    return {"n": len(m), "within_5": float(np.mean(err <= 0.05)), "within_10": float(np.mean(err <= 0.10)),
-            "median_abs_pct": float(np.median(err) * 100), "max_abs_pct": float(np.max(err) * 100)}  # fmt: skip
+    return {
+        "n": len(m),
+        "within_5": float(np.mean(err <= 0.05)),
+        "within_10": float(np.mean(err <= 0.10)),
+        "median_abs_pct": float(np.median(err) * 100),
+        "max_abs_pct": float(np.max(err) * 100),
+    }

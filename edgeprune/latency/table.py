@@ -35,15 +35,26 @@ class LatencyTable:
         return self.entries[key]["median_ms"]
 
     def to_dict(self) -> dict:
-        return {"schema": SCHEMA, "device": self.device, "fingerprint": self.fingerprint, "protocol": self.protocol,
-                "step": self.step, "model": self.model, "input_shape": self.input_shape,
-                "calibration": self.calibration, "meta": self.meta, "entries": self.entries}  # fmt: skip
+        return {
+            "schema": SCHEMA,
+            "device": self.device,
+            "fingerprint": self.fingerprint,
+            "protocol": self.protocol,
+            "step": self.step,
+            "model": self.model,
+            "input_shape": self.input_shape,
+            "calibration": self.calibration,
+            "meta": self.meta,
+            "entries": self.entries,
+        }
 
     def save(self, path: str | os.PathLike) -> Path:
         d = self.to_dict()
         entries = d.pop("entries")
         head = json.dumps(d, indent=2)[:-2]  # without the closing brace
-        body = ",\n".join(f"    {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}" for k, v in sorted(entries.items()))
+        body = ",\n".join(
+            f"    {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}" for k, v in sorted(entries.items())
+        )
         return write_text(path, f'{head},\n  "entries": {{\n{body}\n  }}\n}}\n')
 
     @classmethod
@@ -58,8 +69,17 @@ class LatencyTable:
                 raise ValueError("no entries")
             if d.get("schema", 0) > SCHEMA:
                 raise EdgepruneError(f"latency table {path} has schema {d['schema']}; this edgeprune reads {SCHEMA}")
-            table = cls(d["device"], d["fingerprint"], d["protocol"], d.get("step"), d.get("model"), d.get("input_shape"),
-                        d["entries"], d.get("calibration") or {"a": 1.0, "b": 0.0, "n": 0}, d.get("meta", {}))  # fmt: skip
+            table = cls(
+                d["device"],
+                d["fingerprint"],
+                d["protocol"],
+                d.get("step"),
+                d.get("model"),
+                d.get("input_shape"),
+                d["entries"],
+                d.get("calibration") or {"a": 1.0, "b": 0.0, "n": 0},
+                d.get("meta", {}),
+            )
         except EdgepruneError:
             raise
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:

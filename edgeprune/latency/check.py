@@ -1,0 +1,69 @@
+"""Hold the predictor against the device: measure random plans, compare with the prediction and
+with the FLOPs-proportional baseline (dense measured ms x MACs ratio)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeprune.devices import Device
+from edgeprune.latency.layers import ModelLayers
+from edgeprune.latency.predictor import Predictor, error_stats
+from edgeprune.latency.table import LatencyTable
+from edgeprune.training.progress import progress_bar
+
+
+def predictor_for(model: nn.Module, input_shape, table: LatencyTable):
+    from edgeprune.pruning import space
+
+    s = space(model, torch.randn(*input_shape), step=table.step or 8)
+    return s, Predictor(ModelLayers.from_model(s), table)
+
+
+def check_predictor(
+    *,
+    model: nn.Module,
+    input_shape,
+    table: LatencyTable,
+    device: Device,
+    n: int,
+    seed: int = 1,
+    mode: str = "uniform",
+    progress: bool = True,
+) -> dict:
+    """Measure `n` random plans on `device`; prediction error of the table and of the FLOPs baseline."""
+    from edgeprune.export import export_onnx
+    from edgeprune.pruning import random_counts
+
+    s, predictor = predictor_for(model, input_shape, table)
+    rng = np.random.default_rng(seed)
+    rows = []
+    with tempfile.TemporaryDirectory() as d, progress_bar(enabled=progress) as bar:
+        dense_ms = device.measure(export_onnx(model, input_shape, Path(d) / "dense.onnx"), input_shape).median_ms
+        task = bar.add_task(f"check on {device.name}", total=n, status="")
+        for _ in range(n):
+            counts = random_counts(s, rng, mode=mode)
+            path = export_onnx(s.plan(counts).apply(model), input_shape, Path(d) / "plan.onnx")
+            measured = device.measure(path, input_shape).median_ms
+            rows.append(
+                {
+                    "counts": counts,
+                    "measured_ms": measured,
+                    "predicted_ms": predictor.predict(counts),
+                    "flops_ms": dense_ms * s.macs(counts) / s.macs(),
+                }
+            )
+            ours = error_stats([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows])
+            bar.update(task, advance=1, status=f"within 10%: {ours['within_10']:.0%}")
+    measured = [r["measured_ms"] for r in rows]
+    return {
+        "device": device.name,
+        "dense_ms": dense_ms,
+        "table": error_stats([r["predicted_ms"] for r in rows], measured),
+        "flops_baseline": error_stats([r["flops_ms"] for r in rows], measured),
+        "plans": rows,
+    }

@@ -1,0 +1,267 @@
+"""Backends, measurement protocol, latency tables, layer configurations, profiler and predictor."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from edgeprune.backends import OnnxRuntimeBackend, OpenVinoBackend, TensorRtBackend, make_backend
+from edgeprune.devices import Device, DeviceSpec
+from edgeprune.errors import EdgepruneError
+from edgeprune.export import export_onnx
+from edgeprune.latency.layers import LayerConfig, ModelLayers, unit_model
+from edgeprune.latency.measurement import Measurement, Protocol, measure_callable
+from edgeprune.latency.predictor import Predictor
+from edgeprune.latency.profiler import detect_step
+from edgeprune.latency.table import LatencyTable
+from edgeprune.models import build_model
+from edgeprune.pruning import random_counts, space
+
+from .conftest import ROOT
+
+FAST = Protocol(warmup_runs=3, warmup_s=0.01, min_runs=20, min_s=0.05)
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    import onnx
+
+    cfg = LayerConfig("conv", 8, 16, 14, 14, (3, 3), (1, 1), (1, 1, 1, 1), 1, "relu")
+    model, shape = unit_model(cfg)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
+    onnx.save(model, str(path))
+    return path, shape
+
+
+@pytest.mark.parametrize("backend", [OnnxRuntimeBackend(threads=1), OpenVinoBackend(threads=1, precision="f32")])
+def test_backend_measures_tiny_model(backend, tiny_onnx):
+    path, shape = tiny_onnx
+    m = backend.measure(path, shape, FAST)
+    assert m.median_ms > 0 and m.p90_ms >= m.median_ms and m.n >= 20 and 0 <= m.foreign_load <= 1
+    fp = backend.fingerprint()
+    assert fp["runtime"] == backend.name and fp["threads"] == 1 and fp["precision"] in ("fp32", "f32") and fp["cpu"]
+
+
+def test_backends_agree_on_outputs(tiny_onnx):
+    path, shape = tiny_onnx
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    a = OnnxRuntimeBackend().session(path, shape)(x)
+    b = OpenVinoBackend(precision="f32").session(path, shape)(x)
+    assert np.abs(a - b).max() < 1e-4
+
+
+def test_openvino_precision_is_explicit():
+    assert OpenVinoBackend(precision="bf16").config()["INFERENCE_PRECISION_HINT"] == "bf16"
+    with pytest.raises(EdgepruneError, match="precision"):
+        OpenVinoBackend(precision="int4")
+
+
+@pytest.mark.skipif(TensorRtBackend.available(), reason="TensorRT is installed here")
+def test_tensorrt_absence_is_explained(tiny_onnx):
+    backend = make_backend("tensorrt", precision="fp16")
+    with pytest.raises(EdgepruneError, match="TensorRT is not available here.*NVIDIA GPU.*agent serve"):
+        backend.measure(*tiny_onnx)
+    with pytest.raises(EdgepruneError, match="TensorRT is not available"):
+        backend.fingerprint()
+
+
+@pytest.mark.skipif(not TensorRtBackend.available(), reason="needs tensorrt and a CUDA GPU")
+def test_tensorrt_measures_where_it_imports(tiny_onnx):
+    m = TensorRtBackend(precision="fp16").measure(*tiny_onnx, FAST)
+    assert m.median_ms > 0
+
+
+def test_unknown_backend_option():
+    with pytest.raises(EdgepruneError, match="does not take option.*'thread'"):
+        make_backend("onnxruntime", thread=1)
+
+
+def test_noisy_run_is_measured_again():
+    rng = np.random.default_rng(0)
+    noisy = measure_callable(
+        lambda: time.sleep(float(rng.choice([0.0001, 0.003]))),
+        Protocol(warmup_runs=1, warmup_s=0, min_runs=20, min_s=0, max_cv=0.05, retries=2),
+    )
+    assert noisy.attempts == 3 and noisy.cv > 0.05
+    quiet = measure_callable(
+        lambda: time.sleep(0.001),
+        Protocol(warmup_runs=1, warmup_s=0, min_runs=20, min_s=0, max_cv=0.5, max_foreign_load=1.0),
+    )
+    assert quiet.attempts == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_cpu_pinning_is_applied_and_restored():
+    before = os.sched_getaffinity(0)
+    seen = []
+    measure_callable(
+        lambda: seen.append(os.sched_getaffinity(0)),
+        Protocol(warmup_runs=1, warmup_s=0, min_runs=3, min_s=0, pin_cpus=(0,)),
+    )
+    assert seen[-1] == {0} and os.sched_getaffinity(0) == before
+
+
+def _table(entries=None) -> LatencyTable:
+    fp = {"runtime": "onnxruntime", "version": "1", "cpu": "X", "threads": 1, "precision": "fp32"}
+    return LatencyTable(
+        "cpu-onnxruntime",
+        fp,
+        Protocol().to_dict(),
+        16,
+        "resnet20",
+        [1, 1, 28, 28],
+        entries or {"conv|a": {"median_ms": 0.1, "p90_ms": 0.2, "n": 30, "cv": 0.01}},
+    )
+
+
+def test_table_round_trip(tmp_path):
+    t = _table()
+    t.save(tmp_path / "t.json")
+    back = LatencyTable.load(tmp_path / "t.json")
+    assert back.entries == t.entries and back.fingerprint == t.fingerprint and back.step == 16
+
+
+def test_table_fingerprint_mismatch(tmp_path):
+    _table().save(tmp_path / "t.json")
+    other = {**_table().fingerprint, "cpu": "Y"}
+    with pytest.warns(UserWarning, match="another device setup.*cpu: X != Y"):
+        LatencyTable.load(tmp_path / "t.json", fingerprint=other)
+    with pytest.raises(EdgepruneError, match="another device setup"):
+        LatencyTable.load(tmp_path / "t.json", fingerprint=other, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LatencyTable.load(tmp_path / "t.json", fingerprint=_table().fingerprint)
+
+
+@pytest.mark.parametrize("content", ["", "{", '{"schema": 1}', "[1, 2]", '{"entries": {}}'])
+def test_corrupt_table_one_line(tmp_path, content):
+    (tmp_path / "t.json").write_text(content)
+    with pytest.raises(EdgepruneError, match="corrupt or truncated") as e:
+        LatencyTable.load(tmp_path / "t.json")
+    assert "\n" not in str(e.value)
+
+
+def test_killed_write_leaves_old_table(tmp_path):
+    path = tmp_path / "t.json"
+    _table().save(path)
+    big = {f"conv|{i}": {"median_ms": 0.1, "p90_ms": 0.2, "n": 30, "cv": 0.01} for i in range(200_000)}
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.test_latency import _table\n"
+              f"t = _table({big!r})\nwhile True: t.save({str(path)!r})\n")  # fmt: skip
+    (tmp_path / "w.py").write_text(script)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "w.py")])
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name.startswith("t.json.") for p in tmp_path.iterdir()):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    t = LatencyTable.load(path)  # the old table or a complete new one, never half a file
+    assert len(t.entries) in (1, 200_000)
+
+
+def test_layer_configs_follow_the_plan():
+    """The units predicted for a plan are the units of that plan's own ONNX export."""
+    model = build_model("mobilenet_v2_cifar", in_channels=1).eval()
+    s = space(model, torch.randn(1, 1, 28, 28), step=16)
+    layers = ModelLayers.from_model(s)
+    counts = random_counts(s, np.random.default_rng(3))
+    pruned = s.plan(counts).apply(model)
+    s_pruned = space(pruned, torch.randn(1, 1, 28, 28), step=16)
+    assert [c.key for c in layers.configs(counts)] == [c.key for c in ModelLayers.from_model(s_pruned).configs()]
+    keys = {c.key for c in layers.reachable()}
+    assert {c.key for c in layers.configs(counts)} <= keys
+
+
+def test_predictor_is_calibrated_table_sum():
+    model = build_model("resnet20", in_channels=1)
+    s = space(model, torch.randn(1, 1, 28, 28), step=16)
+    layers = ModelLayers.from_model(s)
+    entries = {c.key: {"median_ms": 0.01 * (i + 1)} for i, c in enumerate(layers.reachable())}
+    table = _table(entries)
+    table.calibration = {"a": 2.0, "b": 0.5, "n": 3}
+    p = Predictor(layers, table)
+    counts = random_counts(s, np.random.default_rng(0))
+    by_hand = sum(entries[c.key]["median_ms"] for c in layers.configs(counts))
+    assert p.predict(counts) == pytest.approx(2.0 * by_hand + 0.5)
+    cal = p.fit_calibration([1.0, 2.0, 3.0], [2.5, 4.5, 6.5])
+    assert cal["a"] == pytest.approx(2.0) and cal["b"] == pytest.approx(0.5)
+    del table.entries[layers.configs(counts)[0].key]
+    with pytest.raises(EdgepruneError, match="lacks 1 of"):
+        p.predict(counts)
+
+
+class SyntheticStepDevice(Device):
+    """A device whose conv latency steps every 16 output channels (to test the step finder)."""
+
+    def __init__(self):
+        super().__init__(DeviceSpec("synthetic", "onnxruntime"))
+
+    def measure_many(self, items, protocol=None, *, on_result=None):
+        import onnx
+
+        out = []
+        for i, (path, _) in enumerate(items):
+            cout = onnx.load(str(path)).graph.initializer[0].dims[0]
+            out.append(Measurement(0.1 * (1 + -(-cout // 16)), 0, 0, 0, 1, 0))
+            if on_result:
+                on_result(i, out[-1])
+        return out
+
+
+def test_detect_step_finds_the_plateaus():
+    step, info = detect_step(SyntheticStepDevice(), progress=False)
+    assert step == 16 and info["quantisation_error"][32] > 0.3
+
+
+def test_device_profiles_load_and_errors(tmp_path):
+    spec = DeviceSpec.load("cpu-onnxruntime")
+    assert spec.backend == "onnxruntime" and spec.options["threads"] == 1 and spec.protocol.min_runs >= 50
+    assert DeviceSpec.load("cpu-openvino-bf16").options["precision"] == "bf16"
+    assert DeviceSpec.load("jetson-orin-tensorrt-fp16").agent.startswith("http://")
+    with pytest.raises(EdgepruneError, match="unknown device 'gpu'.*cpu-onnxruntime"):
+        DeviceSpec.load("gpu")
+    (tmp_path / "bad.yaml").write_text("backend: onnxruntime\nthreads: 2\n")
+    with pytest.raises(EdgepruneError, match="unknown field.*threads"):
+        DeviceSpec.load(tmp_path / "bad.yaml")
+
+
+def test_cli_devices_and_measure(cli, tiny_onnx):
+    r = cli("devices", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert {p["name"] for p in d["profiles"]} >= {"cpu-onnxruntime", "cpu-openvino", "cpu-openvino-bf16"}
+    assert d["runtimes_here"]["onnxruntime"] is True
+    r = cli("measure", str(tiny_onnx[0]), "--device", "cpu-openvino", "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert m["median_ms"] > 0 and m["input_shape"] == [1, 8, 14, 14] and m["fingerprint"]["precision"] == "f32"
+
+
+def test_profile_resumes_after_interruption(cli, tmp_path):
+    out = tmp_path / "t.json"
+    args = ["profile", "--model", "resnet20", "--device", "cpu-onnxruntime", "--out", str(out), "--calibrate", "2",
+            "--step", "16"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "edgeprune", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and not out.exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = len(LatencyTable.load(out).entries)
+    assert first > 0
+    r = cli(*args, "--json")
+    assert r.returncode == 0, r.stderr
+    assert f"{first} already in" in r.stderr
+    summary = json.loads(r.stdout)
+    table = LatencyTable.load(out)
+    assert summary["entries"] == len(table.entries) == table.meta["configurations"]
+    assert table.calibration["n"] == 3 and table.calibration["a"] > 0
+    r = cli("predict", "--model", "resnet20", "--table", str(out), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["predicted_ms"] > 0
