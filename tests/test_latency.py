@@ -15,7 +15,6 @@ import torch
 from edgeprune.backends import OnnxRuntimeBackend, OpenVinoBackend, TensorRtBackend, make_backend
 from edgeprune.devices import Device, DeviceSpec
 from edgeprune.errors import EdgepruneError
-from edgeprune.export import export_onnx
 from edgeprune.latency.layers import LayerConfig, ModelLayers, unit_model
 from edgeprune.latency.measurement import Measurement, Protocol, measure_callable
 from edgeprune.latency.predictor import Predictor
