@@ -357,6 +357,35 @@ def run(
     out.print(f"run directory: {result['run_dir']} ({result['seconds']:.0f} s)")
 
 
+agent_app = typer.Typer(help="Run edgeprune's measuring agent on a device.", no_args_is_help=True)
+app.add_typer(agent_app, name="agent")
+
+
+@agent_app.command("serve")
+def agent_serve(
+    device: Annotated[str, typer.Option(help="Device profile this agent measures with.")],
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it local.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8470,
+    token_file: Annotated[str | None, typer.Option(help="Token file (created owner-only on first start).")] = None,
+    cache: Annotated[str | None, typer.Option(help="Cache folder (default ~/.cache/edgeprune/agent/DEVICE).")] = None,
+    max_mb: Annotated[int, typer.Option(help="Largest request accepted, in MiB.")] = 64,
+    job_timeout: Annotated[float, typer.Option(help="Time limit of one measurement, in seconds.")] = 300.0,
+) -> None:
+    """Serve measurements of this device to remote edgeprune clients (bearer token required)."""
+    from edgeprune.agent.server import serve
+
+    serve(
+        device=device,
+        host=host,
+        port=port,
+        token_file=token_file,
+        cache=cache,
+        max_mb=max_mb,
+        job_timeout_s=job_timeout,
+        log=lambda s: out.print(s, highlight=False, soft_wrap=True),
+    )
+
+
 def main() -> None:
     try:
         app()

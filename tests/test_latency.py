@@ -151,8 +151,10 @@ def test_killed_write_leaves_old_table(tmp_path):
     path = tmp_path / "t.json"
     _table().save(path)
     big = {f"conv|{i}": {"median_ms": 0.1, "p90_ms": 0.2, "n": 30, "cv": 0.01} for i in range(200_000)}
-    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.test_latency import _table\n"
-              f"t = _table({big!r})\nwhile True: t.save({str(path)!r})\n")  # fmt: skip
+    script = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.test_latency import _table\n"
+        f"t = _table({big!r})\nwhile True: t.save({str(path)!r})\n"
+    )
     (tmp_path / "w.py").write_text(script)
     proc = subprocess.Popen([sys.executable, str(tmp_path / "w.py")])
     deadline = time.time() + 60
@@ -244,10 +246,22 @@ def test_cli_devices_and_measure(cli, tiny_onnx):
 
 def test_profile_resumes_after_interruption(cli, tmp_path):
     out = tmp_path / "t.json"
-    args = ["profile", "--model", "resnet20", "--device", "cpu-onnxruntime", "--out", str(out), "--calibrate", "2",
-            "--step", "16"]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "edgeprune", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)  # fmt: skip
+    args = [
+        "profile",
+        "--model",
+        "resnet20",
+        "--device",
+        "cpu-onnxruntime",
+        "--out",
+        str(out),
+        "--calibrate",
+        "2",
+        "--step",
+        "16",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeprune", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not out.exists():
         time.sleep(0.2)

@@ -392,9 +392,11 @@ def unit_model(cfg: LayerConfig, *, seed: int = 0) -> tuple[onnx.ModelProto, tup
         nodes,
         "unit",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(shape))],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.UNDEFINED, None)],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgeprune")
     model.ir_version = 8
+    inferred = shape_inference.infer_shapes(model)  # give the output its shape (the checker requires one)
+    model.graph.output[0].type.CopyFrom(inferred.graph.output[0].type)
     return model, shape

@@ -1,0 +1,1 @@
+"""The device agent: a small HTTP server on the device, and its client."""
