@@ -190,7 +190,7 @@ def test_predictor_is_calibrated_table_sum():
     counts = random_counts(s, np.random.default_rng(0))
     by_hand = sum(entries[c.key]["median_ms"] for c in layers.configs(counts))
     assert p.predict(counts) == pytest.approx(2.0 * by_hand + 0.5)
-    cal = p.fit_calibration([1.0, 2.0, 3.0], [2.5, 4.5, 6.5])
+    cal = p.fit_calibration([1.0, 2.0, 3.0, 4.0, 5.0], [2.5, 4.5, 6.5, 8.5, 40.0])  # one disturbed measurement
     assert cal["a"] == pytest.approx(2.0) and cal["b"] == pytest.approx(0.5)
     del table.entries[layers.configs(counts)[0].key]
     with pytest.raises(EdgepruneError, match="lacks 1 of"):

@@ -1,6 +1,6 @@
 """Plan -> predicted milliseconds: table look-ups, summed, then calibrated on whole models.
 
-predicted = a * sum(table[unit] for unit in plan) + b, where (a, b) are fitted by least squares on
+predicted = a * sum(table[unit] for unit in plan) + b, where (a, b) are fitted (robustly) on
 a few whole-model measurements of random plans (the part no table covers: input/output copies,
 layout reorders between units, fusion across units, per-inference overhead).
 """
@@ -40,17 +40,22 @@ class Predictor:
         return [(c.key, self.table.entries[c.key]["median_ms"]) for c in self.layers.configs(counts)]
 
     def fit_calibration(self, sums: Sequence[float], measured: Sequence[float]) -> dict:
-        """Least-squares (a, b) from unit sums and measured whole-model ms; a pure ratio when only one point."""
+        """(a, b) from unit sums and measured whole-model ms, robust to a disturbed measurement:
+        Theil-Sen slope (median of pairwise slopes), intercept the median residual; a pure
+        ratio when the points do not spread."""
+        from scipy.stats import theilslopes
+
         x, y = np.asarray(sums, float), np.asarray(measured, float)
         if len(x) == 0:
             cal = {"a": 1.0, "b": 0.0, "n": 0}
-        elif len(x) == 1 or np.ptp(x) < 1e-9:
-            cal = {"a": float(np.mean(y / x)), "b": 0.0, "n": len(x)}
+        elif len(x) < 3 or np.ptp(x) < 1e-9:
+            cal = {"a": float(np.median(y / x)), "b": 0.0, "n": len(x)}
         else:
-            a, b = np.polyfit(x, y, 1)
-            if a <= 0:  # degenerate fit: keep the ratio
-                a, b = float(np.mean(y / x)), 0.0
-            cal = {"a": float(a), "b": float(b), "n": len(x)}
+            a = float(theilslopes(y, x)[0])
+            if a <= 0:  # degenerate: keep the ratio
+                cal = {"a": float(np.median(y / x)), "b": 0.0, "n": len(x)}
+            else:
+                cal = {"a": a, "b": float(np.median(y - a * x)), "n": len(x)}
         residual = (cal["a"] * x + cal["b"] - y) / y if len(x) else np.array([])
         cal["fit_median_abs_err"] = float(np.median(np.abs(residual))) if len(x) else None
         self.table.calibration = cal
