@@ -56,7 +56,7 @@ class Checkpoint:
         if self.plan is not None:
             from edgeprune.pruning.plan import Plan
 
-            model = Plan.from_dict(self.plan).apply(model)
+            model = Plan.from_dict(self.plan).apply(model, inplace=True)
         try:
             model.load_state_dict(self.state_dict)
         except RuntimeError as e:

@@ -142,7 +142,8 @@ class PrunableSpace:
     def criterion(self, name: str, **kwargs):
         from edgeprune.pruning.criteria import make_criterion
 
-        key = (name, tuple(sorted(kwargs.items(), key=lambda kv: kv[0])) if not kwargs.get("data") else id(kwargs))
+        # data batches are keyed by identity (the same list gives the same feature clusters)
+        key = (name, tuple(sorted((k, id(v) if k == "data" else v) for k, v in kwargs.items())))
         if key not in self._criteria:
             self._criteria[key] = make_criterion(name, self, **kwargs)
         return self._criteria[key]
