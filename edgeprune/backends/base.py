@@ -29,9 +29,11 @@ class Backend(ABC):
     package: str = ""  # the pip package that provides it
 
     @classmethod
-    @abstractmethod
     def available(cls) -> bool:
         """Whether the runtime imports here."""
+        import importlib.util
+
+        return importlib.util.find_spec(cls.package) is not None
 
     @abstractmethod
     def fingerprint(self) -> dict:

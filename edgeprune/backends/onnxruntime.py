@@ -28,14 +28,6 @@ class OnnxRuntimeBackend(Backend):
         self.providers = providers or ["CPUExecutionProvider"]
         self.graph_optimization = graph_optimization
 
-    @classmethod
-    def available(cls) -> bool:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return False
-        return True
-
     def fingerprint(self) -> dict:
         import onnxruntime as ort
 

@@ -24,14 +24,6 @@ class OpenVinoBackend(Backend):
         self.device = device
         self.pinning = pinning
 
-    @classmethod
-    def available(cls) -> bool:
-        try:
-            import openvino  # noqa: F401
-        except ImportError:
-            return False
-        return True
-
     def config(self) -> dict:
         # Precision is explicit: on AVX-512 CPUs OpenVINO would otherwise choose bf16 by itself.
         return {

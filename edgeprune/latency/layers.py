@@ -229,29 +229,7 @@ class ModelLayers:
         """The units of the model pruned to `counts` (default: dense)."""
         counts = self.space.full_counts() if counts is None else counts
         ch = self.channels(counts)
-        out = []
-        for u in self.units:
-            cin, cout = ch[u.inputs[0]], ch[u.output]
-            extra = u.attrs.get("extra", ())
-            if u.op == "concat":
-                extra = tuple(ch[t] for t in u.inputs)
-            groups = cin if u.depthwise else u.groups0
-            out.append(
-                LayerConfig(
-                    u.op,
-                    cin,
-                    cout,
-                    u.h,
-                    u.w,
-                    u.attrs.get("kernel", (1, 1)),
-                    u.attrs.get("stride", (1, 1)),
-                    u.attrs.get("pads", (0, 0, 0, 0)),
-                    groups,
-                    u.act,
-                    tuple(extra),
-                )
-            )
-        return out
+        return [self._config(u, ch) for u in self.units]
 
     def reachable(self, limit: int = 20000) -> list[LayerConfig]:
         """Every distinct unit configuration any plan of the space can produce."""
@@ -273,13 +251,16 @@ class ModelLayers:
 
     def _unit_config(self, u: _Unit, counts) -> LayerConfig:
         removed = np.asarray(self.space.widths) - counts
-        ch = {
-            t: int(round(self._c0[self._tindex[t]] - self._a[self._tindex[t]] @ removed)) for t in u.inputs + [u.output]
-        }
+        tensors = u.inputs + [u.output]
+        return self._config(
+            u, {t: int(round(self._c0[self._tindex[t]] - self._a[self._tindex[t]] @ removed)) for t in tensors}
+        )
+
+    @staticmethod
+    def _config(u: _Unit, ch: dict[str, int]) -> LayerConfig:
+        """The configuration of unit `u` given the channel counts of its tensors."""
         cin, cout = ch[u.inputs[0]], ch[u.output]
-        extra = u.attrs.get("extra", ())
-        if u.op == "concat":
-            extra = tuple(ch[t] for t in u.inputs)
+        extra = tuple(ch[t] for t in u.inputs) if u.op == "concat" else tuple(u.attrs.get("extra", ()))
         return LayerConfig(
             u.op,
             cin,
@@ -291,7 +272,7 @@ class ModelLayers:
             u.attrs.get("pads", (0, 0, 0, 0)),
             cin if u.depthwise else u.groups0,
             u.act,
-            tuple(extra),
+            extra,
         )
 
 
