@@ -20,6 +20,7 @@ import secrets
 import threading
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,7 +175,13 @@ def create_app(
     spec: DeviceSpec, *, token: str, cache: Path, max_bytes: int = DEFAULT_MAX_MB << 20, job_timeout_s: float = 300.0
 ) -> FastAPI:
     agent = Agent(spec, cache, job_timeout_s=job_timeout_s)
-    app = FastAPI(title="edgeprune agent", version=__version__)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        agent.worker.stop()
+
+    app = FastAPI(title="edgeprune agent", version=__version__, lifespan=lifespan)
     app.state.agent = agent
 
     @app.middleware("http")
@@ -278,10 +285,6 @@ def create_app(
         if job is None:
             raise HTTPException(404, f"no job {job_id!r} (finished jobs are kept for the last {agent.keep_jobs})")
         return job.view()
-
-    @app.on_event("shutdown")
-    def stop_worker() -> None:
-        agent.worker.stop()
 
     return app
 
