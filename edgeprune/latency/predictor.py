@@ -1,6 +1,8 @@
 """Plan -> predicted milliseconds: table look-ups, summed, then calibrated on whole models.
 
-predicted = a * sum(table[unit] for unit in plan) + b, where (a, b) are fitted (robustly) on
+predicted = a * sum(table[unit] - overhead for unit in plan) + b, where `overhead` is the cost of
+one call of an empty model on the device (every single-unit measurement pays it once; a whole
+model pays it once in all) and (a, b) are fitted (robustly) on
 a few whole-model measurements of random plans (the part no table covers: input/output copies,
 layout reorders between units, fusion across units, per-inference overhead).
 """
@@ -30,7 +32,8 @@ class Predictor:
                 f"latency table lacks {len(missing)} of {len(configs)} layer configurations of this plan "
                 f"(e.g. {missing[0]}); profile this model on this device with `edgeprune profile`"
             )
-        return float(sum(self.table.entries[c.key]["median_ms"] for c in configs))
+        overhead = self.table.meta.get("unit_overhead_ms", 0.0)
+        return float(sum(max(0.0, self.table.entries[c.key]["median_ms"] - overhead) for c in configs))
 
     def predict(self, counts: Sequence[int] | None = None) -> float:
         cal = self.table.calibration
@@ -41,8 +44,8 @@ class Predictor:
 
     def fit_calibration(self, sums: Sequence[float], measured: Sequence[float]) -> dict:
         """(a, b) from unit sums and measured whole-model ms, robust to a disturbed measurement:
-        Theil-Sen slope (median of pairwise slopes), intercept the median residual; a pure
-        ratio when the points do not spread."""
+        Theil-Sen slope (median of pairwise slopes), intercept the median residual; the offset
+        alone (a = 1) when the slope is implausible, a ratio when the points do not spread."""
         from scipy.stats import theilslopes
 
         x, y = np.asarray(sums, float), np.asarray(measured, float)
@@ -52,8 +55,8 @@ class Predictor:
             cal = {"a": float(np.median(y / x)), "b": 0.0, "n": len(x)}
         else:
             a = float(theilslopes(y, x)[0])
-            if a <= 0:  # degenerate: keep the ratio
-                cal = {"a": float(np.median(y / x)), "b": 0.0, "n": len(x)}
+            if not 0.25 <= a <= 4.0:  # the plans' spread is lost in the noise: fit the offset alone
+                cal = {"a": 1.0, "b": float(np.median(y - x)), "n": len(x)}
             else:
                 cal = {"a": a, "b": float(np.median(y - a * x)), "n": len(x)}
         residual = (cal["a"] * x + cal["b"] - y) / y if len(x) else np.array([])

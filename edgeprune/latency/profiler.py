@@ -128,6 +128,9 @@ def profile(
     table, reused = _open_table(out, device, fingerprint, step, model_id, input_shape)
     if sweep:
         table.meta["step_sweep"] = sweep
+    if "unit_overhead_ms" not in table.meta:  # what one call of an (almost) empty model costs here
+        empty = LayerConfig("act:relu", 1, 1)
+        table.meta["unit_overhead_ms"] = round(measure_configs(device, [empty], UNIT_PROTOCOL)[0].median_ms, 6)
     todo = [c for c in configs if c.key not in table.entries]
     log(
         f"{model_id}: {len(s.groups)} groups, {len(configs)} reachable layer configurations at step {step}; "
@@ -162,8 +165,8 @@ def profile(
                 points[key] = {"sum_ms": predictor.unit_sum(counts), "measured_ms": m.median_ms}
                 table.save(out)
             bar.update(task, advance=1)
-    pts = list(points.values())
-    predictor.fit_calibration([p["sum_ms"] for p in pts], [p["measured_ms"] for p in pts])
+    sums = [predictor.unit_sum([int(v) for v in key.split(",")]) for key in points]
+    predictor.fit_calibration(sums, [p["measured_ms"] for p in points.values()])
     table.meta["model_protocol"] = device.spec.protocol.to_dict()
     table.meta["configurations"] = len(configs)
     table.save(out)
