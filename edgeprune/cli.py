@@ -300,7 +300,12 @@ def predict(
         t = Table(title=f"prediction error over {check} random plans measured on {dev.name}")
         for col in ("predictor", "within ±5%", "within ±10%", "median |err|", "max |err|"):
             t.add_column(col, justify="right")
-        for label, key in (("latency table", "table"), ("FLOPs-proportional", "flops_baseline")):
+        rows = (
+            ("latency table", "table"),
+            ("table, anchored on dense", "table_anchored"),
+            ("FLOPs-proportional", "flops_baseline"),
+        )
+        for label, key in rows:
             e = c[key]
             t.add_row(
                 label,
