@@ -131,8 +131,9 @@ class ModelLayers:
         tensors: dict[str, _Tensor] = {graph.input[0].name: _Tensor(shapes[graph.input[0].name][1], zero)}
         # torch layers in call order, to pair with the ONNX Conv / Gemm nodes (the exporter emits them in that order)
         order = _call_order(space.base, space.input_shape)
-        convs = [n for n in order if isinstance(dict(space.base.named_modules())[n], nn.Conv2d)]
-        linears = [n for n in order if isinstance(dict(space.base.named_modules())[n], nn.Linear)]
+        modules = dict(space.base.named_modules())
+        convs = [n for n in order if isinstance(modules[n], nn.Conv2d)]
+        linears = [n for n in order if isinstance(modules[n], nn.Linear)]
         layer_index = {n: i for i, n in enumerate(cost.names)}
         units: list[_Unit] = []
         fused: set[str] = set()
