@@ -96,6 +96,24 @@ def test_noisy_run_is_measured_again():
     assert quiet.attempts == 1
 
 
+def test_precision_stops_timing_once_the_median_is_known():
+    from edgeprune.latency.measurement import median_ci_halfwidth
+
+    assert median_ci_halfwidth([1.0] * 5) == float("inf")  # too few samples to say
+    assert median_ci_halfwidth(sorted([1.0] * 50 + [1.1] * 50)) == pytest.approx(0.05 / 1.05, rel=0.3)
+    steady = measure_callable(
+        lambda: time.sleep(0.0005), Protocol(warmup_runs=1, warmup_s=0, min_runs=10, min_s=0, precision=0.05, max_s=5)
+    )
+    assert steady.n < 200  # stopped on precision, long before max_s
+    rng = np.random.default_rng(1)
+    t0 = time.monotonic()
+    noisy = measure_callable(
+        lambda: time.sleep(float(rng.choice([0.0001, 0.002]))),
+        Protocol(warmup_runs=1, warmup_s=0, min_runs=10, min_s=0, precision=0.001, max_s=0.3, max_cv=10, retries=0),
+    )
+    assert 0.3 <= time.monotonic() - t0 < 2.0 and noisy.n < 5000  # never precise enough: stopped by max_s
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
 def test_cpu_pinning_is_applied_and_restored():
     before = os.sched_getaffinity(0)

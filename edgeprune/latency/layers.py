@@ -232,21 +232,29 @@ class ModelLayers:
         ch = self.channels(counts)
         return [self._config(u, ch) for u in self.units]
 
+    def unit_grid(self, u_index: int, limit: int = 20000) -> tuple[list[int], list[LayerConfig]]:
+        """The groups unit `u_index` depends on, and its configuration for every combination of
+        their allowed keep-counts (itertools.product order, the other groups at full width)."""
+        u = self.units[u_index]
+        tnames = u.inputs + [u.output]
+        involved = sorted({int(g) for t in tnames for g in np.flatnonzero(self._a[self._tindex[t]])})
+        options = [self.space.groups[g].allowed for g in involved]
+        combos = int(np.prod([len(o) for o in options])) if options else 1
+        if combos > limit:
+            raise EdgepruneError(f"unit {u_index} ({u.op}) has {combos} reachable configurations (limit {limit})")
+        full = np.asarray(self.space.full_counts())
+        configs = []
+        for choice in itertools.product(*options) if options else [()]:
+            counts = full.copy()
+            counts[involved] = choice
+            configs.append(self._unit_config(u, counts))
+        return involved, configs
+
     def reachable(self, limit: int = 20000) -> list[LayerConfig]:
         """Every distinct unit configuration any plan of the space can produce."""
         seen: dict[str, LayerConfig] = {}
-        full = np.asarray(self.space.full_counts())
-        for u_index, u in enumerate(self.units):
-            tnames = u.inputs + [u.output]
-            involved = sorted({g for t in tnames for g in np.flatnonzero(self._a[self._tindex[t]])})
-            options = [self.space.groups[g].allowed for g in involved]
-            combos = int(np.prod([len(o) for o in options])) if options else 1
-            if combos > limit:
-                raise EdgepruneError(f"unit {u_index} ({u.op}) has {combos} reachable configurations (limit {limit})")
-            for choice in itertools.product(*options) if options else [()]:
-                counts = full.copy()
-                counts[involved] = choice
-                cfg = self._unit_config(u, counts)
+        for u_index in range(len(self.units)):
+            for cfg in self.unit_grid(u_index, limit)[1]:
                 seen.setdefault(cfg.key, cfg)
         return list(seen.values())
 

@@ -3,10 +3,16 @@
 The statistic is the median of many timed runs after a warm-up by time and count. The CPU
 time used by other processes during the run is recorded, and a noisy run (high coefficient of
 variation or a busy machine) is measured again, keeping the quietest attempt.
+
+With `precision` set, timing stops as soon as the median is known well enough (the 95 %
+confidence interval of the median, from order statistics, within +-precision of it) once
+`min_runs` and `min_s` are reached, and at `max_s` at the latest: a profile of thousands of
+single units spends its time where the latency is uncertain, not a fixed time on each.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -25,6 +31,8 @@ class Protocol:
     min_runs: int = 50
     min_s: float = 1.0
     max_runs: int = 5000
+    precision: float | None = None  # stop once the median's 95 % CI is within +-precision (relative)
+    max_s: float | None = None  # stop timing after this long whatever the precision
     max_cv: float = 0.10  # a run noisier than this is repeated
     max_foreign_load: float = 0.5  # share of the other cores' time used by other processes
     retries: int = 2
@@ -79,6 +87,31 @@ def _own_cpu() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def median_ci_halfwidth(sorted_samples: list[float]) -> float:
+    """Half-width of the distribution-free 95 % confidence interval of the median, relative to it
+    (order statistics n/2 -+ 0.98 sqrt(n)); inf with too few samples to say."""
+    n = len(sorted_samples)
+    lo, hi = int(n / 2 - 0.98 * n**0.5), int(math.ceil(n / 2 + 0.98 * n**0.5))
+    if lo < 0 or hi >= n:
+        return math.inf
+    med = statistics.median(sorted_samples)
+    return (sorted_samples[hi] - sorted_samples[lo]) / 2 / med if med > 0 else math.inf
+
+
+def _enough(samples: list[float], elapsed: float, protocol: Protocol) -> bool:
+    if len(samples) >= protocol.max_runs or (protocol.max_s is not None and elapsed >= protocol.max_s):
+        return True
+    if len(samples) < protocol.min_runs or elapsed < protocol.min_s:
+        return False
+    if protocol.precision is None:
+        return True
+    # checking the interval sorts the samples: do it at geometric intervals, not after every run
+    n = len(samples)
+    if n == protocol.min_runs or n & (n - 1) == 0 or n % 64 == 0:
+        return median_ci_halfwidth(sorted(samples)) <= protocol.precision
+    return False
+
+
 def time_runs(
     run: Callable[[], object], protocol: Protocol, *, timed: Callable[[], float] | None = None
 ) -> Measurement:
@@ -101,7 +134,7 @@ def time_runs(
             t0 = time.perf_counter()
             run()
             samples.append((time.perf_counter() - t0) * 1000.0)
-        if len(samples) >= protocol.min_runs and time.monotonic() - wall0 >= protocol.min_s:
+        if _enough(samples, time.monotonic() - wall0, protocol):
             break
     wall = max(time.monotonic() - wall0, 1e-9)
     foreign = max(0.0, (_cpu_busy() - busy0) - (_own_cpu() - own0)) / (wall * ncpu)

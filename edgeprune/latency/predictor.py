@@ -39,6 +39,10 @@ class Predictor:
         cal = self.table.calibration
         return cal["a"] * self.unit_sum(counts) + cal["b"]
 
+    def compiled(self) -> CompiledPredictor:
+        """The same prediction, vectorised over many plans at once (what a search's repair uses)."""
+        return CompiledPredictor.build(self)
+
     def breakdown(self, counts: Sequence[int] | None = None) -> list[tuple[str, float]]:
         return [(c.key, self.table.entries[c.key]["median_ms"]) for c in self.layers.configs(counts)]
 
@@ -63,6 +67,62 @@ class Predictor:
         cal["fit_median_abs_err"] = float(np.median(np.abs(residual))) if len(x) else None
         self.table.calibration = cal
         return cal
+
+
+@dataclass
+class CompiledPredictor:
+    """A Predictor as arrays: each unit's latency over the allowed keep-counts of the groups it
+    depends on (one or two groups for a conv), so predicting N plans is a few gathers and sums."""
+
+    allowed: list[np.ndarray]  # per group, its allowed keep-counts (ascending)
+    units: list[tuple[tuple[int, ...], np.ndarray]]  # (groups the unit depends on, ms over their counts)
+    constant_ms: float  # units no group changes
+    a: float
+    b: float
+
+    @classmethod
+    def build(cls, predictor: Predictor) -> CompiledPredictor:
+        layers, entries = predictor.layers, predictor.table.entries
+        overhead = predictor.table.meta.get("unit_overhead_ms", 0.0)
+        constant, units, missing = 0.0, [], []
+        for u in range(len(layers.units)):
+            involved, configs = layers.unit_grid(u)
+            ms = np.array(
+                [max(0.0, entries[c.key]["median_ms"] - overhead) if c.key in entries else np.nan for c in configs]
+            )
+            missing += [c.key for c, v in zip(configs, ms) if np.isnan(v)]
+            if not involved:
+                constant += float(ms[0])
+            else:
+                shape = tuple(len(layers.space.groups[g].allowed) for g in involved)
+                units.append((tuple(involved), ms.reshape(shape)))
+        if missing:
+            raise EdgepruneError(
+                f"latency table lacks {len(missing)} reachable layer configurations of this model (e.g. {missing[0]}); "
+                "profile this model on this device with `edgeprune profile`"
+            )
+        cal = predictor.table.calibration
+        allowed = [np.asarray(g.allowed) for g in layers.space.groups]
+        return cls(allowed, units, constant, float(cal["a"]), float(cal["b"]))
+
+    def indices(self, counts) -> np.ndarray:
+        """(N, G) keep-counts -> (N, G) positions in each group's allowed counts."""
+        counts = np.atleast_2d(np.asarray(counts))
+        idx = np.empty(counts.shape, dtype=np.intp)
+        for g, allowed in enumerate(self.allowed):
+            idx[:, g] = np.searchsorted(allowed, counts[:, g])
+        return idx
+
+    def unit_sum(self, counts) -> np.ndarray:
+        idx = self.indices(counts)
+        total = np.full(len(idx), self.constant_ms)
+        for groups, ms in self.units:
+            total += ms[tuple(idx[:, g] for g in groups)]
+        return total
+
+    def predict(self, counts) -> np.ndarray:
+        """Predicted ms of each row of `counts` (N x G keep-counts)."""
+        return self.a * self.unit_sum(counts) + self.b
 
 
 def error_stats(predicted: Sequence[float], measured: Sequence[float]) -> dict:

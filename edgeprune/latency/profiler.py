@@ -28,7 +28,9 @@ from edgeprune.latency.table import LatencyTable, fingerprint_diff
 from edgeprune.training.progress import progress_bar
 
 # Single units are fast and many: a lighter protocol than whole models (stored in the table).
-UNIT_PROTOCOL = Protocol(warmup_runs=5, warmup_s=0.05, min_runs=30, min_s=0.15, max_cv=0.15, retries=2)
+UNIT_PROTOCOL = Protocol(
+    warmup_runs=3, warmup_s=0.02, min_runs=20, min_s=0.02, precision=0.01, max_s=0.25, max_cv=0.15, retries=2
+)
 STEP_CANDIDATES = (32, 16, 8, 4, 2)
 
 

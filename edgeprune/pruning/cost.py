@@ -110,19 +110,24 @@ class CostModel:
             total - counted,
         )
 
-    def _shapes(self, counts: Sequence[int]):
+    def _shapes(self, counts):
+        """Per-layer (out, in, groups) channels for keep-counts (G,) or many plans (N, G)."""
         removed = self.widths - np.asarray(counts)
-        out = self.out0 - self.a_out @ removed
-        inp = np.where(self.depthwise, out, self.in0 - self.a_in @ removed)
+        out = self.out0 - removed @ self.a_out.T
+        inp = np.where(self.depthwise, out, self.in0 - removed @ self.a_in.T)
         groups = np.where(self.depthwise, out, self.groups0)
         norm = self.kind == 2
         inp = np.where(norm, out, inp)
         return out, inp, groups
 
-    def macs(self, counts: Sequence[int]) -> int:
-        out, inp, groups = self._shapes(counts)
+    def macs_many(self, counts) -> np.ndarray:
+        """MACs of each plan (N x G keep-counts), vectorised: what a search's repair calls."""
+        out, inp, groups = self._shapes(np.atleast_2d(counts))
         per = out * (inp / groups) * self.kernel * self.spatial
-        return int(round(per[self.kind != 2].sum()))
+        return np.round((per * (self.kind != 2)).sum(-1))
+
+    def macs(self, counts: Sequence[int]) -> int:
+        return int(self.macs_many(counts)[0])
 
     def params(self, counts: Sequence[int]) -> int:
         out, inp, groups = self._shapes(counts)
