@@ -44,3 +44,71 @@ def new_run_dir(root: str | os.PathLike = "runs", name: str = "run") -> Path:
         path, k = Path(f"{base}-{k}"), k + 1
     path.mkdir(parents=True)
     return path
+
+
+class RunStore:
+    """A run directory's record of a search: every evaluation and device measurement in SQLite,
+    each committed as it happens (a run killed at any point, even with SIGKILL, keeps every
+    finished evaluation), plus small key/value state (e.g. a budget tightened after measuring)."""
+
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS evals (
+        i INTEGER PRIMARY KEY, round INTEGER, u_raw TEXT, u TEXT, counts TEXT, plan_hash TEXT,
+        predicted_ms REAL, macs REAL, cost REAL, budget REAL, score REAL, seconds REAL,
+        duplicate INTEGER, created REAL);
+    CREATE TABLE IF NOT EXISTS measurements (
+        counts TEXT PRIMARY KEY, plan_hash TEXT, round INTEGER, predicted_ms REAL, measured_ms REAL,
+        p90_ms REAL, cv REAL, n INTEGER, created REAL);
+    CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT);
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        import sqlite3
+
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "evals.sqlite"
+        self.db = sqlite3.connect(self.path)
+        self.db.row_factory = sqlite3.Row
+        with self.db:
+            self.db.executescript(self.SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _insert(self, table: str, row: dict, *, replace: bool = False) -> None:
+        row = {k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else v for k, v in row.items()}
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
+        with self.db:  # one transaction per row: committed before the next evaluation starts
+            self.db.execute(
+                f"{verb} INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values())
+            )
+
+    def _rows(self, query: str) -> list[dict]:
+        out = []
+        for r in self.db.execute(query):
+            d = dict(r)
+            for k in ("u_raw", "u", "counts"):
+                if k in d and isinstance(d[k], str):
+                    d[k] = json.loads(d[k])
+            out.append(d)
+        return out
+
+    def add_eval(self, row: dict) -> None:
+        self._insert("evals", {**row, "created": time.time()})
+
+    def evals(self) -> list[dict]:
+        return self._rows("SELECT * FROM evals ORDER BY i")
+
+    def add_measurement(self, row: dict) -> None:
+        self._insert("measurements", {**row, "created": time.time()}, replace=True)
+
+    def measurements(self) -> list[dict]:
+        return self._rows("SELECT * FROM measurements ORDER BY created")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        r = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return json.loads(r[0]) if r else default
+
+    def set(self, key: str, value: Any) -> None:
+        self._insert("state", {"key": key, "value": json.dumps(value)}, replace=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -9,12 +11,21 @@ from edgeprune.data import Dataset
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: Dataset, split: str, *, batch_size: int = 500, limit: int | None = None) -> float:
-    """Top-1 accuracy in [0, 1] on `split` (at most `limit` batches)."""
+def accuracy(
+    model: nn.Module,
+    data: Dataset,
+    split: str,
+    *,
+    batch_size: int = 500,
+    limit: int | None = None,
+    device: str | torch.device | None = None,
+) -> float:
+    """Top-1 accuracy in [0, 1] on `split` (at most `limit` batches), on `device` if given."""
     model.eval()
     correct = total = 0
     for x, y in data.batches(split, batch_size, limit=limit):
-        correct += (model(x).argmax(1) == y).sum().item()
+        x = x.to(device) if device is not None else x
+        correct += (model(x).argmax(1).cpu() == y).sum().item()
         total += len(y)
     return correct / max(total, 1)
 
@@ -26,6 +37,18 @@ def recalibrate_bn(model: nn.Module, data: Dataset, *, batches: int = 20, batch_
     A pruned network's activations no longer match the statistics its BN layers recorded;
     recomputing them is what makes accuracy right after pruning meaningful.
     """
+    inputs = (
+        x
+        for x, _ in data.split("train").batches(
+            batch_size, mean=data.mean, std=data.std, shuffle=True, seed=seed, limit=batches
+        )
+    )
+    recalibrate_bn_on(model, inputs)
+
+
+@torch.no_grad()
+def recalibrate_bn_on(model: nn.Module, inputs: Iterable[torch.Tensor]) -> None:
+    """Re-estimate BatchNorm running statistics as the cumulative average over `inputs`."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
@@ -34,9 +57,7 @@ def recalibrate_bn(model: nn.Module, data: Dataset, *, batches: int = 20, batch_
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the calibration batches
     model.train()
-    for x, _ in data.split("train").batches(
-        batch_size, mean=data.mean, std=data.std, shuffle=True, seed=seed, limit=batches
-    ):
+    for x in inputs:
         model(x)
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum

@@ -1,0 +1,379 @@
+"""Prune to a budget: search per-group widths under predicted latency (or FLOPs), then hold the
+best candidates against the device.
+
+1. the dense model is measured on the device (the budget may be a share of it);
+2. a searcher proposes plans, each repaired to the budget, scored by the accuracy proxy and
+   recorded in the run's SQLite store as it happens;
+3. hardware in the loop: the top candidates are measured on the device; the chosen plan is the
+   best whose *measured* latency meets the budget. If none does, the search budget is tightened
+   by the observed prediction error and the search continues (a few rounds at most);
+4. the chosen plan, its pruned checkpoint (BN recalibrated), plots and results.json are written.
+
+A run killed at any point resumes with `resume=True` and loses no evaluation or measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeprune.errors import EdgepruneError, choices_error
+from edgeprune.runs import RunStore, write_json
+
+CONFIG = "config.json"
+
+
+@dataclass
+class PruneConfig:
+    """Everything that decides a pruning run (stored as config.json in the run directory)."""
+
+    weights: str
+    device: str
+    budget: str  # milliseconds ("2.5") or a share of the dense model's measured latency ("50%")
+    data: str | None = None  # default: the data set the checkpoint was trained on
+    table: str | None = None  # default: latency_tables/DEVICE/MODEL.json
+    search: str = "bocr"
+    evals: int = 60
+    seed: int = 0
+    cost: str = "latency"  # or "flops": the FLOPs-constrained baseline
+    flops_target: float | None = None  # MACs share for cost=flops (default: budget / dense ms)
+    criterion: str = "l2"  # which channels a group keeps
+    clusters: int = 4  # bocr: groups clustered into this many shared ratios
+    particles: int = 10  # pso: swarm size
+    min_keep: float = 0.1
+    max_keep: float = 1.0
+    fix: list[str] = field(default_factory=list)  # group roots (glob) held at full width
+    calibration_batches: int = 10
+    heldout_images: int = 2000
+    measure_top: int = 5  # candidates measured on the device per round
+    max_rounds: int = 4  # budget tightenings before giving up
+    anchor: bool = True  # scale predictions by the dense model's measured / predicted latency
+    data_root: str | None = None
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+def parse_budget(text: str | float, dense_ms: float) -> float:
+    """'2.5' -> 2.5 ms; '50%' -> half the dense model's measured latency."""
+    s = str(text).strip()
+    try:
+        value = float(s[:-1]) / 100 * dense_ms if s.endswith("%") else float(s.removesuffix("ms"))
+    except ValueError:
+        raise EdgepruneError(f"budget {text!r} is neither milliseconds (2.5) nor a share of dense (50%)") from None
+    if value <= 0:
+        raise EdgepruneError(f"budget must be positive, got {text!r}")
+    return value
+
+
+def _tightened(current: float, budget_ms: float, measured, rows: dict, *, dense: tuple[float, float]) -> float:
+    """The search budget (in cost units) at which plans should measure just under `budget_ms`.
+
+    A line measured = alpha * cost + beta through the dense model and every measured candidate
+    (least squares) is solved for the budget: a secant step on the device's real curve, which
+    also corrects an error that is not a constant factor. Where the line is unusable (flat or
+    falling), the median measured/cost ratio is used. Always at least 2 % tighter than before."""
+    pts = [(rows[tuple(m["counts"])]["cost"], m["measured_ms"]) for m in measured] + [dense]
+    x, y = np.array(pts).T
+    target = None
+    if np.ptp(x) > 1e-12:
+        alpha, beta = np.polyfit(x, y, 1)
+        if alpha > 0:
+            target = (budget_ms - beta) / alpha
+    if target is None or target <= 0:
+        target = budget_ms / float(np.median(y[:-1] / x[:-1]))
+    return min(target * 0.99, current * 0.98)
+
+
+def _settings(out: Path, resume: bool, given: dict) -> PruneConfig:
+    unknown = set(given) - PruneConfig.names()
+    if unknown:
+        raise EdgepruneError(f"unknown prune setting(s) {sorted(unknown)}")
+    path = out / CONFIG
+    if resume:
+        if not path.is_file():
+            raise EdgepruneError(f"{out} holds no pruning run to resume ({CONFIG} missing); start one without --resume")
+        stored = json.loads(path.read_text())
+        for k, v in given.items():
+            if v is not None and k != "evals" and stored.get(k) != v:
+                raise EdgepruneError(
+                    f"{out} was started with {k}={stored.get(k)!r}, not {v!r}; resume with the same settings "
+                    "(only --evals may grow) or start a new run"
+                )
+        if given.get("evals"):
+            stored["evals"] = given["evals"]
+        return PruneConfig(**stored)
+    if path.exists():
+        raise EdgepruneError(
+            f"{out} already holds a pruning run; pass --resume to continue it, or choose another --out"
+        )
+    missing = [k for k in ("weights", "device", "budget") if given.get(k) is None]
+    if missing:
+        raise EdgepruneError(f"prune needs {', '.join('--' + m for m in missing)}")
+    return PruneConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True, log=print, **settings) -> dict:
+    """Search the best plan under the budget on the device; returns (and writes) results.json.
+
+    `settings` are PruneConfig fields (weights, device, budget, search, evals, ...)."""
+    from edgeprune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from edgeprune.data import load_dataset
+    from edgeprune.devices import Device
+    from edgeprune.latency.layers import ModelLayers
+    from edgeprune.latency.predictor import Predictor
+    from edgeprune.latency.table import LatencyTable
+    from edgeprune.pruning import acp_widths, space
+    from edgeprune.report import convergence_plot, scatter_plot
+    from edgeprune.search import (
+        COSTS,
+        SEARCHERS,
+        BudgetProblem,
+        FlopsCost,
+        LatencyCost,
+        ProxyEvaluator,
+        SearchLoop,
+        make_searcher,
+    )
+    from edgeprune.training import recalibrate_bn
+    from edgeprune.zoo import resolve_weights
+
+    out = Path(out)
+    cfg = _settings(out, resume, settings)
+    if cfg.search not in SEARCHERS:
+        raise choices_error("search", cfg.search, list(SEARCHERS))
+    if cfg.cost not in COSTS:
+        raise choices_error("cost", cfg.cost, COSTS)
+    if cfg.evals < 1:
+        raise EdgepruneError(f"--evals must be at least 1, got {cfg.evals}")
+    started = time.monotonic()
+
+    ckpt = load_checkpoint(resolve_weights(cfg.weights))
+    if ckpt.plan is not None:
+        raise EdgepruneError(f"{cfg.weights} is already pruned; prune its dense base model instead")
+    data = load_dataset(cfg.data or ckpt.dataset, root=cfg.data_root)
+    model = ckpt.build()
+    shape = (1, *ckpt.input_shape)
+    device = Device.load(cfg.device)
+    table_path = Path(cfg.table or Path("latency_tables") / device.name / f"{ckpt.model}.json")
+    table = None
+    if cfg.cost == "latency" or table_path.is_file():
+        table = LatencyTable.load(table_path, fingerprint=device.fingerprint())
+        if table.model not in (None, ckpt.model) or (table.input_shape and list(table.input_shape) != list(shape)):
+            raise EdgepruneError(
+                f"{table_path} was profiled for {table.model} at {table.input_shape}, "
+                f"not {ckpt.model} at {list(shape)}; "
+                f"profile it: edgeprune profile --weights {cfg.weights} --device {device.name}"
+            )
+    step = table.step if table else (device.spec.channel_step or 8)
+    s = space(model, torch.randn(*shape), step=step, min_keep_ratio=cfg.min_keep)
+
+    store = RunStore(out)
+    write_json(out / CONFIG, asdict(cfg))
+    dense_ms = store.get("dense_ms")
+    with tempfile.TemporaryDirectory(prefix="edgeprune-prune-") as tmp:
+        from edgeprune.export import export_onnx
+
+        def measure(counts) -> dict:
+            pruned = s.plan([int(c) for c in counts], criterion=cfg.criterion).apply(model)
+            return device.measure(export_onnx(pruned, shape, Path(tmp) / "m.onnx"), shape).to_dict()
+
+        if dense_ms is None:
+            log(f"measuring the dense {ckpt.model} on {device.name} ...")
+            dense_ms = measure(s.full_counts())["median_ms"]
+            store.set("dense_ms", dense_ms)
+        budget_ms = parse_budget(cfg.budget, dense_ms)
+
+        predictor = LatencyCost(Predictor(ModelLayers.from_model(s), table).compiled()) if table else None
+        if predictor is not None and cfg.anchor:
+            # the table's calibration dates from its profile; the machine may have drifted since
+            predictor.scale = dense_ms / float(predictor(np.asarray([s.full_counts()]))[0])
+            if abs(predictor.scale - 1) > 0.1:
+                log(
+                    f"the table predicts the dense model {dense_ms / predictor.scale:.4g} ms, the device measures "
+                    f"{dense_ms:.4g} ms: predictions are scaled by {predictor.scale:.3f} (re-profile if this persists)"
+                )
+        dense_macs = s.macs()
+        if cfg.cost == "latency":
+            cost, budget, unit = predictor, budget_ms, "ms (predicted)"
+        else:
+            cost, unit = FlopsCost(s.cost, dense_macs), "of dense MACs"
+            budget = cfg.flops_target if cfg.flops_target else budget_ms / dense_ms
+        dense_cost = float(cost(np.asarray([s.full_counts()]))[0])
+        problem = BudgetProblem.create(
+            s, cost, store.get("search_budget", budget), max_keep=cfg.max_keep, fix=cfg.fix, unit=unit
+        )
+        evaluator = ProxyEvaluator(
+            s,
+            data,
+            criterion=cfg.criterion,
+            calibration_batches=cfg.calibration_batches,
+            heldout_images=cfg.heldout_images,
+            seed=cfg.seed,
+        )
+        dense_score = evaluator(s.full_counts())
+        acp = acp_widths(s, evaluator.calibration) if cfg.search == "pso" else None
+        searcher = make_searcher(
+            cfg.search,
+            problem,
+            evals=cfg.evals,
+            seed=cfg.seed,
+            clusters=cfg.clusters,
+            acp_counts=acp,
+            particles=cfg.particles,
+        )
+
+        def describe(counts) -> dict:
+            d = {"macs": float(s.cost.macs(counts))}
+            if predictor is not None:
+                d["predicted_ms"] = float(predictor(np.asarray([counts]))[0])
+            return d
+
+        log(
+            f"{ckpt.model} on {device.name}: dense {dense_ms:.4g} ms measured, proxy accuracy {dense_score:.2%}; "
+            f"budget {budget_ms:.4g} ms; {cfg.search} over {problem.dim} groups, {cfg.cost} constraint "
+            f"{problem.budget:.4g} {unit}"
+        )
+        loop = SearchLoop(
+            problem,
+            searcher,
+            evaluator,
+            store,
+            describe=describe,
+            plan_hash=lambda c: evaluator.plan(c).hash(),
+            progress=progress,
+            log=log,
+        )
+        stage = store.get("round", 0)
+        extra = max(10, cfg.evals // 4)
+        chosen = None
+        while True:
+            loop.run(cfg.evals + stage * extra, stage=stage)
+            measured = {tuple(m["counts"]): m for m in store.measurements()}
+            fits = [r for r in loop.rows if r["cost"] <= problem.budget * (1 + 1e-9) and not r["duplicate"]]
+            fits.sort(key=lambda r: (-r["score"], r["cost"]))
+            todo = [r for r in fits if tuple(r["counts"]) not in measured][: cfg.measure_top]
+            for r in todo:
+                m = measure(r["counts"])
+                row = {
+                    "counts": r["counts"],
+                    "plan_hash": r["plan_hash"],
+                    "round": stage,
+                    "predicted_ms": r.get("predicted_ms"),
+                    "measured_ms": m["median_ms"],
+                    "p90_ms": m["p90_ms"],
+                    "cv": m["cv"],
+                    "n": m["n"],
+                }
+                store.add_measurement(row)
+                measured[tuple(r["counts"])] = row
+            by_counts = {tuple(r["counts"]): r for r in loop.rows}
+            ok = [(by_counts[k], m) for k, m in measured.items() if m["measured_ms"] <= budget_ms]
+            if todo:
+                log(
+                    f"measured {len(todo)} candidates on {device.name}: "
+                    + ", ".join(f"{m['measured_ms']:.4g}" for m in (measured[tuple(r["counts"])] for r in todo))
+                    + f" ms (budget {budget_ms:.4g} ms)"
+                )
+            if ok:
+                chosen = max(ok, key=lambda rm: (rm[0]["score"], -rm[1]["measured_ms"]))
+                break
+            if stage >= cfg.max_rounds or not todo:
+                break
+            new_budget = _tightened(
+                problem.budget, budget_ms, measured.values(), by_counts, dense=(dense_cost, dense_ms)
+            )
+            new_budget = max(new_budget, float(problem.cost_of(np.zeros((1, problem.dim)))[0]))
+            if new_budget >= problem.budget:
+                break  # already at the smallest plan the space allows
+            log(
+                f"no candidate met {budget_ms:.4g} ms on the device; search budget {problem.budget:.4g} -> "
+                f"{new_budget:.4g} {unit} (fitted to the measured candidates), {extra} more evaluations"
+            )
+            problem.set_budget(new_budget)
+            stage += 1
+            store.set("search_budget", new_budget)
+            store.set("round", stage)
+
+    met = chosen is not None
+    if not met:
+        all_measured = store.measurements()
+        if not all_measured:
+            raise EdgepruneError("no candidate was measured on the device; nothing to choose from")
+        best_m = min(all_measured, key=lambda m: m["measured_ms"])
+        chosen = ({r["plan_hash"]: r for r in loop.rows}[best_m["plan_hash"]], best_m)
+        log(
+            f"warning: no plan met the {budget_ms:.4g} ms budget on {device.name} after {stage + 1} rounds; "
+            f"keeping the fastest measured ({best_m['measured_ms']:.4g} ms): lower --min-keep or raise the budget"
+        )
+    row, m = chosen
+    counts = [int(c) for c in row["counts"]]
+    plan = evaluator.plan(counts)
+    plan.save(out / "plan.json")
+    pruned = plan.apply(model)
+    recalibrate_bn(pruned, data)
+    meta = {"base_checkpoint": str(cfg.weights), "proxy_accuracy": row["score"], "measured_ms": m["measured_ms"]}
+    save_checkpoint(
+        Checkpoint(
+            ckpt.model, ckpt.num_classes, ckpt.input_shape, ckpt.dataset, pruned.state_dict(), meta, plan.to_dict()
+        ),
+        out / "pruned.pt",
+    )
+    distinct = [r for r in loop.rows if not r["duplicate"]]
+    convergence_plot(
+        {cfg.search: [r["score"] for r in distinct]},
+        out / "convergence.png",
+        title=f"{cfg.search} on {ckpt.model}, budget {budget_ms:.4g} ms ({cfg.cost})",
+    )
+    scatter_plot(
+        loop.rows,
+        out / "scatter.png",
+        budget_ms=budget_ms,
+        measured=store.measurements(),
+        chosen={"measured_ms": m["measured_ms"], "score": row["score"]},
+        title=f"{ckpt.model}: proxy accuracy vs latency on {device.name}",
+    )
+    scores = np.maximum.accumulate([r["score"] for r in distinct])
+    result = {
+        "run_dir": str(out),
+        "model": ckpt.model,
+        "dataset": ckpt.dataset,
+        "device": device.name,
+        "search": cfg.search,
+        "cost": cfg.cost,
+        "budget_ms": budget_ms,
+        "search_budget": problem.budget,
+        "anchor": predictor.scale if predictor is not None else None,
+        "dense": {"measured_ms": dense_ms, "proxy_accuracy": dense_score, "macs": dense_macs, "params": s.params()},
+        "chosen": {
+            "counts": counts,
+            "proxy_accuracy": row["score"],
+            "predicted_ms": row.get("predicted_ms"),
+            "measured_ms": m["measured_ms"],
+            "macs": s.macs(counts),
+            "params": s.params(counts),
+            "plan_hash": row["plan_hash"],
+        },
+        "met_budget": met,
+        "speedup": dense_ms / m["measured_ms"],
+        "evals": len(distinct),
+        "evals_to_99pct": int(np.argmax(scores >= 0.99 * scores[-1]) + 1),
+        "rounds": stage + 1,
+        "seconds_per_eval": float(np.median(evaluator.seconds)) if evaluator.seconds else None,
+        "seconds": round(time.monotonic() - started, 1),
+        "searcher": searcher.state(),
+        "files": {
+            k: str(out / k) for k in ("plan.json", "pruned.pt", "convergence.png", "scatter.png", "evals.sqlite")
+        },
+    }
+    write_json(out / "results.json", result)
+    store.close()
+    return result

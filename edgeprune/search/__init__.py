@@ -1,0 +1,74 @@
+"""Search per-group keep ratios under a budget: the problem (with repair), searchers, the loop.
+
+problem = BudgetProblem.create(space, LatencyCost(predictor.compiled()), budget_ms)
+searcher = make_searcher("bocr", problem, evals=60, seed=0, importances=...)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from edgeprune.errors import choices_error
+from edgeprune.search.base import Evaluation, Searcher
+from edgeprune.search.bo import BayesOpt
+from edgeprune.search.bocr import BOCR
+from edgeprune.search.clustering import cluster_groups
+from edgeprune.search.cost import COSTS, FlopsCost, LatencyCost
+from edgeprune.search.loop import SearchLoop
+from edgeprune.search.problem import BudgetProblem, Repaired
+from edgeprune.search.proxy import ProxyEvaluator
+from edgeprune.search.pso import ParticleSwarm
+from edgeprune.search.simple import RandomSearch, Uniform
+
+SEARCHERS = {s.name: s for s in (Uniform, RandomSearch, BayesOpt, BOCR, ParticleSwarm)}
+
+
+def group_importances(problem: BudgetProblem) -> list[np.ndarray]:
+    """Per-channel group L1 importance of each free group (what BOCR clusters)."""
+    l1 = problem.space.criterion("l1")
+    return [l1.scores(problem.space.groups[g]).numpy() for g in problem.variables]
+
+
+def make_searcher(
+    name: str,
+    problem: BudgetProblem,
+    *,
+    evals: int,
+    seed: int = 0,
+    clusters: int = 4,
+    acp_counts: Sequence[int] | None = None,
+    particles: int = 10,
+) -> Searcher:
+    """A searcher by name: uniform, random, bo, bocr (k = `clusters`), pso (swarm around `acp_counts`)."""
+    if name not in SEARCHERS:
+        raise choices_error("search", name, list(SEARCHERS))
+    if name == "bocr":
+        labels = cluster_groups(group_importances(problem), clusters)
+        return BOCR(problem, evals=evals, seed=seed, labels=labels)
+    if name == "pso":
+        return ParticleSwarm(problem, evals=evals, seed=seed, particles=particles, acp_counts=acp_counts)
+    return SEARCHERS[name](problem, evals=evals, seed=seed)
+
+
+__all__ = [
+    "BOCR",
+    "COSTS",
+    "SEARCHERS",
+    "BayesOpt",
+    "BudgetProblem",
+    "Evaluation",
+    "FlopsCost",
+    "LatencyCost",
+    "ParticleSwarm",
+    "ProxyEvaluator",
+    "RandomSearch",
+    "Repaired",
+    "SearchLoop",
+    "Searcher",
+    "Uniform",
+    "cluster_groups",
+    "group_importances",
+    "make_searcher",
+]

@@ -1,0 +1,290 @@
+"""Search under a budget: repair, budget errors, searchers, the loop's store and resume, prune runs."""
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from edgeprune.errors import EdgepruneError
+from edgeprune.latency.layers import ModelLayers
+from edgeprune.latency.predictor import Predictor
+from edgeprune.latency.table import LatencyTable
+from edgeprune.models import build_model
+from edgeprune.pruning import random_counts, space
+from edgeprune.runs import RunStore
+from edgeprune.search import (
+    BOCR,
+    BudgetProblem,
+    FlopsCost,
+    SearchLoop,
+    Uniform,
+    cluster_groups,
+    make_searcher,
+)
+
+from .conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def r56():
+    model = build_model("resnet56", in_channels=1).eval()
+    return space(model, torch.randn(1, 1, 28, 28), step=8)
+
+
+def flops_problem(s, budget=0.5, **kw):
+    return BudgetProblem.create(s, FlopsCost(s.cost, s.macs()), budget, **kw)
+
+
+def test_flops_cost_is_exact(r56):
+    rng = np.random.default_rng(0)
+    plans = np.array([random_counts(r56, rng) for _ in range(5)])
+    assert list(FlopsCost(r56.cost, r56.macs())(plans) * r56.macs()) == pytest.approx([r56.macs(p) for p in plans])
+
+
+def test_compiled_predictor_matches_the_table_sum():
+    model = build_model("resnet20", in_channels=1)
+    s = space(model, torch.randn(1, 1, 28, 28), step=16)
+    layers = ModelLayers.from_model(s)
+    entries = {c.key: {"median_ms": 0.01 * (i + 1)} for i, c in enumerate(layers.reachable())}
+    table = LatencyTable("d", {}, {}, 16, "resnet20", [1, 1, 28, 28], entries, {"a": 1.5, "b": 0.2, "n": 3})
+    table.meta["unit_overhead_ms"] = 0.003
+    p = Predictor(layers, table)
+    fast = p.compiled()
+    rng = np.random.default_rng(1)
+    plans = [random_counts(s, rng) for _ in range(20)] + [s.full_counts()]
+    assert list(fast.predict(plans)) == pytest.approx([p.predict(c) for c in plans])
+
+
+@pytest.mark.parametrize("fill", [True, False])
+def test_repair_always_yields_feasible_plans(r56, fill):
+    problem = flops_problem(r56, 0.4)
+    u = np.random.default_rng(0).random((300, problem.dim))
+    u[:10] = 1.0  # the dense corner
+    u[10:20] = 0.0  # the smallest plan
+    rep = problem.repair(u, fill=fill)
+    assert (rep.cost <= problem.budget + 1e-12).all()
+    assert (problem.cost(rep.counts) == rep.cost).all()
+    for g, col in zip(r56.groups, rep.counts.T):
+        assert set(col) <= set(g.allowed)
+    again = problem.repair(rep.u, fill=fill)  # a repaired point is its own repair
+    assert (again.counts == rep.counts).all()
+    if fill:  # nothing fits on top: no free group can take one more step within the budget
+        for counts in rep.counts[::30]:
+            for g in problem.variables:
+                allowed = r56.groups[g].allowed
+                i = allowed.index(counts[g])
+                if i + 1 < len(allowed):
+                    bigger = counts.copy()
+                    bigger[g] = allowed[i + 1]
+                    assert problem.cost(bigger[None])[0] > problem.budget
+
+
+def test_repair_keeps_what_fits(r56):
+    problem = flops_problem(r56, 0.6)
+    u = np.zeros((1, problem.dim))
+    rep = problem.repair(u, fill=False)
+    assert (rep.counts == problem.counts(u)).all() and (rep.u == 0).all()
+
+
+def test_budget_errors(r56):
+    with pytest.raises(EdgepruneError, match=r"below the smallest cost .*every free group at its minimum"):
+        flops_problem(r56, 0.001)
+    with pytest.raises(EdgepruneError, match="at or above the dense model.*nothing to prune"):
+        flops_problem(r56, 1.0)
+    with pytest.raises(EdgepruneError, match="--fix pattern 'nope' matches no channel group"):
+        flops_problem(r56, 0.5, fix=["nope"])
+    fixed = flops_problem(r56, 0.5, fix=["layer3.*"])
+    assert all(not r56.groups[g].root.startswith("layer3") for g in fixed.variables)
+    assert (
+        fixed.repair(np.zeros((1, fixed.dim))).counts[0][[g.index for g in r56.groups if g.root.startswith("layer3")]]
+        == [g.width for g in r56.groups if g.root.startswith("layer3")]
+    ).all()
+
+
+def synthetic_score(s, seed=0):
+    """A smooth objective: some groups matter much more than others, with diminishing returns."""
+    w = np.random.default_rng(seed).random(len(s.groups)) ** 3
+    widths = np.asarray(s.widths, float)
+    return lambda counts: float(np.sum(w * np.sqrt(np.asarray(counts) / widths)))
+
+
+@pytest.mark.parametrize("name", ["random", "bo", "bocr", "pso"])
+def test_searcher_improves_on_its_first_evaluation(r56, tmp_path, name):
+    problem = flops_problem(r56, 0.35)
+    acp = [g.allowed[len(g.allowed) // 2] for g in r56.groups]
+    searcher = make_searcher(name, problem, evals=24, seed=1, clusters=3, acp_counts=acp, particles=6)
+    store = RunStore(tmp_path)
+    loop = SearchLoop(problem, searcher, synthetic_score(r56), store, progress=False)
+    loop.run(24)
+    rows = [r for r in store.evals() if not r["duplicate"]]
+    assert len(rows) == 24
+    assert all(r["cost"] <= problem.budget + 1e-12 for r in rows)
+    assert max(r["score"] for r in rows) > rows[0]["score"]
+    if name == "bocr":
+        assert searcher.rolled_back_at is not None and searcher.state()["phase"] == "full"
+
+
+def test_uniform_is_one_ratio_bisected_to_the_budget(r56, tmp_path):
+    problem = flops_problem(r56, 0.5)
+    searcher = Uniform(problem, evals=10)
+    loop = SearchLoop(problem, searcher, synthetic_score(r56), RunStore(tmp_path), progress=False)
+    loop.run(10)
+    assert len(loop.rows) == 1 and searcher.done
+    counts = np.asarray(loop.rows[0]["counts"])
+    r = searcher.ratio()
+    assert (counts == problem.counts_of_ratios(np.full((1, problem.dim), r))[0]).all()
+    assert (
+        problem.cost(counts[None])[0]
+        <= 0.5
+        < problem.cost(problem.counts_of_ratios(np.full((1, problem.dim), r + 0.02)))[0]
+    )
+
+
+def test_bocr_clusters_and_rolls_back_to_the_best_box(r56, tmp_path):
+    problem = flops_problem(r56, 0.4)
+    imps = [
+        np.abs(np.random.default_rng(i).standard_normal(r56.groups[g].width)) * (1 + i % 3)
+        for i, g in enumerate(problem.variables)
+    ]
+    labels = cluster_groups(imps, 3)
+    assert labels.max() == 2 and len(labels) == problem.dim
+    searcher = BOCR(problem, evals=30, seed=0, labels=labels, patience=4, monitor_from=0.3, rollback_at=0.9)
+    assert searcher.dim == 3 and searcher.expand(np.array([0.1, 0.5, 0.9])).shape == (problem.dim,)
+    loop = SearchLoop(problem, searcher, synthetic_score(r56), RunStore(tmp_path), progress=False)
+    loop.run(30)
+    assert searcher.rolled_back_at is not None and searcher.rolled_back_at < 27  # stalled before 90 %
+    lo, hi = searcher.box
+    assert lo.shape == (problem.dim,) and (lo <= hi).all() and (hi - lo).mean() < 1.0
+
+
+def test_loop_replays_a_store_and_continues(r56, tmp_path):
+    """Resuming from the store gives the same history as an uninterrupted run."""
+    score = synthetic_score(r56, seed=3)
+    full = SearchLoop(
+        flops_problem(r56, 0.4),
+        make_searcher("pso", flops_problem(r56, 0.4), evals=18, seed=2, particles=6),
+        score,
+        RunStore(tmp_path / "a"),
+        progress=False,
+    )
+    full.run(18)
+    first = SearchLoop(
+        flops_problem(r56, 0.4),
+        make_searcher("pso", flops_problem(r56, 0.4), evals=18, seed=2, particles=6),
+        score,
+        RunStore(tmp_path / "b"),
+        progress=False,
+    )
+    first.run(7)
+    p = flops_problem(r56, 0.4)
+    resumed = SearchLoop(
+        p, make_searcher("pso", p, evals=18, seed=2, particles=6), score, RunStore(tmp_path / "b"), progress=False
+    )
+    assert resumed.distinct == 7
+    resumed.run(18)
+    assert [r["counts"] for r in resumed.rows] == [r["counts"] for r in full.rows]
+
+
+# ----- whole prune runs on a tiny model and data set, measured for real -----
+
+
+def prune_args(run, out, **extra):
+    args = ["prune", "--weights", run["weights"], "--device", run["device"], "--table", run["table"], "--out", str(out)]
+    for k, v in extra.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def test_prune_meets_budget_on_the_device(tiny_run, tmp_path, cli):
+    r = cli(*prune_args(tiny_run, tmp_path / "run", budget_ms="80%", search="random", evals=8, measure_top=3), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["met_budget"] and res["chosen"]["measured_ms"] <= res["budget_ms"], (res, r.stderr)
+    assert res["evals"] == 8 and res["chosen"]["proxy_accuracy"] > 0
+    for f in (
+        "plan.json",
+        "pruned.pt",
+        "convergence.png",
+        "scatter.png",
+        "evals.sqlite",
+        "results.json",
+        "config.json",
+    ):
+        assert (tmp_path / "run" / f).stat().st_size > 0
+    from edgeprune.checkpoint import load_checkpoint
+
+    pruned = load_checkpoint(tmp_path / "run" / "pruned.pt").build()
+    assert sum(p.numel() for p in pruned.parameters()) == res["chosen"]["params"]
+    # the store holds every evaluation and the measured candidates
+    db = sqlite3.connect(tmp_path / "run" / "evals.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM evals WHERE duplicate = 0").fetchone()[0] == 8
+    assert db.execute("SELECT COUNT(*) FROM measurements").fetchone()[0] >= 1
+    r = cli(*prune_args(tiny_run, tmp_path / "run", budget_ms="80%"))
+    assert r.returncode == 2 and "already holds a pruning run; pass --resume" in r.stderr
+
+
+def test_measured_check_tightens_an_optimistic_prediction(tiny_run, tmp_path, cli):
+    """A table right about the dense model but optimistic about pruned ones (its slope too steep):
+    the first candidates miss the budget on the device, the search budget is tightened by the
+    observed error, and the plan finally chosen meets the budget."""
+    t = LatencyTable.load(tiny_run["table"])
+    layers = ModelLayers.from_model(space(build_model("resnet20", in_channels=1), torch.randn(1, 1, 8, 8), step=16))
+    dense_sum = Predictor(layers, t).unit_sum()
+    a, b = t.calibration["a"], t.calibration["b"]
+    t.calibration = {**t.calibration, "a": 2.5 * a, "b": b - 1.5 * a * dense_sum}
+    t.save(tmp_path / "optimistic.json")
+    run = {**tiny_run, "table": str(tmp_path / "optimistic.json")}
+    r = cli(*prune_args(run, tmp_path / "run", budget_ms="85%", search="random", evals=6, measure_top=2), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["rounds"] >= 2 and res["search_budget"] < res["budget_ms"]
+    assert res["met_budget"] and res["chosen"]["measured_ms"] <= res["budget_ms"]
+    assert "no candidate met" in r.stderr
+
+
+def test_prune_errors_are_one_line(tiny_run, tmp_path, cli):
+    r = cli(*prune_args(tiny_run, tmp_path / "a", budget_ms="0.0001"))
+    assert r.returncode == 2 and "below the smallest cost" in r.stderr and "Traceback" not in r.stderr
+    r = cli(*prune_args(tiny_run, tmp_path / "b", budget_ms="150%"))
+    assert r.returncode == 2 and "nothing to prune" in r.stderr
+    r = cli(*prune_args(tiny_run, tmp_path / "c", budget_ms="50%", search="annealing"))
+    assert r.returncode == 2 and "unknown search 'annealing'" in r.stderr
+    r = cli("prune", "--out", str(tmp_path / "d"), "--resume")
+    assert r.returncode == 2 and "no pruning run to resume" in r.stderr
+
+
+def test_prune_resumes_after_kill_9(tiny_run, tmp_path, cli):
+    out = tmp_path / "run"
+    args = prune_args(tiny_run, out, budget_ms="80%", search="bo", evals=16, measure_top=2)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeprune", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    db_path = out / "evals.sqlite"
+    deadline = time.time() + 300
+    before = 0
+    while time.time() < deadline and proc.poll() is None:
+        if db_path.exists():
+            with sqlite3.connect(db_path) as db:
+                before = db.execute("SELECT COUNT(*) FROM evals").fetchone()[0]
+            if before >= 12:  # past the Sobol starts, inside the GP phase
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with sqlite3.connect(db_path) as db:
+        kept = [tuple(r) for r in db.execute("SELECT i, counts, score FROM evals ORDER BY i")]
+    assert len(kept) >= 12
+    r = cli(*prune_args(tiny_run, out, evals=16), "--resume", "--json")
+    assert r.returncode == 0, r.stderr
+    with sqlite3.connect(db_path) as db:
+        after = [tuple(r) for r in db.execute("SELECT i, counts, score FROM evals ORDER BY i")]
+        distinct = db.execute("SELECT COUNT(*) FROM evals WHERE duplicate = 0").fetchone()[0]
+    assert after[: len(kept)] == kept  # nothing lost, nothing rewritten
+    assert distinct == 16 and json.loads(r.stdout)["evals"] == 16
+    assert f"resumed: {sum(1 for _ in kept)}" in r.stderr or "resumed:" in r.stderr
