@@ -21,8 +21,14 @@ _API = {
     "save_checkpoint": "edgeprune.checkpoint",
     "export_onnx": "edgeprune.export",
     "run_quickstart": "edgeprune.pipeline",
-    "QuickstartConfig": "edgeprune.pipeline",
+    "run_pipeline": "edgeprune.pipeline",
+    "finetune": "edgeprune.pipeline",
+    "export_run": "edgeprune.pipeline",
+    "validate": "edgeprune.pipeline",
+    "profile": "edgeprune.latency.profiler",
     "EdgepruneError": "edgeprune.errors",
+    "prune": "edgeprune.pipeline",
+    "PruneConfig": "edgeprune.pipeline",
 }
 
 __all__ = ["__version__", *_API]

@@ -214,7 +214,7 @@ def profile(
     else:
         raise EdgepruneError(f"--step must be a positive number or auto, got {step!r}")
     target = out_path or _default_table(dev.name, model_id)
-    log = (lambda s: err.print(s, highlight=False)) if json_out else (lambda s: out.print(s, highlight=False))
+    log = _log(json_out)
     table = profile_fn(
         model=net,
         model_id=model_id,
@@ -317,49 +317,251 @@ def predict(
         out.print(t)
 
 
-@app.command()
-def run(
-    keep_ratio: Annotated[float, typer.Option(help="Share of channels kept in every group.")] = 0.5,
-    finetune_epochs: Annotated[int, typer.Option(help="Finetune epochs after pruning.")] = 1,
-    weights: Annotated[str | None, typer.Option(help="Base checkpoint (default: the shipped resnet20).")] = None,
-    runs_dir: Annotated[Path, typer.Option(help="Where run directories are created.")] = Path("runs"),
+@app.command("prune")
+def prune_cmd(
+    out_path: Annotated[
+        Path, typer.Option("--out", help="Run directory (created; holds evals.sqlite, plan, checkpoint).")
+    ],
+    weights: Annotated[str | None, typer.Option(help="Dense checkpoint, or zoo:MODEL-DATASET.")] = None,
+    device: Annotated[str | None, typer.Option(help="Device profile name or YAML path.")] = None,
+    budget_ms: Annotated[
+        str | None, typer.Option("--budget-ms", help="Latency budget: milliseconds (2.5) or a share of dense (50%).")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Model name, checked against the checkpoint.")] = None,
+    data: Annotated[str | None, typer.Option(help="Data set (default: the checkpoint's).")] = None,
+    table: Annotated[str | None, typer.Option(help="Latency table (default latency_tables/DEVICE/MODEL.json).")] = None,
+    search: Annotated[str | None, typer.Option(help="uniform, random, bo, bocr or pso.")] = None,
+    evals: Annotated[int | None, typer.Option(help="Distinct plans to score (default 60).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the searcher and of the proxy's batches.")] = None,
+    cost: Annotated[str | None, typer.Option(help="Constraint: latency (the table) or flops (the baseline).")] = None,
+    flops_target: Annotated[
+        float | None, typer.Option(help="MACs share for --cost flops (default: budget / dense ms).")
+    ] = None,
+    criterion: Annotated[str | None, typer.Option(help="Channels kept in a group: l1, l2, bn, reprune, acp.")] = None,
+    clusters: Annotated[int | None, typer.Option(help="bocr: clusters of groups sharing a ratio.")] = None,
+    particles: Annotated[int | None, typer.Option(help="pso: swarm size.")] = None,
+    min_keep: Annotated[float | None, typer.Option(help="Smallest keep ratio of any group.")] = None,
+    max_keep: Annotated[float | None, typer.Option(help="Largest keep ratio of any group.")] = None,
+    fix: Annotated[
+        list[str] | None, typer.Option(help="Group root layer (glob) held at full width; repeatable.")
+    ] = None,
+    measure_top: Annotated[int | None, typer.Option(help="Candidates measured on the device per round.")] = None,
     data_root: Annotated[str | None, typer.Option(help="Folder of the data set files.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out (after a crash or kill).")] = False,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (scoring).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Run the quickstart: shipped resnet20 on Fashion-MNIST, pruned, exported, measured with ONNX Runtime."""
-    import torch
+    """Search per-group widths for the most accurate plan whose latency on the device meets the budget."""
+    from edgeprune.pipeline.prune import prune
 
-    from edgeprune.pipeline import QuickstartConfig, run_quickstart
-    from edgeprune.zoo import resolve_weights
+    _threads(threads)
+    if model and weights:
+        from edgeprune.checkpoint import load_checkpoint
+        from edgeprune.zoo import resolve_weights
 
-    torch.set_num_threads(2)
-    cfg = QuickstartConfig(keep_ratio=keep_ratio, finetune_epochs=finetune_epochs)
-    if weights:
-        cfg = QuickstartConfig(**{**cfg.__dict__, "checkpoint": str(resolve_weights(weights))})
-    log = (lambda s: err.print(s, highlight=False)) if json_out else (lambda s: out.print(s, highlight=False))
-    result = run_quickstart(config=cfg, runs_root=runs_dir, data_root=data_root, log=log)
+        held = load_checkpoint(resolve_weights(weights)).model
+        if held != model:
+            raise EdgepruneError(f"checkpoint {weights} holds {held!r}, not {model!r}")
+    given = {
+        "weights": weights,
+        "device": device,
+        "budget": budget_ms,
+        "data": data,
+        "table": table,
+        "search": search,
+        "evals": evals,
+        "seed": seed,
+        "cost": cost,
+        "flops_target": flops_target,
+        "criterion": criterion,
+        "clusters": clusters,
+        "particles": particles,
+        "min_keep": min_keep,
+        "max_keep": max_keep,
+        "fix": fix or None,
+        "measure_top": measure_top,
+        "data_root": data_root,
+    }
+    log = _log(json_out)
+    result = prune(out_path, resume=resume, log=log, **{k: v for k, v in given.items() if v is not None})
     if json_out:
-        print(json.dumps(result, default=str))
+        _print_json(result)
         return
-    table = Table(
-        title=f"{result['model']} on {result['dataset']}, ONNX Runtime ({result['device']['cpu']}, "
-        f"{result['device']['threads']} thread)"
+    d, c = result["dense"], result["chosen"]
+    t = Table(
+        title=f"{result['model']} pruned by {result['search']} ({result['cost']} constraint) on {result['device']}"
     )
-    for col in ("model", "params", "test accuracy", "median ms", "p90 ms", "speedup"):
-        table.add_column(col, justify="right")
-    for name in ("dense", "pruned"):
-        r = result[name]
-        speed = 1.0 if name == "dense" else result["speedup"]
-        table.add_row(
-            name,
-            f"{r['params']:,}",
-            f"{r['test_accuracy']:.2%}",
-            f"{r['latency']['median_ms']:.3f}",
-            f"{r['latency']['p90_ms']:.3f}",
-            f"{speed:.2f}x",
+    for col in ("model", "proxy accuracy", "predicted ms", "measured ms", "MMACs", "params"):
+        t.add_column(col, justify="right")
+    t.add_row(
+        "dense",
+        f"{d['proxy_accuracy']:.2%}",
+        "",
+        f"{d['measured_ms']:.4g}",
+        f"{d['macs'] / 1e6:.2f}",
+        f"{d['params']:,}",
+    )
+    pred = f"{c['predicted_ms']:.4g}" if c["predicted_ms"] is not None else ""
+    t.add_row(
+        "chosen",
+        f"{c['proxy_accuracy']:.2%}",
+        pred,
+        f"{c['measured_ms']:.4g}",
+        f"{c['macs'] / 1e6:.2f}",
+        f"{c['params']:,}",
+    )
+    out.print(t)
+    verdict = "[green]meets[/green]" if result["met_budget"] else "[red]MISSES[/red]"
+    out.print(
+        f"{verdict} the {result['budget_ms']:.4g} ms budget (measured {c['measured_ms']:.4g} ms, "
+        f"{result['speedup']:.2f}x "
+        f"faster than dense); {result['evals']} evaluations, {result['seconds_per_eval'] or 0:.2f} s each; "
+        f"run directory {result['run_dir']}"
+    )
+
+
+@app.command("finetune")
+def finetune_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `edgeprune prune`.", metavar="RUN")],
+    epochs: Annotated[int, typer.Option(help="Finetune epochs (cosine schedule).")] = 5,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.05,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 4.0,
+    alpha: Annotated[float, typer.Option(help="Weight of the distillation term (the rest: labels).")] = 0.9,
+    max_batches: Annotated[int | None, typer.Option(help="Batches per epoch, for smoke runs.")] = None,
+    train_device: Annotated[str, typer.Option(help="torch device to train on (cpu, cuda).")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Finetune a run's pruned model, distilled from its dense parent; rerun to resume."""
+    from edgeprune.pipeline import finetune
+
+    _threads(threads)
+    r = finetune(
+        run_dir,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        temperature=temperature,
+        alpha=alpha,
+        max_batches=max_batches,
+        device=train_device,
+        log=_log(json_out),
+    )
+    if json_out:
+        _print_json(r)
+        return
+    out.print(
+        f"finetuned {r['run_dir']}: held-out {r['heldout_accuracy_before']:.2%} -> {r['heldout_accuracy']:.2%} "
+        f"(best epoch {r['best_epoch']}), test {r['test_accuracy']:.2%} (dense {r['dense_test_accuracy']:.2%}); "
+        f"wrote {r['checkpoint']}"
+    )
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory.", metavar="RUN")],
+    formats: Annotated[str, typer.Option("--format", help="Comma-separated: onnx, openvino, tensorrt.")] = "onnx",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder (default export/RUN-NAME).")] = None,
+    tensorrt_precision: Annotated[str, typer.Option(help="TensorRT engine precision: fp16 or fp32.")] = "fp16",
+    accuracy_images: Annotated[
+        int | None, typer.Option(help="Test images the runtimes score (default: the whole test split).")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Export a run's model (finetuned if it was) with parity checks and a manifest."""
+    from edgeprune.pipeline import export_run
+
+    m = export_run(
+        run_dir,
+        formats=formats,
+        out=out_dir,
+        tensorrt_precision=tensorrt_precision,
+        accuracy_images=accuracy_images,
+        log=_log(json_out),
+    )
+    if json_out:
+        _print_json(m)
+        return
+    t = Table(title=f"{m['model']} exported from {m['source']}")
+    for col in ("format", "file", "max |diff| vs PyTorch", "top-1 agreement", "test accuracy (runtime)"):
+        t.add_column(col, justify="right")
+    for fmt, a in m["formats"].items():
+        p = a.get("parity", {})
+        t.add_row(
+            fmt,
+            a["path"],
+            f"{p.get('max_abs_diff', float('nan')):.2e}",
+            f"{p.get('top1_agreement', 0):.1%}",
+            f"{p.get('test_accuracy', 0):.2%}",
         )
-    out.print(table)
-    out.print(f"run directory: {result['run_dir']} ({result['seconds']:.0f} s)")
+    out.print(t)
+
+
+@app.command("validate")
+def validate_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Exported run directory.", metavar="RUN")],
+    device: Annotated[str | None, typer.Option(help="Device profile (default: the run's).")] = None,
+    claim_speedup: Annotated[
+        float | None, typer.Option(help="A claimed speedup to hold against the measurement.")
+    ] = None,
+    sparse: Annotated[bool, typer.Option(help="Also measure an unstructured-sparse model of the same size.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Measure the shipped model and its dense parent on the device: budget, prediction, speedup, accuracy.
+
+    Exits with status 1 when the shipped model is over the budget (for scripts and CI)."""
+    from edgeprune.pipeline import validate
+
+    v = validate(run_dir, device=device, claim_speedup=claim_speedup, sparse=sparse, log=_log(json_out))
+    if json_out:
+        _print_json(v)
+        raise typer.Exit(0 if v["meets_budget"] else 1)
+    from edgeprune.report.report import validation_rows
+
+    t = Table(title=f"validation of {v['artifact']} on {v['device']}")
+    for col in ("", "value", "note"):
+        t.add_column(col, justify="right")
+    for row in validation_rows(v):
+        t.add_row(*row)
+    out.print(t)
+    if not v["meets_budget"]:
+        raise typer.Exit(1)
+
+
+def _log(json_out: bool):
+    """Progress lines: to stderr when stdout carries JSON; printed as they are (no rich markup)."""
+    console = err if json_out else out
+    return lambda s: console.print(s, highlight=False, markup=False)
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Argument(help="Pipeline config (YAML); none: the quickstart.")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run directories are created.")] = Path("runs"),
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (scoring, finetuning).")] = 2,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Run profile, prune, finetune, export, validate and report (resuming finished stages)."""
+    from edgeprune.pipeline import run_pipeline
+
+    _threads(threads)
+    s = run_pipeline(config, runs_root=runs_dir, log=_log(json_out))
+    if json_out:
+        _print_json(s)
+        return
+    t = Table(title=f"{s['model']} on {s['device']}: budget {s['budget_ms']:.4g} ms")
+    for col in ("model", "test accuracy", "measured ms", "speedup"):
+        t.add_column(col, justify="right")
+    t.add_row("dense", f"{s['dense_test_accuracy']:.2%}", f"{s['dense_ms']:.4g}", "1.00x")
+    t.add_row("pruned", f"{s['pruned_test_accuracy']:.2%}", f"{s['measured_ms']:.4g}", f"{s['speedup']:.2f}x")
+    out.print(t)
+    verdict = "[green]within[/green]" if s["meets_budget"] else "[red]OVER[/red]"
+    out.print(
+        f"measured {s['measured_ms']:.4g} ms: {verdict} the {s['budget_ms']:.4g} ms budget; predicted "
+        f"{s['predicted_ms']:.4g} ms ({s['prediction_error_pct']:+.1f} % error)"
+    )
+    out.print(f"ONNX: {s['onnx']}\nreport: {s['report']}\n({s['seconds']:.0f} s)")
 
 
 agent_app = typer.Typer(help="Run edgeprune's measuring agent on a device.", no_args_is_help=True)

@@ -43,3 +43,34 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
 @pytest.fixture(scope="session")
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A resnet20 trained briefly on 8x8 digits, a fast device profile, and its latency table."""
+    from edgeprune.devices import Device
+    from edgeprune.latency.profiler import profile
+    from edgeprune.models import build_model
+    from edgeprune.training import Recipe, train
+
+    d = tmp_path_factory.mktemp("tiny")
+    ckpt = d / "r20-digits.pt"
+    train(model="resnet20", data="digits", out=ckpt, recipe=Recipe(epochs=3, lr=0.05), progress=False)
+    dev = d / "fast-ort.yaml"
+    dev.write_text(
+        "name: fast-ort\nbackend: onnxruntime\noptions: {threads: 1}\nchannel_step: 16\n"
+        "protocol: {warmup_runs: 3, warmup_s: 0.01, min_runs: 20, min_s: 0.05, max_cv: 0.5}\n"
+    )
+    table = d / "table.json"
+    profile(
+        model=build_model("resnet20", in_channels=1),
+        model_id="resnet20",
+        input_shape=(1, 1, 8, 8),
+        device=Device.load(dev),
+        out=table,
+        step=16,
+        calibrate=4,
+        progress=False,
+        log=lambda s: None,
+    )
+    return {"weights": str(ckpt), "device": str(dev), "table": str(table)}

@@ -1,6 +1,18 @@
 import pytest
 
-VERBS = ["models", "train", "run"]
+VERBS = [
+    "models",
+    "train",
+    "devices",
+    "measure",
+    "profile",
+    "predict",
+    "prune",
+    "finetune",
+    "export",
+    "validate",
+    "run",
+]
 
 
 def test_help(cli):
@@ -51,7 +63,27 @@ def test_missing_data_files(cli, tmp_path):
 def test_corrupt_checkpoint(cli, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00" * 100)
-    assert "corrupt" in _one_line_error(cli("run", "--weights", str(bad), "--runs-dir", str(tmp_path)))
+    line = _one_line_error(
+        cli(
+            "prune",
+            "--weights",
+            str(bad),
+            "--device",
+            "cpu-onnxruntime",
+            "--budget-ms",
+            "1",
+            "--out",
+            str(tmp_path / "r"),
+        )
+    )
+    assert "corrupt" in line
+
+
+def test_bad_pipeline_config(cli, tmp_path):
+    (tmp_path / "c.yaml").write_text("weights: zoo:resnet20-fashion-mnist\ndevice: cpu-onnxruntime\nprunning: {}\n")
+    assert "unknown config section(s) ['prunning']" in _one_line_error(cli("run", str(tmp_path / "c.yaml")))
+    (tmp_path / "d.yaml").write_text("weights: [unclosed\n")
+    assert "not valid YAML" in _one_line_error(cli("run", str(tmp_path / "d.yaml")))
 
 
 def test_train_cli_json(cli, tmp_path):

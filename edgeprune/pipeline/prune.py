@@ -261,6 +261,8 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
             fits = [r for r in loop.rows if r["cost"] <= problem.budget * (1 + 1e-9) and not r["duplicate"]]
             fits.sort(key=lambda r: (-r["score"], r["cost"]))
             todo = [r for r in fits if tuple(r["counts"]) not in measured][: cfg.measure_top]
+            if todo:
+                log(f"measuring the {len(todo)} best new candidates on {device.name} (export + full protocol) ...")
             for r in todo:
                 m = measure(r["counts"])
                 row = {

@@ -1,6 +1,17 @@
-"""Training, evaluation and BatchNorm recalibration."""
+"""Training, evaluation, BatchNorm recalibration and distillation."""
 
-from edgeprune.training.evaluate import accuracy, recalibrate_bn
+from edgeprune.training.distill import DistillConfig, distillation_loss, finetune_checkpoint
+from edgeprune.training.evaluate import accuracy, recalibrate_bn, recalibrate_bn_on
 from edgeprune.training.train import Recipe, fit, train
 
-__all__ = ["Recipe", "accuracy", "fit", "recalibrate_bn", "train"]
+__all__ = [
+    "DistillConfig",
+    "Recipe",
+    "accuracy",
+    "distillation_loss",
+    "finetune_checkpoint",
+    "fit",
+    "recalibrate_bn",
+    "recalibrate_bn_on",
+    "train",
+]

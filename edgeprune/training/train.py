@@ -74,10 +74,12 @@ def fit(
     progress: bool = True,
     description: str = "train",
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """Train `model` in place following `recipe`; resumes from `state_file` when it exists.
 
-    `loss_fn(model, x, y, logits)` replaces cross-entropy (used for distillation).
+    `loss_fn(model, x, y, logits)` replaces cross-entropy (used for distillation). With `device`,
+    batches are moved there (the model must already be on it).
     """
     torch.manual_seed(recipe.seed)
     opt = torch.optim.SGD(
@@ -136,6 +138,8 @@ def fit(
                     ),
                     start=batch,
                 ):
+                    if device is not None:
+                        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     lr = recipe.lr_at(epoch * per_epoch + b, total, per_epoch)
                     for g in opt.param_groups:
                         g["lr"] = lr
@@ -158,10 +162,10 @@ def fit(
                         save_state(epoch, b + 1)
                         last_save = time.monotonic()
                 epoch, batch = epoch + 1, 0
+                if on_epoch_end is not None:  # before the state is saved: a kill in between redoes the epoch
+                    on_epoch_end(epoch, model)
                 save_state(epoch, 0)
                 last_save = time.monotonic()
-                if on_epoch_end is not None:
-                    on_epoch_end(epoch, model)
         except KeyboardInterrupt:
             done = bar.tasks[0].completed
             save_state(int(done // per_epoch), int(done % per_epoch))

@@ -1,0 +1,210 @@
+"""The whole pipeline against uniform pruning, at the same measured latency budget, after the same finetune.
+
+    python bench/ship.py                     # every stage here (search, finetune, export, validate)
+    python bench/ship.py --stage search      # only the searches (they measure on the device)
+    python bench/ship.py --stage finetune --train-device cuda   # finetune every run (e.g. on a GPU host)
+    python bench/ship.py --stage report      # export + validate on the device, print the table
+    python bench/ship.py --claim-only        # only the 3.87x claim check on mobilenet_v2 @ 224
+
+Rows (Fashion-MNIST, shipped checkpoints): resnet20 at 50 % and 33 % of its dense latency on
+cpu-onnxruntime, at 50 % on cpu-openvino, resnet56 at 50 % on cpu-onnxruntime. For each row two
+runs: ours (BOCR over per-group widths, latency table cost, measured check) and uniform (one keep
+ratio for every group, bisected to the budget, the same measured check). Both are finetuned for
+the same epochs with the same distillation recipe, exported (ONNX, and OpenVINO IR for the OpenVINO
+row), and validated on the device: measured latency (must meet the budget), test accuracy computed
+by the runtime on the exported file.
+
+Claim check: PR-DARTS reports a pruned MobileNetV2 "3.87x faster". For mobilenet_v2 at 224x224
+the structured plan whose *predicted* speedup is 3.87x (one keep ratio for every group) is
+measured, beside a dense-layout model with the same number of nonzero weights (unstructured
+magnitude sparsity), beside the claim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROWS = [
+    ("resnet20", "cpu-onnxruntime", "50%"),
+    ("resnet20", "cpu-onnxruntime", "33%"),
+    ("resnet20", "cpu-openvino", "50%"),
+    ("resnet56", "cpu-onnxruntime", "50%"),
+]
+
+
+def run_dir(args, model: str, device: str, budget: str, search: str) -> Path:
+    return Path(args.runs) / f"{model}-{device}-{budget.rstrip('%')}-{search}"
+
+
+def stage_search(args) -> None:
+    from edgeprune.pipeline import prune
+
+    for model, device, budget in ROWS:
+        for search in ("bocr", "uniform"):
+            out = run_dir(args, model, device, budget, search)
+            if (out / "results.json").is_file():
+                continue
+            t0 = time.monotonic()
+            r = prune(
+                out,
+                resume=(out / "config.json").is_file(),
+                progress=False,
+                log=lambda s: None,
+                weights=f"zoo:{model}-fashion-mnist",
+                device=device,
+                budget=budget,
+                search=search,
+                evals=args.evals,
+                seed=args.seed,
+            )
+            print(
+                f"searched {out.name}: proxy {r['chosen']['proxy_accuracy']:.2%}, measured "
+                f"{r['chosen']['measured_ms']:.4f} / {r['budget_ms']:.4f} ms ({time.monotonic() - t0:.0f} s)",
+                flush=True,
+            )
+
+
+def stage_finetune(args) -> None:
+    """Finetune every run; with --jobs N, N at a time in separate processes (a GPU host has room)."""
+    import subprocess
+    import sys
+
+    from edgeprune.pipeline import finetune
+
+    runs = [run_dir(args, *row, search) for row in ROWS for search in ("bocr", "uniform")]
+    runs = [r for r in runs if not args.only or r.name in args.only]
+    if args.jobs > 1:
+        common = ["--stage", "finetune", "--epochs", str(args.epochs), "--lr", str(args.lr)]
+        common += ["--train-device", args.train_device, "--runs", args.runs, "--jobs", "1"]
+        procs = []
+        for r in runs:
+            while len([p for p in procs if p.poll() is None]) >= args.jobs:
+                time.sleep(1)
+            log = open(r / "finetune.log", "w")  # noqa: SIM115 - the child process owns it
+            cmd = [sys.executable, __file__, *common, "--only", r.name]
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=log))
+        failed = [r.name for r, p in zip(runs, procs) if p.wait() != 0]
+        if failed:
+            raise SystemExit(f"finetune failed for {failed}; see their finetune.log")
+        return
+    for out in runs:
+        r = finetune(out, epochs=args.epochs, lr=args.lr, device=args.train_device, progress=False, log=print)
+        print(f"finetuned {out.name}: test {r['test_accuracy']:.2%} ({r['seconds']:.0f} s)", flush=True)
+
+
+def stage_report(args) -> None:
+    from edgeprune.pipeline import export_run, validate
+
+    header = (
+        f"{'model':<9}{'device':<16}{'budget':>7}{'budget ms':>10} | {'ours ms':>8}{'ours acc':>9} | "
+        f"{'unif ms':>8}{'unif acc':>9} | {'dense acc':>9}{'ours drop':>10}{'ours - unif':>12}{'met':>5}"
+    )
+    print(header)
+    print("-" * len(header))
+    for model, device, budget in ROWS:
+        cells = {}
+        for search in ("bocr", "uniform"):
+            out = run_dir(args, model, device, budget, search)
+            if not (out / "validation.json").is_file():
+                fmts = "onnx,openvino" if "openvino" in device else "onnx"
+                export_run(out, formats=fmts, out=Path(args.runs) / "export" / out.name, log=lambda s: None)
+                validate(out, log=lambda s: None)
+            cells[search] = json.loads((out / "validation.json").read_text())
+        ours, uni = cells["bocr"], cells["uniform"]
+        dense = ours["dense_test_accuracy"]
+        met = ours["meets_budget"] and uni["meets_budget"]
+        print(
+            f"{model:<9}{device:<16}{budget:>7}{ours['budget_ms']:>10.4f} | "
+            f"{ours['measured']['median_ms']:>8.4f}{ours['test_accuracy'] * 100:>8.2f}% | "
+            f"{uni['measured']['median_ms']:>8.4f}{uni['test_accuracy'] * 100:>8.2f}% | "
+            f"{dense * 100:>8.2f}%{(dense - ours['test_accuracy']) * 100:>9.2f}p"
+            f"{(ours['test_accuracy'] - uni['test_accuracy']) * 100:>+11.2f}p{'yes' if met else 'NO':>5}",
+            flush=True,
+        )
+    fine = json.loads((run_dir(args, *ROWS[0], "bocr") / "finetune.json").read_text())
+    print(
+        f"finetune: {fine['epochs']} epochs, lr {fine['recipe']['lr']}, distillation "
+        f"T={fine['distillation']['temperature']} alpha={fine['distillation']['alpha']}, trained on {fine['device']}; "
+        "accuracy = test split, computed by the runtime on the exported file"
+    )
+
+
+def claim_check(args) -> None:
+    from edgeprune.devices import Device
+    from edgeprune.export import export_onnx
+    from edgeprune.latency.check import predictor_for
+    from edgeprune.latency.table import LatencyTable
+    from edgeprune.pruning.sparse import magnitude_sparsify, weight_count
+    from edgeprune.resolve import resolve_model
+
+    claim = 3.87
+    device = Device.load(args.claim_device)
+    net, model_id, shape = resolve_model("mobilenet_v2")
+    table = LatencyTable.load(f"latency_tables/{device.name}/{model_id}.json")
+    s, predictor = predictor_for(net, shape, table)
+    dense_pred = predictor.predict()
+    lo, hi = 0.0, 1.0
+    for _ in range(30):  # the uniform keep ratio whose predicted speedup is the claim
+        mid = (lo + hi) / 2
+        if dense_pred / predictor.predict(s.counts_from_ratios(mid)) >= claim:
+            lo = mid
+        else:
+            hi = mid
+    counts = s.counts_from_ratios(lo)
+    structured = s.plan(counts).apply(net)
+    sparse = magnitude_sparsify(net, keep=weight_count(structured))
+    with tempfile.TemporaryDirectory() as d:
+        ms = {
+            name: device.measure(export_onnx(m, shape, Path(d) / f"{name}.onnx"), shape).median_ms
+            for name, m in (("dense", net), ("structured", structured), ("sparse", sparse))
+        }
+    print(f"\nmobilenet_v2 @ {shape[2]}x{shape[3]} on {device.name} (claim: PR-DARTS, {claim}x faster)")
+    print(f"{'model':<34}{'weights':>12}{'measured ms':>13}{'speedup':>9}")
+    print(f"{'dense':<34}{weight_count(net):>12,}{ms['dense']:>13.3f}{1:>8.2f}x")
+    predicted = dense_pred / predictor.predict(counts)
+    label = f"structured, predicted {predicted:.2f}x"
+    print(f"{label:<34}{weight_count(structured):>12,}{ms['structured']:>13.3f}{ms['dense'] / ms['structured']:>8.2f}x")
+    label = f"unstructured, {1 - weight_count(structured) / weight_count(net):.0%} zeros"
+    print(
+        f"{label:<34}{weight_count(sparse, nonzero=True):>12,}{ms['sparse']:>13.3f}{ms['dense'] / ms['sparse']:>8.2f}x"
+    )
+    print(f"{'claimed':<34}{'':>12}{ms['dense'] / claim:>13.3f}{claim:>8.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stage", choices=["all", "search", "finetune", "report"], default="all")
+    ap.add_argument("--claim-only", action="store_true")
+    ap.add_argument("--claim-device", default="cpu-onnxruntime")
+    ap.add_argument("--evals", type=int, default=60)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-device", default="cpu")
+    ap.add_argument("--jobs", type=int, default=1, help="finetunes run at once (separate processes)")
+    ap.add_argument("--only", nargs="*", help="run names to finetune (default: all)")
+    ap.add_argument("--runs", default="runs/bench-ship")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    np.set_printoptions(precision=4)
+    if not args.claim_only:
+        if args.stage in ("all", "search"):
+            stage_search(args)
+        if args.stage in ("all", "finetune"):
+            stage_finetune(args)
+        if args.stage in ("all", "report"):
+            stage_report(args)
+    if args.claim_only or args.stage in ("all", "report"):
+        claim_check(args)
+
+
+if __name__ == "__main__":
+    main()

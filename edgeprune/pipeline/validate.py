@@ -1,0 +1,110 @@
+"""Validate a shipped model on the device: measured latency against the budget, the prediction
+and the dense parent; accuracy against the dense parent; a claimed speedup against the measured
+one; and what unstructured sparsity at the same parameter count buys on that runtime.
+
+Everything is measured with the device profile's full protocol, locally or through its agent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from edgeprune.errors import EdgepruneError
+from edgeprune.runs import write_json
+
+
+def _artifact_for(device, manifest: dict) -> Path:
+    """What the device runs: the OpenVINO IR for a local OpenVINO device when exported, else the ONNX
+    file (an agent receives ONNX; TensorRT builds its engine from it on the device)."""
+    formats = manifest["formats"]
+    if device.spec.backend == "openvino" and not device.remote and "openvino" in formats:
+        return Path(formats["openvino"]["path"])
+    return Path(formats["onnx"]["path"])
+
+
+def validate(
+    run_dir: str | os.PathLike,
+    *,
+    device: str | None = None,
+    claim_speedup: float | None = None,
+    sparse: bool = True,
+    log=print,
+) -> dict:
+    from edgeprune.checkpoint import load_checkpoint
+    from edgeprune.devices import Device
+    from edgeprune.export import export_onnx, simplify_and_check
+    from edgeprune.pruning.sparse import magnitude_sparsify, weight_count
+    from edgeprune.zoo import resolve_weights
+
+    run = Path(run_dir)
+    if not (run / "export.json").is_file():
+        raise EdgepruneError(f"{run} has not been exported: run `edgeprune export {run}` first")
+    if claim_speedup is not None and claim_speedup <= 0:
+        raise EdgepruneError(f"--claim-speedup must be positive, got {claim_speedup}")
+    manifest = json.loads(Path(json.loads((run / "export.json").read_text())["manifest"]).read_text())
+    config = json.loads((run / "config.json").read_text())
+    results = json.loads((run / "results.json").read_text())
+    dev = Device.load(device or config["device"])
+    dense_ckpt = load_checkpoint(resolve_weights(config["weights"]))
+    dense = dense_ckpt.build()
+    shape = tuple(manifest["input_shape"])
+    shipped = _artifact_for(dev, manifest)
+    started = time.monotonic()
+    log(f"validating {shipped} on {dev.name} ({'agent ' + dev.spec.agent if dev.remote else 'this machine'})")
+    with tempfile.TemporaryDirectory(prefix="edgeprune-validate-") as tmp:
+        dense_path = export_onnx(dense, shape, Path(tmp) / "dense.onnx")
+        simplify_and_check(dense_path)  # the same treatment as the shipped file
+        m_pruned = dev.measure(shipped, shape)
+        m_dense = dev.measure(dense_path, shape)
+        sparse_row = None
+        if sparse:
+            pruned_weights = weight_count(load_checkpoint(Path(manifest["source"])).build())
+            sparse_model = magnitude_sparsify(dense, keep=pruned_weights)
+            sparse_path = export_onnx(sparse_model, shape, Path(tmp) / "sparse.onnx")
+            m_sparse = dev.measure(sparse_path, shape)
+            sparse_row = {
+                "nonzero_weights": weight_count(sparse_model, nonzero=True),
+                "sparsity": 1 - weight_count(sparse_model, nonzero=True) / weight_count(dense),
+                "measured": m_sparse.to_dict(),
+                "speedup": m_dense.median_ms / m_sparse.median_ms,
+            }
+    budget = results["budget_ms"]
+    predicted = results["chosen"].get("predicted_ms")
+    measured = m_pruned.median_ms
+    fmt = "openvino" if shipped.suffix == ".xml" else "onnx"
+    acc = manifest["accuracy"].get(f"{fmt}_test", manifest["accuracy"]["pytorch_test"])
+    dense_acc = dense_ckpt.meta.get("test_accuracy")
+    report = {
+        "run_dir": str(run),
+        "device": dev.name,
+        "fingerprint": dev.fingerprint(),
+        "protocol": dev.spec.protocol.to_dict(),
+        "artifact": str(shipped),
+        "budget_ms": budget,
+        "measured": m_pruned.to_dict(),
+        "dense_measured": m_dense.to_dict(),
+        "meets_budget": measured <= budget,
+        "margin_pct": (budget - measured) / budget * 100,
+        "predicted_ms": predicted,
+        "prediction_error_pct": (predicted - measured) / measured * 100 if predicted else None,
+        "speedup": m_dense.median_ms / measured,
+        "test_accuracy": acc,
+        "dense_test_accuracy": dense_acc,
+        "accuracy_delta_points": (acc - dense_acc) * 100 if dense_acc is not None else None,
+        "claim": None,
+        "unstructured_sparse": sparse_row,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    if claim_speedup is not None:
+        report["claim"] = {
+            "claimed_speedup": claim_speedup,
+            "measured_speedup": report["speedup"],
+            "share_of_claim": report["speedup"] / claim_speedup,
+            "holds": report["speedup"] >= claim_speedup,
+        }
+    write_json(run / "validation.json", report)
+    return report

@@ -1,0 +1,245 @@
+"""The run's report: report.md, and report.html with the pictures inside (one file to send).
+
+Built from what the stages wrote into the run directory (config, results, finetune, manifest,
+validation, the evaluations store); a stage that has not run is said to be missing, not invented.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+from edgeprune.runs import write_text
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _pct(v) -> str:
+    return "" if v is None else f"{v:.2%}"
+
+
+def _ms(v) -> str:
+    return "" if v is None else f"{v:.4g} ms"
+
+
+class _Doc:
+    """Sections of markdown and the same content as HTML."""
+
+    def __init__(self) -> None:
+        self.md: list[str] = []
+        self.html: list[str] = []
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.md.append(f"{'#' * level} {text}\n")
+        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
+
+    def para(self, text: str) -> None:
+        self.md.append(text + "\n")
+        self.html.append(f"<p>{html.escape(text)}</p>")
+
+    def table(self, header: list[str], rows: list[list]) -> None:
+        self.md.append("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+        self.md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+        self.md.append("")
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+        self.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+    def image(self, path: Path, caption: str) -> None:
+        if not path.is_file():
+            return
+        self.md.append(f"![{caption}]({path.name})\n")
+        data = base64.b64encode(path.read_bytes()).decode()
+        self.html.append(
+            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+
+
+def validation_rows(val: dict) -> list[list[str]]:
+    """The validation table (label, value, note), as the report and `edgeprune validate` show it."""
+    rows = [
+        ["budget", _ms(val["budget_ms"]), ""],
+        [
+            "shipped model, measured",
+            _ms(val["measured"]["median_ms"]),
+            "meets the budget" if val["meets_budget"] else "OVER BUDGET",
+        ],
+        [
+            "predicted by the table",
+            _ms(val["predicted_ms"]),
+            "" if val["prediction_error_pct"] is None else f"error {val['prediction_error_pct']:+.1f} %",
+        ],
+        ["dense model, measured", _ms(val["dense_measured"]["median_ms"]), f"speedup {val['speedup']:.2f}x"],
+        [
+            "test accuracy",
+            _pct(val["test_accuracy"]),
+            "" if val["accuracy_delta_points"] is None else f"{val['accuracy_delta_points']:+.2f} points vs dense",
+        ],
+    ]
+    sp = val.get("unstructured_sparse")
+    if sp:
+        rows.append(
+            [
+                f"unstructured sparse, same weights ({sp['sparsity']:.0%} zeros)",
+                _ms(sp["measured"]["median_ms"]),
+                f"speedup {sp['speedup']:.2f}x",
+            ]
+        )
+    if val.get("claim"):
+        cl = val["claim"]
+        rows.append(
+            [
+                "claimed speedup",
+                f"{cl['claimed_speedup']:.2f}x",
+                f"measured {cl['measured_speedup']:.2f}x ({cl['share_of_claim']:.0%} of the claim)",
+            ]
+        )
+    return rows
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+th{background:#f3f3f3}figure{display:inline-block;margin:0.5em}img{max-width:460px}
+figcaption{font-size:0.85em;color:#555;text-align:center}.pass{color:#070}.fail{color:#b00}"""
+
+
+def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write report.md and report.html (and prediction.png) into the run directory."""
+    from edgeprune.report.plots import prediction_plot
+
+    run = Path(run_dir)
+    config = _load(run / "config.json") or {}
+    results = _load(run / "results.json")
+    fine = _load(run / "finetune.json")
+    export = _load(run / "export.json")
+    manifest = _load(Path(export["manifest"])) if export else None
+    val = _load(run / "validation.json")
+    doc = _Doc()
+    model = results["model"] if results else config.get("weights", "?")
+    doc.heading(f"edgeprune run: {model} on {config.get('device', '?')}", 1)
+    if val:
+        verdict = "meets" if val["meets_budget"] else "MISSES"
+        doc.para(
+            f"The shipped model {verdict} the {val['budget_ms']:.4g} ms budget on {val['device']}: measured "
+            f"{val['measured']['median_ms']:.4g} ms (p90 {val['measured']['p90_ms']:.4g} ms), "
+            f"{val['speedup']:.2f}x faster than the dense model ({val['dense_measured']['median_ms']:.4g} ms); "
+            f"test accuracy {_pct(val['test_accuracy'])} vs {_pct(val['dense_test_accuracy'])} dense."
+        )
+
+    doc.heading("Settings")
+    doc.table(["setting", "value"], [[k, v] for k, v in config.items() if v not in (None, [], "")])
+
+    if results:
+        doc.heading("Latency table and device")
+        doc.para(
+            f"Budget {results['budget_ms']:.4g} ms ({config.get('budget')}); dense model measured "
+            f"{results['dense']['measured_ms']:.4g} ms on {results['device']}; search constrained by "
+            f"{results['cost']}; predictions anchored on the dense measurement by a factor "
+            f"{results.get('anchor') or 1:.3f}."
+        )
+        doc.heading("Search")
+        c = results["chosen"]
+        doc.table(
+            ["", "proxy accuracy", "predicted", "measured", "MMACs", "params"],
+            [
+                [
+                    "dense",
+                    _pct(results["dense"]["proxy_accuracy"]),
+                    "",
+                    _ms(results["dense"]["measured_ms"]),
+                    f"{results['dense']['macs'] / 1e6:.2f}",
+                    f"{results['dense']['params']:,}",
+                ],
+                [
+                    "chosen",
+                    _pct(c["proxy_accuracy"]),
+                    _ms(c["predicted_ms"]),
+                    _ms(c["measured_ms"]),
+                    f"{c['macs'] / 1e6:.2f}",
+                    f"{c['params']:,}",
+                ],
+            ],
+        )
+        doc.para(
+            f"{results['search']}: {results['evals']} evaluations ({results['seconds_per_eval'] or 0:.2f} s each), "
+            f"99 % of the best proxy accuracy after {results['evals_to_99pct']}; {results['rounds']} round(s) of "
+            "hardware-in-the-loop measurement."
+        )
+        points = []
+        if (run / "evals.sqlite").is_file():
+            with sqlite3.connect(run / "evals.sqlite") as db:
+                points = [
+                    {"predicted_ms": p, "measured_ms": m, "label": "search candidates"}
+                    for p, m in db.execute("SELECT predicted_ms, measured_ms FROM measurements")
+                ]
+        if val and c.get("predicted_ms"):
+            points.append(
+                {
+                    "predicted_ms": c["predicted_ms"],
+                    "measured_ms": val["measured"]["median_ms"],
+                    "label": "shipped model (validation)",
+                }
+            )
+        prediction_plot(points, run / "prediction.png", title="predicted vs measured latency")
+        doc.image(run / "convergence.png", "best proxy accuracy against evaluations")
+        doc.image(run / "scatter.png", "proxy accuracy against latency, every evaluation")
+        doc.image(run / "prediction.png", "predicted against measured latency on the device")
+    else:
+        doc.para("The search has not run yet (no results.json).")
+
+    doc.heading("Finetuning")
+    if fine:
+        doc.para(
+            f"{fine['epochs']} epochs distilled from the dense model (T = {fine['distillation']['temperature']}, "
+            f"alpha = {fine['distillation']['alpha']}); best epoch {fine['best_epoch']}: held-out "
+            f"{_pct(fine['heldout_accuracy_before'])} -> {_pct(fine['heldout_accuracy'])}, test "
+            f"{_pct(fine['test_accuracy'])} (dense {_pct(fine['dense_test_accuracy'])})."
+        )
+        doc.table(["epoch", "held-out accuracy"], [[h["epoch"], _pct(h["heldout_accuracy"])] for h in fine["history"]])
+    else:
+        doc.para("Not finetuned (finetune.json missing).")
+
+    doc.heading("Export")
+    if manifest:
+        rows = []
+        for fmt, a in manifest["formats"].items():
+            p = a.get("parity", {})
+            rows.append(
+                [
+                    fmt,
+                    a["path"],
+                    f"{sum(f['bytes'] for f in a['files']):,}",
+                    f"{p.get('max_abs_diff', float('nan')):.2e}",
+                    _pct(p.get("top1_agreement")),
+                    _pct(p.get("test_accuracy")),
+                ]
+            )
+        doc.table(
+            ["format", "file", "bytes", "max abs diff vs PyTorch", "top-1 agreement", "runtime test accuracy"], rows
+        )
+    else:
+        doc.para("Not exported (export.json missing).")
+
+    doc.heading("Validation on the device")
+    if val:
+        rows = validation_rows(val)
+        doc.table(["", "value", "note"], rows)
+    else:
+        doc.para("Not validated (validation.json missing).")
+
+    md = run / "report.md"
+    write_text(md, "\n".join(doc.md) + "\n")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>edgeprune report: {html.escape(str(model))}</title>"
+        f"<style>{CSS}</style></head><body>{''.join(doc.html)}</body></html>\n"
+    )
+    out = run / "report.html"
+    write_text(out, page)
+    return {"markdown": md, "html": out}

@@ -1,0 +1,164 @@
+"""Ship it: finetune with distillation, export with parity, validate on the device, report, `run`."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from edgeprune.backends import TensorRtBackend
+from edgeprune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from edgeprune.pruning import space
+from edgeprune.training import DistillConfig, Recipe, accuracy, finetune_checkpoint
+
+from .conftest import ROOT
+
+
+def test_finetune_improves_a_pruned_model(tiny_run, digits, tmp_path):
+    dense = load_checkpoint(tiny_run["weights"])
+    model = dense.build()
+    plan = space(model, torch.randn(1, 1, 8, 8), step=16).uniform(0.25)
+    pruned = plan.apply(model)
+    student = Checkpoint(dense.model, 10, dense.input_shape, dense.dataset, pruned.state_dict(), {}, plan.to_dict())
+    save_checkpoint(student, tmp_path / "pruned.pt")
+    before = accuracy(pruned, digits, "heldout")
+    best = finetune_checkpoint(
+        student=load_checkpoint(tmp_path / "pruned.pt"),
+        teacher=dense,
+        data=digits,
+        out=tmp_path / "ft.pt",
+        recipe=Recipe(epochs=4, lr=0.05),
+        distill=DistillConfig(temperature=4.0, alpha=0.9),
+        progress=False,
+    )
+    assert best.meta["heldout_accuracy"] > before + 0.05
+    assert best.meta["history"][0]["heldout_accuracy"] == pytest.approx(before)
+    assert accuracy(best.build(), digits, "heldout") == pytest.approx(best.meta["heldout_accuracy"])
+    assert best.meta["finished"] and 0 <= best.meta["test_accuracy"] <= 1
+    again = finetune_checkpoint(  # finished: not repeated
+        student=student, teacher=dense, data=digits, out=tmp_path / "ft.pt", recipe=Recipe(epochs=4), progress=False
+    )
+    assert again.meta["history"] == best.meta["history"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tiny_run, tmp_path_factory, cli):
+    """One whole `edgeprune run CONFIG` on the tiny model (prune, finetune, export, validate, report)."""
+    d = tmp_path_factory.mktemp("pipe")
+    config = {
+        "name": "tiny",
+        "out": str(d / "run"),
+        "weights": tiny_run["weights"],
+        "device": tiny_run["device"],
+        "table": tiny_run["table"],
+        "prune": {"budget": "80%", "search": "bocr", "evals": 12, "measure_top": 2, "heldout_images": 300},
+        "finetune": {"epochs": 2, "lr": 0.02},
+        "export": {"formats": ["onnx", "openvino"], "out": str(d / "export")},
+        "validate": {"claim_speedup": 3.87},
+    }
+    (d / "config.yaml").write_text(yaml.safe_dump(config))
+    r = cli("run", str(d / "config.yaml"), "--json")
+    assert r.returncode == 0, r.stderr
+    return {"dir": d, "run": d / "run", "summary": json.loads(r.stdout), "stderr": r.stderr, "config": config}
+
+
+def test_run_chains_every_stage(pipeline_run):
+    s, run = pipeline_run["summary"], pipeline_run["run"]
+    assert set(s["stages"]) == {"profile", "prune", "finetune", "export", "validate", "report"}
+    assert s["meets_budget"] and s["measured_ms"] <= s["budget_ms"] and s["speedup"] > 1
+    assert 0 <= s["pruned_test_accuracy"] <= 1 and s["onnx"].endswith("model.onnx")
+    v = json.loads((run / "validation.json").read_text())
+    assert v["claim"]["claimed_speedup"] == 3.87 and v["claim"]["measured_speedup"] == pytest.approx(v["speedup"])
+    sp = v["unstructured_sparse"]
+    params = load_checkpoint(run / "finetuned.pt").build()
+    from edgeprune.pruning.sparse import weight_count
+
+    assert sp["nonzero_weights"] == weight_count(params) and sp["measured"]["median_ms"] > 0
+
+
+def test_exports_pass_parity_in_both_runtimes(pipeline_run):
+    manifest = json.loads((pipeline_run["dir"] / "export" / "manifest.json").read_text())
+    for fmt in ("onnx", "openvino"):
+        p = manifest["formats"][fmt]["parity"]
+        assert p["max_rel_diff"] < 1e-4 and p["top1_agreement"] == 1.0, (fmt, p)
+        assert p["test_accuracy"] == pytest.approx(manifest["accuracy"]["pytorch_test"], abs=0.01)
+        for f in manifest["formats"][fmt]["files"]:
+            assert len(f["sha256"]) == 64 and f["bytes"] > 0
+    assert manifest["formats"]["onnx"]["checker"].startswith("passed") and manifest["formats"]["onnx"]["opset"] >= 17
+    assert manifest["plan"]["keep"] and manifest["latency"]["budget_ms"] > 0
+
+
+def test_report_is_written_with_its_images(pipeline_run):
+    run = pipeline_run["run"]
+    md = (run / "report.md").read_text()
+    for image in ("convergence.png", "scatter.png", "prediction.png"):
+        assert f"]({image})" in md and (run / image).stat().st_size > 5000
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "Validation on the device" in html
+
+
+def test_validation_flags_a_model_over_budget(pipeline_run, cli):
+    run = pipeline_run["run"]
+    results = json.loads((run / "results.json").read_text())
+    results["budget_ms"] = results["chosen"]["measured_ms"] / 10
+    (run / "results.json").write_text(json.dumps(results))
+    r = cli("validate", str(run), "--no-sparse", "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["meets_budget"] is False
+    r = cli("validate", str(run), "--no-sparse")
+    assert r.returncode == 1 and "OVER BUDGET" in r.stdout
+
+
+@pytest.mark.skipif(TensorRtBackend.available(), reason="TensorRT is installed here")
+def test_tensorrt_export_says_what_is_missing(pipeline_run, cli):
+    r = cli("export", str(pipeline_run["run"]), "--format", "onnx,tensorrt", "--out", str(pipeline_run["dir"] / "x"))
+    assert r.returncode == 2 and "TensorRT is not available here" in r.stderr
+    assert not (pipeline_run["dir"] / "x").exists()  # refused before any work
+
+
+def test_run_resumes_after_a_stage_is_interrupted(tiny_run, tmp_path, cli):
+    config = {
+        "out": str(tmp_path / "run"),
+        "weights": tiny_run["weights"],
+        "device": tiny_run["device"],
+        "table": tiny_run["table"],
+        "prune": {"budget": "80%", "search": "random", "evals": 6, "measure_top": 2, "heldout_images": 300},
+        "finetune": {"epochs": 40, "lr": 0.02},
+        "export": {"formats": ["onnx"], "out": str(tmp_path / "export")},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeprune", "run", str(tmp_path / "c.yaml")],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    resume_file = tmp_path / "run" / "finetuned.pt.resume"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not resume_file.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert resume_file.exists(), "finetuning never started"
+    state = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    assert state["stages"] == {"profile": "done", "prune": "done"}
+    searched = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert searched["evals"] >= 6  # more when a budget tightening round ran
+    r = cli("run", str(tmp_path / "c.yaml"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert "[prune] done before: skipped" in r.stderr
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == searched  # not searched again
+    fine = json.loads((tmp_path / "run" / "finetune.json").read_text())
+    assert len(fine["history"]) == 41 and not resume_file.exists()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_are_valid(path):
+    from edgeprune.pipeline.prune import PruneConfig
+    from edgeprune.pipeline.run import check_config, load_config
+
+    cfg = check_config(load_config(path))
+    assert set(cfg.get("prune", {})) <= PruneConfig.names()
