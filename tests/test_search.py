@@ -288,3 +288,14 @@ def test_prune_resumes_after_kill_9(tiny_run, tmp_path, cli):
     assert after[: len(kept)] == kept  # nothing lost, nothing rewritten
     assert distinct == 16 and json.loads(r.stdout)["evals"] == 16
     assert f"resumed: {sum(1 for _ in kept)}" in r.stderr or "resumed:" in r.stderr
+
+
+def test_tightening_interpolates_between_measured_plans():
+    from edgeprune.pipeline.prune import _tightened
+
+    # latency far from proportional to cost: 50 % of the MACs still costs 75 % of the time
+    points = [(1.0, 0.49), (0.5, 0.37), (0.12, 0.21)]
+    new = _tightened(0.5, 0.25, points)
+    assert 0.12 < new < 0.5 * 0.98  # inside the bracket (0.12, 0.5), never extrapolated below it
+    assert new == pytest.approx(0.99 * (0.12 + (0.25 - 0.21) * (0.5 - 0.12) / (0.37 - 0.21)))
+    assert _tightened(0.5, 0.45, points) == pytest.approx(0.5 * 0.98)  # always at least 2 % tighter

@@ -74,22 +74,22 @@ def parse_budget(text: str | float, dense_ms: float) -> float:
     return value
 
 
-def _tightened(current: float, budget_ms: float, measured, rows: dict, *, dense: tuple[float, float]) -> float:
+def _tightened(current: float, budget_ms: float, points: list[tuple[float, float]]) -> float:
     """The search budget (in cost units) at which plans should measure just under `budget_ms`.
 
-    A line measured = alpha * cost + beta through the dense model and every measured candidate
-    (least squares) is solved for the budget: a secant step on the device's real curve, which
-    also corrects an error that is not a constant factor. Where the line is unusable (flat or
-    falling), the median measured/cost ratio is used. Always at least 2 % tighter than before."""
-    pts = [(rows[tuple(m["counts"])]["cost"], m["measured_ms"]) for m in measured] + [dense]
-    x, y = np.array(pts).T
-    target = None
-    if np.ptp(x) > 1e-12:
-        alpha, beta = np.polyfit(x, y, 1)
-        if alpha > 0:
-            target = (budget_ms - beta) / alpha
-    if target is None or target <= 0:
-        target = budget_ms / float(np.median(y[:-1] / x[:-1]))
+    `points` are (cost, measured ms) of the dense model, the smallest plan and every measured
+    candidate. Latency is monotone in cost but far from proportional (FLOPs halved rarely halves
+    the time), so the budget is interpolated between the two measured points that bracket it:
+    a regula falsi step that never extrapolates. Always at least 2 % tighter than before."""
+    pts = sorted(points)
+    below = [p for p in pts if p[1] <= budget_ms]
+    above = [p for p in pts if p[1] > budget_ms and (not below or p[0] > below[-1][0])]
+    if not below:  # nothing measured fits yet: fall back on the ratio of the cheapest point
+        x, y = pts[0]
+        target = x * budget_ms / y
+    else:
+        (x0, y0), (x1, y1) = below[-1], (above[0] if above else below[-1])
+        target = x0 + (budget_ms - y0) * (x1 - x0) / (y1 - y0) if y1 > y0 else x0
     return min(target * 0.99, current * 0.98)
 
 
@@ -290,15 +290,25 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
                 break
             if stage >= cfg.max_rounds or not todo:
                 break
-            new_budget = _tightened(
-                problem.budget, budget_ms, measured.values(), by_counts, dense=(dense_cost, dense_ms)
-            )
-            new_budget = max(new_budget, float(problem.cost_of(np.zeros((1, problem.dim)))[0]))
+            smallest = problem.cost_of(np.zeros((1, problem.dim)))[0]
+            if store.get("smallest_ms") is None:  # bracket the budget from below once
+                log(f"measuring the smallest plan of the space on {device.name} ...")
+                store.set("smallest_ms", measure(problem.counts(np.zeros((1, problem.dim)))[0])["median_ms"])
+            if store.get("smallest_ms") > budget_ms:
+                log(
+                    f"even the smallest plan of the space measures {store.get('smallest_ms'):.4g} ms on "
+                    f"{device.name}, over the {budget_ms:.4g} ms budget"
+                )
+                break
+            points = [(dense_cost, dense_ms), (float(smallest), store.get("smallest_ms"))]
+            points += [(by_counts[k]["cost"], m["measured_ms"]) for k, m in measured.items() if k in by_counts]
+            new_budget = _tightened(problem.budget, budget_ms, points)
+            new_budget = max(new_budget, float(smallest))
             if new_budget >= problem.budget:
                 break  # already at the smallest plan the space allows
             log(
                 f"no candidate met {budget_ms:.4g} ms on the device; search budget {problem.budget:.4g} -> "
-                f"{new_budget:.4g} {unit} (fitted to the measured candidates), {extra} more evaluations"
+                f"{new_budget:.4g} {unit} (interpolated between measured plans), {extra} more evaluations"
             )
             problem.set_budget(new_budget)
             stage += 1

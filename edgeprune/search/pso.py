@@ -5,7 +5,10 @@ clusters is a data-driven width, and its initial swarm perturbs those widths par
 (particle i moves each group by i channel steps up, down or not at all). Half the swarm is built
 that way here, the other half at random. Inertia decays linearly over the run (ACP: 0.6 -> 0.43;
 here 0.9 -> 0.4 by default), c1 = c2 = 2. Particles move in the unit cube; each position is
-repaired to the budget before it is scored, and the swarm continues from the repaired position.
+repaired to the budget before it is scored. Many positions repair to the same plan, so a swarm
+left alone collapses onto a few plans: a particle whose plan was already scored is moved by a
+growing random step until it lands on a new plan (duplicate elimination), and that position
+becomes the particle's.
 """
 
 from __future__ import annotations
@@ -70,18 +73,30 @@ class ParticleSwarm(Searcher):
         if self._pop is None or len(self._told) == len(self._pop) and self._advance():
             self._pop = self.algorithm.ask()
             self._told = []
-        return np.asarray(self._pop[len(self._told)].X, float)
+        particle = self._pop[len(self._told)]
+        x = self._fresh(np.asarray(particle.X, float))
+        particle.set("X", x)
+        return x
+
+    def _fresh(self, x: np.ndarray, tries: int = 20) -> np.ndarray:
+        """`x`, or the first random move of it (step growing from 0.05) whose repaired plan is new."""
+        rng = np.random.default_rng([self.seed, self.n, 3])
+        for t in range(tries + 1):
+            y = x if t == 0 else np.clip(x + rng.normal(0, 0.05 * t, x.shape), 0.0, 1.0)
+            counts = self.problem.repair(y[None], fill=self.fill).counts[0]
+            if tuple(int(c) for c in counts) not in self.seen:
+                return y
+        return y
 
     def tell(self, evaluation: Evaluation) -> None:
         super().tell(evaluation)
         self._told.append(evaluation)
 
     def _advance(self) -> bool:
-        """Hand the finished generation (at its repaired positions) to pymoo; decay the inertia."""
+        """Hand the finished generation to pymoo (positions as asked, scores of their plans); decay the inertia."""
         from pymoo.core.evaluator import Evaluator
         from pymoo.problems.static import StaticProblem
 
-        self._pop.set("X", np.array([e.u for e in self._told]))
         F = -np.array([[e.score] for e in self._told])
         Evaluator().eval(StaticProblem(self._problem, F=F), self._pop)
         self.algorithm.tell(infills=self._pop)
