@@ -44,26 +44,32 @@ def run_dir(args, model: str, device: str, budget: str, search: str) -> Path:
 
 
 def stage_search(args) -> None:
+    from edgeprune.errors import EdgepruneError
     from edgeprune.pipeline import prune
 
     for model, device, budget in ROWS:
         for search in ("bocr", "uniform"):
             out = run_dir(args, model, device, budget, search)
-            if (out / "results.json").is_file():
+            if (out / "results.json").is_file() or (out / "infeasible.txt").is_file():
                 continue
             t0 = time.monotonic()
-            r = prune(
-                out,
-                resume=(out / "config.json").is_file(),
-                progress=False,
-                log=lambda s: None,
-                weights=f"zoo:{model}-fashion-mnist",
-                device=device,
-                budget=budget,
-                search=search,
-                evals=args.evals,
-                seed=args.seed,
-            )
+            try:
+                r = prune(
+                    out,
+                    resume=(out / "config.json").is_file(),
+                    progress=False,
+                    log=lambda s: None,
+                    weights=f"zoo:{model}-fashion-mnist",
+                    device=device,
+                    budget=budget,
+                    search=search,
+                    evals=args.evals,
+                    seed=args.seed,
+                )
+            except EdgepruneError as e:  # e.g. a budget below the smallest plan the device can run
+                (out / "infeasible.txt").write_text(str(e) + "\n")
+                print(f"{out.name}: infeasible: {e}", flush=True)
+                continue
             print(
                 f"searched {out.name}: proxy {r['chosen']['proxy_accuracy']:.2%}, measured "
                 f"{r['chosen']['measured_ms']:.4f} / {r['budget_ms']:.4f} ms ({time.monotonic() - t0:.0f} s)",
@@ -79,7 +85,7 @@ def stage_finetune(args) -> None:
     from edgeprune.pipeline import finetune
 
     runs = [run_dir(args, *row, search) for row in ROWS for search in ("bocr", "uniform")]
-    runs = [r for r in runs if not args.only or r.name in args.only]
+    runs = [r for r in runs if (not args.only or r.name in args.only) and (r / "pruned.pt").is_file()]
     if args.jobs > 1:
         common = ["--stage", "finetune", "--epochs", str(args.epochs), "--lr", str(args.lr)]
         common += ["--train-device", args.train_device, "--runs", args.runs, "--jobs", "1"]
@@ -110,6 +116,10 @@ def stage_report(args) -> None:
     print("-" * len(header))
     for model, device, budget in ROWS:
         cells = {}
+        infeasible = run_dir(args, model, device, budget, "bocr") / "infeasible.txt"
+        if infeasible.is_file():
+            print(f"{model:<9}{device:<16}{budget:>7}  infeasible: {infeasible.read_text().strip()}")
+            continue
         for search in ("bocr", "uniform"):
             out = run_dir(args, model, device, budget, search)
             if not (out / "validation.json").is_file():
@@ -128,7 +138,7 @@ def stage_report(args) -> None:
             f"{(ours['test_accuracy'] - uni['test_accuracy']) * 100:>+11.2f}p{'yes' if met else 'NO':>5}",
             flush=True,
         )
-    fine = json.loads((run_dir(args, *ROWS[0], "bocr") / "finetune.json").read_text())
+    fine = json.loads((run_dir(args, *ROWS[0], "bocr") / "finetune.json").read_text())  # the recipe of every row
     print(
         f"finetune: {fine['epochs']} epochs, lr {fine['recipe']['lr']}, distillation "
         f"T={fine['distillation']['temperature']} alpha={fine['distillation']['alpha']}, trained on {fine['device']}; "

@@ -299,3 +299,13 @@ def test_tightening_interpolates_between_measured_plans():
     assert 0.12 < new < 0.5 * 0.98  # inside the bracket (0.12, 0.5), never extrapolated below it
     assert new == pytest.approx(0.99 * (0.12 + (0.25 - 0.21) * (0.5 - 0.12) / (0.37 - 0.21)))
     assert _tightened(0.5, 0.45, points) == pytest.approx(0.5 * 0.98)  # always at least 2 % tighter
+
+
+def test_a_refused_budget_leaves_no_run_behind(tiny_run, tmp_path, cli):
+    r = cli(*prune_args(tiny_run, tmp_path / "run", budget_ms="0.0001"))
+    assert r.returncode == 2 and "below the smallest cost" in r.stderr
+    assert not (tmp_path / "run" / "config.json").exists()
+    r = cli(
+        *prune_args(tiny_run, tmp_path / "run", budget_ms="85%", search="uniform", evals=1, measure_top=1), "--json"
+    )
+    assert r.returncode == 0, r.stderr  # the corrected command just works, no --resume needed

@@ -176,8 +176,9 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
     step = table.step if table else (device.spec.channel_step or 8)
     s = space(model, torch.randn(*shape), step=step, min_keep_ratio=cfg.min_keep)
 
+    if not resume:  # a start that failed before its search began leaves no run behind (see below)
+        (out / "evals.sqlite").unlink(missing_ok=True)
     store = RunStore(out)
-    write_json(out / CONFIG, asdict(cfg))
     dense_ms = store.get("dense_ms")
     with tempfile.TemporaryDirectory(prefix="edgeprune-prune-") as tmp:
         from edgeprune.export import export_onnx
@@ -211,6 +212,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
         problem = BudgetProblem.create(
             s, cost, store.get("search_budget", budget), max_keep=cfg.max_keep, fix=cfg.fix, unit=unit
         )
+        write_json(out / CONFIG, asdict(cfg))  # the budget is reachable: from here on, a run to resume
         evaluator = ProxyEvaluator(
             s,
             data,
