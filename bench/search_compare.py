@@ -97,6 +97,16 @@ def main() -> None:
             f"{np.mean([r.get('wall_s', r['seconds']) for r in rs]):>9.0f}",
             flush=True,
         )
+    # a common bar every searcher reaches: 90 % of the weakest searcher's mean final best (uniform aside)
+    finals = {n: np.mean([max(c) for c in runs]) for n, runs in curves.items() if n != "uniform"}
+    bar = 0.9 * min(finals.values())
+    reach = {
+        name: [next((i + 1 for i, v in enumerate(np.maximum.accumulate(c)) if v >= bar), None) for c in runs]
+        for name, runs in curves.items()
+    }
+    print(f"evaluations to reach {bar:.2%} proxy accuracy (90 % of the weakest searcher's mean best), per seed:")
+    for name, r in reach.items():
+        print(f"  {name:<11}" + "  ".join("never" if v is None else f"{v:>5}" for v in r))
     d = table[args.searchers[0]][0]["dense"]
     print(f"dense: proxy accuracy {d['proxy_accuracy']:.2%}, measured {d['measured_ms']:.4f} ms")
     if "uniform" in table:

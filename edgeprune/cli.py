@@ -483,18 +483,13 @@ def export_cmd(
     if json_out:
         _print_json(m)
         return
+    from edgeprune.report.report import EXPORT_HEADER, export_rows
+
     t = Table(title=f"{m['model']} exported from {m['source']}")
-    for col in ("format", "file", "max |diff| vs PyTorch", "top-1 agreement", "test accuracy (runtime)"):
+    for col in EXPORT_HEADER:
         t.add_column(col, justify="right")
-    for fmt, a in m["formats"].items():
-        p = a.get("parity", {})
-        t.add_row(
-            fmt,
-            a["path"],
-            f"{p.get('max_abs_diff', float('nan')):.2e}",
-            f"{p.get('top1_agreement', 0):.1%}",
-            f"{p.get('test_accuracy', 0):.2%}",
-        )
+    for row in export_rows(m):
+        t.add_row(*row)
     out.print(t)
 
 

@@ -166,26 +166,16 @@ def test_bocr_clusters_and_rolls_back_to_the_best_box(r56, tmp_path):
 def test_loop_replays_a_store_and_continues(r56, tmp_path):
     """Resuming from the store gives the same history as an uninterrupted run."""
     score = synthetic_score(r56, seed=3)
-    full = SearchLoop(
-        flops_problem(r56, 0.4),
-        make_searcher("pso", flops_problem(r56, 0.4), evals=18, seed=2, particles=6),
-        score,
-        RunStore(tmp_path / "a"),
-        progress=False,
-    )
+
+    def loop(folder):
+        problem = flops_problem(r56, 0.4)
+        searcher = make_searcher("pso", problem, evals=18, seed=2, particles=6)
+        return SearchLoop(problem, searcher, score, RunStore(tmp_path / folder), progress=False)
+
+    full = loop("a")
     full.run(18)
-    first = SearchLoop(
-        flops_problem(r56, 0.4),
-        make_searcher("pso", flops_problem(r56, 0.4), evals=18, seed=2, particles=6),
-        score,
-        RunStore(tmp_path / "b"),
-        progress=False,
-    )
-    first.run(7)
-    p = flops_problem(r56, 0.4)
-    resumed = SearchLoop(
-        p, make_searcher("pso", p, evals=18, seed=2, particles=6), score, RunStore(tmp_path / "b"), progress=False
-    )
+    loop("b").run(7)
+    resumed = loop("b")
     assert resumed.distinct == 7
     resumed.run(18)
     assert [r["counts"] for r in resumed.rows] == [r["counts"] for r in full.rows]
@@ -290,15 +280,19 @@ def test_prune_resumes_after_kill_9(tiny_run, tmp_path, cli):
     assert f"resumed: {sum(1 for _ in kept)}" in r.stderr or "resumed:" in r.stderr
 
 
-def test_tightening_interpolates_between_measured_plans():
+def test_tightening_follows_the_measured_plans():
     from edgeprune.pipeline.prune import _tightened
 
     # latency far from proportional to cost: 50 % of the MACs still costs 75 % of the time
     points = [(1.0, 0.49), (0.5, 0.37), (0.12, 0.21)]
-    new = _tightened(0.5, 0.25, points)
-    assert 0.12 < new < 0.5 * 0.98  # inside the bracket (0.12, 0.5), never extrapolated below it
-    assert new == pytest.approx(0.99 * (0.12 + (0.25 - 0.21) * (0.5 - 0.12) / (0.37 - 0.21)))
-    assert _tightened(0.5, 0.45, points) == pytest.approx(0.5 * 0.98)  # always at least 2 % tighter
+    new = _tightened(0.5, 0.25, points, latest=[(0.5, 0.37)])
+    scaled = 0.5 * 0.25 / 0.37
+    interpolated = 0.12 + (0.25 - 0.21) * (0.5 - 0.12) / (0.37 - 0.21)
+    assert new == pytest.approx(0.995 * max(scaled, interpolated))
+    assert 0.12 < new < 0.5  # inside the bracket, never extrapolated below it
+    # a near miss (measured 1 % over): a gentle step, not a jump to the interpolation
+    near = _tightened(0.2467, 0.2467, [(0.49, 0.49), (0.2, 0.21), (0.2467, 0.2492)], latest=[(0.2467, 0.2492)])
+    assert 0.2467 * 0.98 < near <= 0.2467 * 0.99
 
 
 def test_a_refused_budget_leaves_no_run_behind(tiny_run, tmp_path, cli):

@@ -74,23 +74,26 @@ def parse_budget(text: str | float, dense_ms: float) -> float:
     return value
 
 
-def _tightened(current: float, budget_ms: float, points: list[tuple[float, float]]) -> float:
+def _tightened(current: float, budget_ms: float, points: list[tuple[float, float]], latest: list) -> float:
     """The search budget (in cost units) at which plans should measure just under `budget_ms`.
 
-    `points` are (cost, measured ms) of the dense model, the smallest plan and every measured
-    candidate. Latency is monotone in cost but far from proportional (FLOPs halved rarely halves
-    the time), so the budget is interpolated between the two measured points that bracket it:
-    a regula falsi step that never extrapolates. Always at least 2 % tighter than before."""
+    Two estimates, the gentler one wins (it costs the least accuracy; a later round can still
+    tighten more): the latest round's most favourable candidate, scaled by its measured/predicted
+    error (what near-miss noise needs), and the budget interpolated between the two measured
+    points that bracket it (`points`: dense model, smallest plan, every measured candidate;
+    latency is monotone in cost but far from proportional, so it never extrapolates). Always at
+    least 1 % tighter than `current`."""
     pts = sorted(points)
     below = [p for p in pts if p[1] <= budget_ms]
     above = [p for p in pts if p[1] > budget_ms and (not below or p[0] > below[-1][0])]
     if not below:  # nothing measured fits yet: fall back on the ratio of the cheapest point
         x, y = pts[0]
-        target = x * budget_ms / y
+        interpolated = x * budget_ms / y
     else:
         (x0, y0), (x1, y1) = below[-1], (above[0] if above else below[-1])
-        target = x0 + (budget_ms - y0) * (x1 - x0) / (y1 - y0) if y1 > y0 else x0
-    return min(target * 0.99, current * 0.98)
+        interpolated = x0 + (budget_ms - y0) * (x1 - x0) / (y1 - y0) if y1 > y0 else x0
+    scaled = max((budget_ms / measured * cost for cost, measured in latest), default=interpolated)
+    return min(max(interpolated, scaled) * 0.995, current * 0.99)
 
 
 def _settings(out: Path, resume: bool, given: dict) -> PruneConfig:
@@ -304,13 +307,16 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
                 break
             points = [(dense_cost, dense_ms), (float(smallest), store.get("smallest_ms"))]
             points += [(by_counts[k]["cost"], m["measured_ms"]) for k, m in measured.items() if k in by_counts]
-            new_budget = _tightened(problem.budget, budget_ms, points)
+            latest = [
+                (by_counts[tuple(r["counts"])]["cost"], measured[tuple(r["counts"])]["measured_ms"]) for r in todo
+            ]
+            new_budget = _tightened(problem.budget, budget_ms, points, latest)
             new_budget = max(new_budget, float(smallest))
             if new_budget >= problem.budget:
                 break  # already at the smallest plan the space allows
             log(
                 f"no candidate met {budget_ms:.4g} ms on the device; search budget {problem.budget:.4g} -> "
-                f"{new_budget:.4g} {unit} (interpolated between measured plans), {extra} more evaluations"
+                f"{new_budget:.4g} {unit} (from the measured plans), {extra} more evaluations"
             )
             problem.set_budget(new_budget)
             stage += 1

@@ -18,6 +18,20 @@ def _figure():
     return plt
 
 
+def _save(fig, ax, path: str | os.PathLike, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, grid, legend, write the PNG, free the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    _figure().close(fig)
+    return path
+
+
 def convergence_plot(
     series: Mapping[str, Sequence[Sequence[float]] | Sequence[float]], path: str | os.PathLike, *, title: str = ""
 ) -> Path:
@@ -36,16 +50,7 @@ def convergence_plot(
         line = ax.plot(x, padded.mean(0), label=f"{name}" + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""))
         if len(runs) > 1:
             ax.fill_between(x, padded.min(0), padded.max(0), color=line[0].get_color(), alpha=0.15)
-    ax.set_xlabel("evaluations")
-    ax.set_ylabel("best proxy accuracy so far (%)")
-    ax.set_title(title or "search convergence")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, "evaluations", "best proxy accuracy so far (%)", title or "search convergence")
 
 
 def scatter_plot(
@@ -94,16 +99,9 @@ def scatter_plot(
         )
     if budget_ms is not None:
         ax.axvline(budget_ms, color="black", ls="--", lw=1, label=f"budget {budget_ms:.4g} ms")
-    ax.set_xlabel("latency (ms)")
-    ax.set_ylabel("proxy accuracy (%)")
-    ax.set_title(title or "accuracy vs latency of every evaluation")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(
+        fig, ax, path, "latency (ms)", "proxy accuracy (%)", title or "accuracy vs latency of every evaluation"
+    )
 
 
 def prediction_plot(points: Sequence[Mapping], path: str | os.PathLike, *, title: str = "") -> Path:
@@ -122,13 +120,4 @@ def prediction_plot(points: Sequence[Mapping], path: str | os.PathLike, *, title
         ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="gray", alpha=0.15, label="±10 %")
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
-    ax.set_xlabel("predicted ms")
-    ax.set_ylabel("measured ms")
-    ax.set_title(title or "prediction vs measurement")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, "predicted ms", "measured ms", title or "prediction vs measurement")

@@ -62,6 +62,20 @@ class _Doc:
         )
 
 
+EXPORT_HEADER = ["format", "file", "bytes", "max abs diff vs PyTorch", "top-1 agreement", "runtime test accuracy"]
+
+
+def export_rows(manifest: dict) -> list[list[str]]:
+    """One row per exported format: file, size, parity against PyTorch, the runtime's test accuracy."""
+    rows = []
+    for fmt, a in manifest["formats"].items():
+        p = a.get("parity", {})
+        size = sum(f["bytes"] for f in a["files"])
+        diff = f"{p['max_abs_diff']:.2e}" if "max_abs_diff" in p else p.get("error", "")
+        rows.append([fmt, a["path"], f"{size:,}", diff, _pct(p.get("top1_agreement")), _pct(p.get("test_accuracy"))])
+    return rows
+
+
 def validation_rows(val: dict) -> list[list[str]]:
     """The validation table (label, value, note), as the report and `edgeprune validate` show it."""
     rows = [
@@ -208,22 +222,7 @@ def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
 
     doc.heading("Export")
     if manifest:
-        rows = []
-        for fmt, a in manifest["formats"].items():
-            p = a.get("parity", {})
-            rows.append(
-                [
-                    fmt,
-                    a["path"],
-                    f"{sum(f['bytes'] for f in a['files']):,}",
-                    f"{p.get('max_abs_diff', float('nan')):.2e}",
-                    _pct(p.get("top1_agreement")),
-                    _pct(p.get("test_accuracy")),
-                ]
-            )
-        doc.table(
-            ["format", "file", "bytes", "max abs diff vs PyTorch", "top-1 agreement", "runtime test accuracy"], rows
-        )
+        doc.table(EXPORT_HEADER, export_rows(manifest))
     else:
         doc.para("Not exported (export.json missing).")
 
