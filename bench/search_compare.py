@@ -52,6 +52,7 @@ def run_one(args, name: str, seed: int) -> dict:
         evals=args.evals,
         seed=seed,
         cost="flops" if flops else "latency",
+        margin=args.margin,
         **({"table": args.table} if args.table else {}),
     )
     res["wall_s"] = time.monotonic() - t0
@@ -70,6 +71,7 @@ def main() -> None:
     ap.add_argument("--searchers", nargs="+", default=SEARCHERS, choices=SEARCHERS)
     ap.add_argument("--runs", default="runs/bench-search")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--margin", type=float, default=0.0, help="safety margin of the measured check (prune: 0.02)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(

@@ -346,6 +346,9 @@ def prune_cmd(
         list[str] | None, typer.Option(help="Group root layer (glob) held at full width; repeatable.")
     ] = None,
     measure_top: Annotated[int | None, typer.Option(help="Candidates measured on the device per round.")] = None,
+    margin: Annotated[
+        float | None, typer.Option(help="Share under the budget the chosen plan must measure (default 0.02).")
+    ] = None,
     data_root: Annotated[str | None, typer.Option(help="Folder of the data set files.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out (after a crash or kill).")] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (scoring).")] = None,
@@ -380,6 +383,7 @@ def prune_cmd(
         "max_keep": max_keep,
         "fix": fix or None,
         "measure_top": measure_top,
+        "margin": margin,
         "data_root": data_root,
     }
     log = _log(json_out)

@@ -55,6 +55,7 @@ class PruneConfig:
     measure_top: int = 5  # candidates measured on the device per round
     max_rounds: int = 4  # budget tightenings before giving up
     anchor: bool = True  # scale predictions by the dense model's measured / predicted latency
+    margin: float = 0.02  # the chosen plan must measure this share under the budget (run-to-run noise)
     data_root: str | None = None
 
     @classmethod
@@ -74,26 +75,35 @@ def parse_budget(text: str | float, dense_ms: float) -> float:
     return value
 
 
-def _tightened(current: float, budget_ms: float, points: list[tuple[float, float]], latest: list) -> float:
-    """The search budget (in cost units) at which plans should measure just under `budget_ms`.
+def _tightened(current: float, target_ms: float, points: list[tuple[float, float]], rounds: list) -> float:
+    """The search budget (in cost units) at which plans should measure just under `target_ms`.
 
-    Two estimates, the gentler one wins (it costs the least accuracy; a later round can still
-    tighten more): the latest round's most favourable candidate, scaled by its measured/predicted
-    error (what near-miss noise needs), and the budget interpolated between the two measured
-    points that bracket it (`points`: dense model, smallest plan, every measured candidate;
-    latency is monotone in cost but far from proportional, so it never extrapolates). Always at
-    least 1 % tighter than `current`."""
+    `points` are (cost, measured ms) of the dense model, the smallest plan and every measured
+    candidate; `rounds` the most favourable candidate (lowest measured/cost) of each round so far.
+    Latency is monotone in cost but far from proportional (half the MACs can keep 75 % of the
+    time), so two estimates bound the step: the latest round's candidate scaled by its own
+    measured/cost ratio (gentle, right for a near miss) and the budget interpolated between the
+    measured points that bracket it (bold, never extrapolating). From the second round on, the
+    secant through the last two rounds picks a point between them; before that the gentle one
+    wins. Always at least 1 % tighter than `current`."""
     pts = sorted(points)
-    below = [p for p in pts if p[1] <= budget_ms]
-    above = [p for p in pts if p[1] > budget_ms and (not below or p[0] > below[-1][0])]
+    below = [p for p in pts if p[1] <= target_ms]
+    above = [p for p in pts if p[1] > target_ms and (not below or p[0] > below[-1][0])]
     if not below:  # nothing measured fits yet: fall back on the ratio of the cheapest point
         x, y = pts[0]
-        interpolated = x * budget_ms / y
+        interpolated = x * target_ms / y
     else:
         (x0, y0), (x1, y1) = below[-1], (above[0] if above else below[-1])
-        interpolated = x0 + (budget_ms - y0) * (x1 - x0) / (y1 - y0) if y1 > y0 else x0
-    scaled = max((budget_ms / measured * cost for cost, measured in latest), default=interpolated)
-    return min(max(interpolated, scaled) * 0.995, current * 0.99)
+        interpolated = x0 + (target_ms - y0) * (x1 - x0) / (y1 - y0) if y1 > y0 else x0
+    cost, measured = rounds[-1]
+    scaled = cost * target_ms / measured
+    lo, hi = sorted((interpolated, scaled))
+    estimate = hi
+    if len(rounds) >= 2:
+        (c1, m1), (c2, m2) = rounds[-2], rounds[-1]
+        if abs(c1 - c2) > 1e-12 and (m1 - m2) / (c1 - c2) > 0:
+            estimate = float(np.clip(c2 - (m2 - target_ms) * (c1 - c2) / (m1 - m2), lo, hi))
+    return min(estimate * 0.995, current * 0.99)
 
 
 def _settings(out: Path, resume: bool, given: dict) -> PruneConfig:
@@ -195,6 +205,9 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
             dense_ms = measure(s.full_counts())["median_ms"]
             store.set("dense_ms", dense_ms)
         budget_ms = parse_budget(cfg.budget, dense_ms)
+        if not 0 <= cfg.margin < 0.5:
+            raise EdgepruneError(f"--margin must be in [0, 0.5), got {cfg.margin}")
+        target_ms = budget_ms * (1 - cfg.margin)  # what candidates must measure, leaving room for noise
 
         predictor = LatencyCost(Predictor(ModelLayers.from_model(s), table).compiled()) if table else None
         if predictor is not None and cfg.anchor:
@@ -207,10 +220,10 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
                 )
         dense_macs = s.macs()
         if cfg.cost == "latency":
-            cost, budget, unit = predictor, budget_ms, "ms (predicted)"
+            cost, budget, unit = predictor, target_ms, "ms (predicted)"
         else:
             cost, unit = FlopsCost(s.cost, dense_macs), "of dense MACs"
-            budget = cfg.flops_target if cfg.flops_target else budget_ms / dense_ms
+            budget = cfg.flops_target if cfg.flops_target else target_ms / dense_ms
         dense_cost = float(cost(np.asarray([s.full_counts()]))[0])
         problem = BudgetProblem.create(
             s, cost, store.get("search_budget", budget), max_keep=cfg.max_keep, fix=cfg.fix, unit=unit
@@ -283,12 +296,12 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
                 store.add_measurement(row)
                 measured[tuple(r["counts"])] = row
             by_counts = {tuple(r["counts"]): r for r in loop.rows}
-            ok = [(by_counts[k], m) for k, m in measured.items() if m["measured_ms"] <= budget_ms]
+            ok = [(by_counts[k], m) for k, m in measured.items() if m["measured_ms"] <= target_ms]
             if todo:
                 log(
                     f"measured {len(todo)} candidates on {device.name}: "
                     + ", ".join(f"{m['measured_ms']:.4g}" for m in (measured[tuple(r["counts"])] for r in todo))
-                    + f" ms (budget {budget_ms:.4g} ms)"
+                    + f" ms (budget {budget_ms:.4g} ms, {target_ms:.4g} with the {cfg.margin:.0%} margin)"
                 )
             if ok:
                 chosen = max(ok, key=lambda rm: (rm[0]["score"], -rm[1]["measured_ms"]))
@@ -299,23 +312,28 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
             if store.get("smallest_ms") is None:  # bracket the budget from below once
                 log(f"measuring the smallest plan of the space on {device.name} ...")
                 store.set("smallest_ms", measure(problem.counts(np.zeros((1, problem.dim)))[0])["median_ms"])
-            if store.get("smallest_ms") > budget_ms:
+            if store.get("smallest_ms") > target_ms:
                 log(
                     f"even the smallest plan of the space measures {store.get('smallest_ms'):.4g} ms on "
-                    f"{device.name}, over the {budget_ms:.4g} ms budget"
+                    f"{device.name}, over the {target_ms:.4g} ms target (budget less the margin)"
                 )
                 break
             points = [(dense_cost, dense_ms), (float(smallest), store.get("smallest_ms"))]
             points += [(by_counts[k]["cost"], m["measured_ms"]) for k, m in measured.items() if k in by_counts]
-            latest = [
-                (by_counts[tuple(r["counts"])]["cost"], measured[tuple(r["counts"])]["measured_ms"]) for r in todo
-            ]
-            new_budget = _tightened(problem.budget, budget_ms, points, latest)
+            per_round: dict[int, tuple[float, float]] = {}  # each round's most favourable candidate
+            for k, m in measured.items():
+                if k in by_counts:
+                    c = (by_counts[k]["cost"], m["measured_ms"])
+                    seen = per_round.get(m["round"])
+                    if seen is None or c[1] / c[0] < seen[1] / seen[0]:
+                        per_round[m["round"]] = c
+            rounds = [per_round[r] for r in sorted(per_round)]
+            new_budget = _tightened(problem.budget, target_ms, points, rounds)
             new_budget = max(new_budget, float(smallest))
             if new_budget >= problem.budget:
                 break  # already at the smallest plan the space allows
             log(
-                f"no candidate met {budget_ms:.4g} ms on the device; search budget {problem.budget:.4g} -> "
+                f"no candidate met {target_ms:.4g} ms on the device; search budget {problem.budget:.4g} -> "
                 f"{new_budget:.4g} {unit} (from the measured plans), {extra} more evaluations"
             )
             problem.set_budget(new_budget)
@@ -370,7 +388,19 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
         "search": cfg.search,
         "cost": cfg.cost,
         "budget_ms": budget_ms,
+        "margin": cfg.margin,
+        "target_ms": target_ms,
         "search_budget": problem.budget,
+        "table": None
+        if table is None
+        else {
+            "path": str(table_path),
+            "device": table.device,
+            "fingerprint": table.fingerprint,
+            "step": table.step,
+            "entries": len(table.entries),
+            "calibration": table.calibration,
+        },
         "anchor": predictor.scale if predictor is not None else None,
         "dense": {"measured_ms": dense_ms, "proxy_accuracy": dense_score, "macs": dense_macs, "params": s.params()},
         "chosen": {

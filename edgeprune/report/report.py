@@ -158,6 +158,24 @@ def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
             f"{results['cost']}; predictions anchored on the dense measurement by a factor "
             f"{results.get('anchor') or 1:.3f}."
         )
+        t = results.get("table")
+        if t:
+            fp = t["fingerprint"]
+            doc.table(
+                ["latency table", "device profile", "runtime", "CPU / GPU", "threads", "precision", "step", "entries"],
+                [
+                    [
+                        t["path"],
+                        t["device"],
+                        f"{fp.get('runtime')} {fp.get('version')}",
+                        fp.get("cpu") or fp.get("gpu"),
+                        fp.get("threads", ""),
+                        fp.get("precision"),
+                        t["step"],
+                        t["entries"],
+                    ]
+                ],
+            )
         doc.heading("Search")
         c = results["chosen"]
         doc.table(
