@@ -58,7 +58,7 @@ def tiny_run(tmp_path_factory):
     train(model="resnet20", data="digits", out=ckpt, recipe=Recipe(epochs=3, lr=0.05), progress=False)
     dev = d / "fast-ort.yaml"
     dev.write_text(
-        "name: fast-ort\nbackend: onnxruntime\noptions: {threads: 1}\nchannel_step: 16\n"
+        "name: fast-ort\nbackend: onnxruntime\noptions: {threads: 1}\nchannel_step: 8\n"
         "protocol: {warmup_runs: 3, warmup_s: 0.01, min_runs: 20, min_s: 0.05, max_cv: 0.5}\n"
     )
     table = d / "table.json"
@@ -68,7 +68,7 @@ def tiny_run(tmp_path_factory):
         input_shape=(1, 1, 8, 8),
         device=Device.load(dev),
         out=table,
-        step=16,
+        step=8,
         calibrate=4,
         progress=False,
         log=lambda s: None,
