@@ -111,6 +111,7 @@ def stage_report(args) -> None:
     header = (
         f"{'model':<9}{'device':<16}{'budget':>7}{'budget ms':>10} | {'ours ms':>8}{'ours acc':>9} | "
         f"{'unif ms':>8}{'unif acc':>9} | {'dense acc':>9}{'ours drop':>10}{'ours - unif':>12}{'met':>5}"
+        f"{'finetune':>13}"
     )
     print(header)
     print("-" * len(header))
@@ -130,20 +131,29 @@ def stage_report(args) -> None:
         ours, uni = cells["bocr"], cells["uniform"]
         dense = ours["dense_test_accuracy"]
         met = ours["meets_budget"] and uni["meets_budget"]
+        recipes = {_recipe(run_dir(args, model, device, budget, search)) for search in ("bocr", "uniform")}
+        if len(recipes) > 1:
+            raise SystemExit(f"{model} {device} {budget}: ours and uniform were finetuned differently: {recipes}")
         print(
             f"{model:<9}{device:<16}{budget:>7}{ours['budget_ms']:>10.4f} | "
             f"{ours['measured']['median_ms']:>8.4f}{ours['test_accuracy'] * 100:>8.2f}% | "
             f"{uni['measured']['median_ms']:>8.4f}{uni['test_accuracy'] * 100:>8.2f}% | "
             f"{dense * 100:>8.2f}%{(dense - ours['test_accuracy']) * 100:>9.2f}p"
-            f"{(ours['test_accuracy'] - uni['test_accuracy']) * 100:>+11.2f}p{'yes' if met else 'NO':>5}",
+            f"{(ours['test_accuracy'] - uni['test_accuracy']) * 100:>+11.2f}p{'yes' if met else 'NO':>5}"
+            f"{recipes.pop():>13}",
             flush=True,
         )
-    fine = json.loads((run_dir(args, *ROWS[0], "bocr") / "finetune.json").read_text())  # the recipe of every row
+    fine = json.loads((run_dir(args, *ROWS[0], "bocr") / "finetune.json").read_text())
     print(
-        f"finetune: {fine['epochs']} epochs, lr {fine['recipe']['lr']}, distillation "
-        f"T={fine['distillation']['temperature']} alpha={fine['distillation']['alpha']}, trained on {fine['device']}; "
+        f"finetune (epochs on the device named in the row, the same for ours and uniform): lr {fine['recipe']['lr']}, "
+        f"distillation T={fine['distillation']['temperature']} alpha={fine['distillation']['alpha']}; "
         "accuracy = test split, computed by the runtime on the exported file"
     )
+
+
+def _recipe(out: Path) -> str:
+    fine = json.loads((out / "finetune.json").read_text())
+    return f"{fine['epochs']} ep {fine['device']}"
 
 
 def claim_check(args) -> None:

@@ -95,6 +95,12 @@ def test_repair_keeps_what_fits(r56):
 def test_budget_errors(r56):
     with pytest.raises(EdgepruneError, match=r"below the smallest cost .*every free group at its minimum"):
         flops_problem(r56, 0.001)
+    # the hint names --min-keep only where the keep ratio, not the channel step, is what binds
+    with pytest.raises(EdgepruneError, match=r"already at one channel step \(8\).*raise the budget$"):
+        flops_problem(r56, 0.001)
+    half = space(build_model("resnet56", in_channels=1).eval(), torch.randn(1, 1, 28, 28), step=8, min_keep_ratio=0.5)
+    with pytest.raises(EdgepruneError, match=r"raise the budget, or lower --min-keep$"):
+        flops_problem(half, 0.05)
     with pytest.raises(EdgepruneError, match="at or above the dense model.*nothing to prune"):
         flops_problem(r56, 1.0)
     with pytest.raises(EdgepruneError, match="--fix pattern 'nope' matches no channel group"):

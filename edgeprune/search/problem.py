@@ -83,8 +83,7 @@ class BudgetProblem:
         if budget < smallest:
             raise EdgepruneError(
                 f"budget {budget:.4g} {unit} is below the smallest cost this search space reaches "
-                f"({smallest:.4g} {unit}, every free group at its minimum keep-count); raise the budget, "
-                "or lower --min-keep"
+                f"({smallest:.4g} {unit}, every free group at its minimum keep-count); {self._widen_hint()}"
             )
         if budget >= dense:
             raise EdgepruneError(
@@ -92,6 +91,22 @@ class BudgetProblem:
                 "the unpruned model already fits, nothing to prune"
             )
         self.budget = float(budget)
+
+    def _widen_hint(self) -> str:
+        """What would let a smaller plan exist: --min-keep only where it is what stops the groups."""
+        from edgeprune.pruning.space import allowed_counts
+
+        groups = [self.space.groups[i] for i in self.variables]
+        floor = [
+            allowed_counts(g.width, step=self.space.step, min_keep_ratio=1e-9, channel_groups=g.channel_groups)[0]
+            for g in groups
+        ]
+        if any(g.allowed[0] > f for g, f in zip(groups, floor)):
+            return "raise the budget, or lower --min-keep"
+        return (
+            f"every group is already at one channel step ({self.space.step}): the rest is layers channel "
+            "pruning cannot remove; raise the budget"
+        )
 
     @property
     def dim(self) -> int:
