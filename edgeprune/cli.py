@@ -46,7 +46,7 @@ def models() -> None:
 @app.command()
 def train(
     model: Annotated[str, typer.Option(help="Model name (see `edgeprune models`).")],
-    data: Annotated[str, typer.Option(help="fashion-mnist, digits, cifar10[:PATH] or imagefolder:PATH.")],
+    data: Annotated[str, typer.Option(help="fashion-mnist, digits[:SIZE], cifar10[:PATH] or imagefolder:PATH.")],
     out_path: Annotated[Path, typer.Option("--out", help="Checkpoint file to write.")],
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,

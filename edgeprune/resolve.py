@@ -46,10 +46,12 @@ def resolve_model(
     if input_shape:
         shape = parse_shape(input_shape)
     elif data:
-        kind = data.split(":", 1)[0]
+        kind, _, arg = data.partition(":")
         if kind not in DATA_SHAPES:
             raise EdgepruneError(f"give --input-shape for data set {data!r} (known shapes: {', '.join(DATA_SHAPES)})")
         shape = (1, *DATA_SHAPES[kind])
+        if kind == "digits" and arg.isdigit():  # digits:SIZE is upsampled
+            shape = (1, 1, int(arg), int(arg))
     else:
         shape = (1, *DATA_SHAPES["fashion-mnist"]) if model in BUILTINS else (1, 3, 224, 224)
     return build_model(model, num_classes=num_classes, in_channels=shape[1]).eval(), model, shape

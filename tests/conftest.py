@@ -28,6 +28,14 @@ def digits():
     return load_dataset("digits")
 
 
+@pytest.fixture(scope="session")
+def digits16():
+    """The same digits upsampled to 16x16: per-layer work, not runtime overhead, sets latency."""
+    from edgeprune.data import load_dataset
+
+    return load_dataset("digits:16")
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the real `edgeprune` command in a subprocess."""
     return subprocess.run(
@@ -47,7 +55,10 @@ def cli():
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """A resnet20 trained briefly on 8x8 digits, a fast device profile, and its latency table."""
+    """A resnet20 trained briefly on digits at 16x16, a fast device profile, and its latency table.
+
+    At 16x16 the smallest plan measures ~56 % of dense (at 8x8, ~78 %: runtime overhead), so a
+    budget of 80 % is comfortably reachable on any CPU."""
     from edgeprune.devices import Device
     from edgeprune.latency.profiler import profile
     from edgeprune.models import build_model
@@ -55,7 +66,7 @@ def tiny_run(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tiny")
     ckpt = d / "r20-digits.pt"
-    train(model="resnet20", data="digits", out=ckpt, recipe=Recipe(epochs=3, lr=0.05), progress=False)
+    train(model="resnet20", data="digits:16", out=ckpt, recipe=Recipe(epochs=3, lr=0.05), progress=False)
     dev = d / "fast-ort.yaml"
     dev.write_text(
         "name: fast-ort\nbackend: onnxruntime\noptions: {threads: 1}\nchannel_step: 8\n"
@@ -65,7 +76,7 @@ def tiny_run(tmp_path_factory):
     profile(
         model=build_model("resnet20", in_channels=1),
         model_id="resnet20",
-        input_shape=(1, 1, 8, 8),
+        input_shape=(1, 1, 16, 16),
         device=Device.load(dev),
         out=table,
         step=8,

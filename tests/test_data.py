@@ -38,9 +38,20 @@ def test_batches_reproducible_and_resumable(fmnist):
     assert not torch.equal(a[0][1], c[1])
 
 
-def test_digits(digits):
+def test_digits(digits, digits16):
     assert len(digits.train) + len(digits.heldout) + len(digits.test) == 1797
     assert digits.input_shape == (1, 8, 8)
+    # upsampled: the same images and splits, at 16x16
+    assert digits16.name == "digits:16" and digits16.input_shape == (1, 16, 16)
+    (x8, y8), (x16, y16) = (next(d.batches("test", 32)) for d in (digits, digits16))
+    assert torch.equal(y8, y16) and x16.shape[-2:] == (16, 16)
+    assert torch.nn.functional.avg_pool2d(x16, 2).sub(x8).abs().mean() < 0.2 * x8.abs().mean()
+    # augmented one-channel batches keep NCHW strides (channels-last ones crash oneDNN, see Augment)
+    x, _ = next(digits16.batches("train", 32, train=True))
+    assert x.stride() == (256, 256, 16, 1)
+    for bad in ("digits:4", "digits:big"):
+        with pytest.raises(EdgepruneError, match="digits"):
+            load_dataset(bad)
 
 
 def test_missing_fashion_mnist_says_how_to_install(tmp_path, monkeypatch):

@@ -18,18 +18,18 @@ from edgeprune.training import DistillConfig, Recipe, accuracy, finetune_checkpo
 from .conftest import ROOT
 
 
-def test_finetune_improves_a_pruned_model(tiny_run, digits, tmp_path):
+def test_finetune_improves_a_pruned_model(tiny_run, digits16, tmp_path):
     dense = load_checkpoint(tiny_run["weights"])
     model = dense.build()
-    plan = space(model, torch.randn(1, 1, 8, 8), step=16).uniform(0.25)
+    plan = space(model, torch.randn(1, 1, 16, 16), step=16).uniform(0.25)
     pruned = plan.apply(model)
     student = Checkpoint(dense.model, 10, dense.input_shape, dense.dataset, pruned.state_dict(), {}, plan.to_dict())
     save_checkpoint(student, tmp_path / "pruned.pt")
-    before = accuracy(pruned, digits, "heldout")
+    before = accuracy(pruned, digits16, "heldout")
     best = finetune_checkpoint(
         student=load_checkpoint(tmp_path / "pruned.pt"),
         teacher=dense,
-        data=digits,
+        data=digits16,
         out=tmp_path / "ft.pt",
         recipe=Recipe(epochs=4, lr=0.05),
         distill=DistillConfig(temperature=4.0, alpha=0.9),
@@ -37,10 +37,10 @@ def test_finetune_improves_a_pruned_model(tiny_run, digits, tmp_path):
     )
     assert best.meta["heldout_accuracy"] > before + 0.05
     assert best.meta["history"][0]["heldout_accuracy"] == pytest.approx(before)
-    assert accuracy(best.build(), digits, "heldout") == pytest.approx(best.meta["heldout_accuracy"])
+    assert accuracy(best.build(), digits16, "heldout") == pytest.approx(best.meta["heldout_accuracy"])
     assert best.meta["finished"] and 0 <= best.meta["test_accuracy"] <= 1
     again = finetune_checkpoint(  # finished: not repeated
-        student=student, teacher=dense, data=digits, out=tmp_path / "ft.pt", recipe=Recipe(epochs=4), progress=False
+        student=student, teacher=dense, data=digits16, out=tmp_path / "ft.pt", recipe=Recipe(epochs=4), progress=False
     )
     assert again.meta["history"] == best.meta["history"]
 
@@ -55,7 +55,7 @@ def pipeline_run(tiny_run, tmp_path_factory, cli):
         "weights": tiny_run["weights"],
         "device": tiny_run["device"],
         "table": tiny_run["table"],
-        "prune": {"budget": "90%", "search": "bocr", "evals": 12, "measure_top": 2, "heldout_images": 300},
+        "prune": {"budget": "80%", "search": "bocr", "evals": 12, "measure_top": 2, "heldout_images": 300},
         "finetune": {"epochs": 2, "lr": 0.02},
         "export": {"formats": ["onnx", "openvino"], "out": str(d / "export")},
         "validate": {"claim_speedup": 3.87},
@@ -134,7 +134,7 @@ def test_run_resumes_after_a_stage_is_interrupted(tiny_run, tmp_path, cli):
         "weights": tiny_run["weights"],
         "device": tiny_run["device"],
         "table": tiny_run["table"],
-        "prune": {"budget": "90%", "search": "random", "evals": 6, "measure_top": 2, "heldout_images": 300},
+        "prune": {"budget": "80%", "search": "random", "evals": 6, "measure_top": 2, "heldout_images": 300},
         "finetune": {"epochs": 40, "lr": 0.02},
         "export": {"formats": ["onnx"], "out": str(tmp_path / "export")},
     }

@@ -39,7 +39,10 @@ class Augment:
         if self.flip:
             mask = torch.rand(n, generator=gen) < 0.5
             x = torch.where(mask[:, None, None, None], x.flip(-1), x)
-        return x.contiguous()
+        # plain NCHW strides: with one channel, the crop's NHWC strides also count as contiguous, torch
+        # then runs the whole network channels-last, and oneDNN's strided 1x1 conv backward with fewer
+        # input channels than its block (a pruned shortcut) corrupts memory (oneDNN issue 6035)
+        return x.clone(memory_format=torch.contiguous_format)
 
 
 class Split:

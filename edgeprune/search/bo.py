@@ -21,10 +21,12 @@ from edgeprune.search.problem import BudgetProblem
 
 def fit_gp(X: np.ndarray, Y: np.ndarray, *, seed: int = 0):
     """A SingleTaskGP (Matern-5/2 with ARD, standardised outcomes) fitted by marginal likelihood."""
-    from botorch.fit import fit_gpytorch_mll
-    from botorch.models import SingleTaskGP
-    from botorch.models.utils.gpytorch_modules import get_matern_kernel_with_gamma_prior
-    from gpytorch.mlls import ExactMarginalLogLikelihood
+    with warnings.catch_warnings():  # linear_operator decorates with the deprecated torch.jit.script at import
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+        from botorch.fit import fit_gpytorch_mll
+        from botorch.models import SingleTaskGP
+        from botorch.models.utils.gpytorch_modules import get_matern_kernel_with_gamma_prior
+        from gpytorch.mlls import ExactMarginalLogLikelihood
 
     torch.manual_seed(seed)
     train_x = torch.as_tensor(X, dtype=torch.float64)
