@@ -202,7 +202,8 @@ def test_prune_meets_budget_on_the_device(tiny_run, tmp_path, cli):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["met_budget"] and res["chosen"]["measured_ms"] <= res["budget_ms"], (res, r.stderr)
-    assert res["evals"] == 8 and res["chosen"]["proxy_accuracy"] > 0
+    # 8 in the search's own round; a tightening round (the table's prediction missed) adds its own
+    assert res["evals"] >= 8 and res["chosen"]["proxy_accuracy"] > 0
     for f in (
         "plan.json",
         "pruned.pt",
@@ -219,7 +220,8 @@ def test_prune_meets_budget_on_the_device(tiny_run, tmp_path, cli):
     assert sum(p.numel() for p in pruned.parameters()) == res["chosen"]["params"]
     # the store holds every evaluation and the measured candidates
     db = sqlite3.connect(tmp_path / "run" / "evals.sqlite")
-    assert db.execute("SELECT COUNT(*) FROM evals WHERE duplicate = 0").fetchone()[0] == 8
+    assert db.execute("SELECT COUNT(*) FROM evals WHERE duplicate = 0 AND round = 0").fetchone()[0] == 8
+    assert db.execute("SELECT COUNT(*) FROM evals WHERE duplicate = 0").fetchone()[0] == res["evals"]
     assert db.execute("SELECT COUNT(*) FROM measurements").fetchone()[0] >= 1
     r = cli(*prune_args(tiny_run, tmp_path / "run", budget_ms="80%"))
     assert r.returncode == 2 and "already holds a pruning run; pass --resume" in r.stderr
