@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--pairs", nargs="+", default=PAIRS)
     ap.add_argument("--mode", default="uniform", choices=["uniform", "near-uniform"])
+    ap.add_argument("--depth", action="store_true", help="plans may also remove residual blocks")
     ap.add_argument("--json", dest="json_path", help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -51,7 +52,14 @@ def main() -> None:
         table = LatencyTable.load(f"latency_tables/{device_name}/{model_id}.json", fingerprint=device.fingerprint())
         t0 = time.monotonic()
         r = check_predictor(
-            model=model, input_shape=shape, table=table, device=device, n=args.n, mode=args.mode, progress=False
+            model=model,
+            input_shape=shape,
+            table=table,
+            device=device,
+            n=args.n,
+            mode=args.mode,
+            depth=args.depth,
+            progress=False,
         )
         cells = []
         for key in ("table", "table_anchored", "flops_baseline"):

@@ -259,6 +259,7 @@ def predict(
     data: Annotated[str | None, typer.Option(help="Data set whose input shape to use.")] = None,
     input_shape: Annotated[str | None, typer.Option(help="N,C,H,W input shape.")] = None,
     strict: Annotated[bool, typer.Option(help="Refuse a table profiled on another device setup.")] = False,
+    depth: Annotated[bool, typer.Option(help="--check: random plans may also remove residual blocks.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """Predict a plan's latency from a table; --check N holds the predictor against the device."""
@@ -275,8 +276,9 @@ def predict(
         fingerprint=dev.fingerprint() if dev and strict else None,
         strict=strict,
     )
-    s, predictor = predictor_for(net, shape, table)
-    counts = s.counts_of(Plan.load(plan)) if plan else s.full_counts()
+    plan_obj = Plan.load(plan) if plan else None
+    s, predictor = predictor_for(net, shape, table, depth=bool(plan_obj and plan_obj.drop))
+    counts = s.counts_of(plan_obj) if plan_obj else s.full_counts()
     result = {
         "model": model_id,
         "table": str(table_path or _default_table(device, model_id)),
@@ -286,7 +288,7 @@ def predict(
     }
     if check:
         result["check"] = check_predictor(
-            model=net, input_shape=shape, table=table, device=dev, n=check, progress=not json_out
+            model=net, input_shape=shape, table=table, device=dev, n=check, depth=depth, progress=not json_out
         )
     if json_out:
         _print_json(result)
@@ -341,6 +343,12 @@ def prune_cmd(
     clusters: Annotated[int | None, typer.Option(help="bocr: clusters of groups sharing a ratio.")] = None,
     particles: Annotated[int | None, typer.Option(help="pso: swarm size.")] = None,
     min_keep: Annotated[float | None, typer.Option(help="Smallest keep ratio of any group.")] = None,
+    depth: Annotated[
+        bool | None,
+        typer.Option(
+            "--depth/--no-depth", help="Also remove whole residual blocks (reaches budgets width pruning cannot)."
+        ),
+    ] = None,
     max_keep: Annotated[float | None, typer.Option(help="Largest keep ratio of any group.")] = None,
     fix: Annotated[
         list[str] | None, typer.Option(help="Group root layer (glob) held at full width; repeatable.")
@@ -380,6 +388,7 @@ def prune_cmd(
         "clusters": clusters,
         "particles": particles,
         "min_keep": min_keep,
+        "depth": depth,
         "max_keep": max_keep,
         "fix": fix or None,
         "measure_top": measure_top,
@@ -415,6 +424,8 @@ def prune_cmd(
         f"{c['params']:,}",
     )
     out.print(t)
+    if c.get("removed_blocks"):
+        out.print(f"residual blocks removed whole: {', '.join(c['removed_blocks'])}")
     verdict = "[green]meets[/green]" if result["met_budget"] else "[red]MISSES[/red]"
     out.print(
         f"{verdict} the {result['budget_ms']:.4g} ms budget (measured {c['measured_ms']:.4g} ms, "

@@ -96,11 +96,19 @@ def test_budget_errors(r56):
     with pytest.raises(EdgepruneError, match=r"below the smallest cost .*every free group at its minimum"):
         flops_problem(r56, 0.001)
     # the hint names --min-keep only where the keep ratio, not the channel step, is what binds
-    with pytest.raises(EdgepruneError, match=r"already at one channel step \(8\).*raise the budget$"):
+    with pytest.raises(
+        EdgepruneError,
+        match=r"already at one channel step \(8\).*raise the budget, or let the search "
+        r"remove whole residual blocks \(--depth\)$",
+    ):
         flops_problem(r56, 0.001)
     half = space(build_model("resnet56", in_channels=1).eval(), torch.randn(1, 1, 28, 28), step=8, min_keep_ratio=0.5)
-    with pytest.raises(EdgepruneError, match=r"raise the budget, or lower --min-keep$"):
+    with pytest.raises(EdgepruneError, match=r"raise the budget, or lower --min-keep, or let the search remove"):
         flops_problem(half, 0.05)
+    # with depth pruning on, the hint no longer offers it
+    deep = space(build_model("resnet56", in_channels=1).eval(), torch.randn(1, 1, 28, 28), step=8, depth=True)
+    with pytest.raises(EdgepruneError, match=r"already at one channel step \(8\).*raise the budget$"):
+        flops_problem(deep, 0.0001)
     with pytest.raises(EdgepruneError, match="at or above the dense model.*nothing to prune"):
         flops_problem(r56, 1.0)
     with pytest.raises(EdgepruneError, match="--fix pattern 'nope' matches no channel group"):

@@ -22,10 +22,10 @@ from edgeprune.latency.table import LatencyTable
 from edgeprune.training.progress import progress_bar
 
 
-def predictor_for(model: nn.Module, input_shape, table: LatencyTable):
+def predictor_for(model: nn.Module, input_shape, table: LatencyTable, *, depth: bool = False):
     from edgeprune.pruning import space
 
-    s = space(model, torch.randn(*input_shape), step=table.step or 8)
+    s = space(model, torch.randn(*input_shape), step=table.step or 8, depth=depth)
     return s, Predictor(ModelLayers.from_model(s), table)
 
 
@@ -38,13 +38,15 @@ def check_predictor(
     n: int,
     seed: int = 1,
     mode: str = "uniform",
+    depth: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Measure `n` random plans on `device`; prediction error of the table and of the FLOPs baseline."""
+    """Measure `n` random plans on `device`; prediction error of the table and of the FLOPs baseline.
+    With `depth`, the plans may also remove residual blocks."""
     from edgeprune.export import export_onnx
     from edgeprune.pruning import random_counts
 
-    s, predictor = predictor_for(model, input_shape, table)
+    s, predictor = predictor_for(model, input_shape, table, depth=depth)
     dense_predicted = predictor.predict()
     rng = np.random.default_rng(seed)
     rows = []

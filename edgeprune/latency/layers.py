@@ -7,6 +7,10 @@ its group; element-wise ops pass channels through; concat adds them), so the uni
 are computed without exporting it. A unit's key holds op, channels in/out, kernel, stride,
 padding, groups, input HxW and fusion; keys, not layer names, so one table serves every model
 that shares shapes.
+
+With depth pruning, each unit inside a removable residual block (its convs, and the add that
+joins the block's branch) knows the group whose keep-count 0 removes it: a removed block's units
+are simply absent from the plan's configurations.
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ class _Unit:
     layer: str | None = None  # the torch layer (conv/gemm) whose out channels the cost model knows
     groups0: int = 1
     depthwise: bool = False
+    gate: int | None = None  # the group whose keep-count 0 removes this unit (depth pruning)
 
 
 def _attr(node, name, default):
@@ -137,6 +142,8 @@ class ModelLayers:
         layer_index = {n: i for i, n in enumerate(cost.names)}
         units: list[_Unit] = []
         fused: set[str] = set()
+        blocks = {g: block + "." for g, block in space.gates.items()}
+        tensor_gate: dict[str, int] = {}  # outputs of a removable block's convs -> its gate group
         for node in graph.node:
             op = node.op_type
             if node.name in fused:
@@ -191,12 +198,20 @@ class ModelLayers:
                     unit.op = f"other:{op}"
                 main = max((tensors[t] for t in ins), key=lambda t: t.c0)
                 tensors[out] = main
+            if unit.layer is not None:
+                unit.gate = next((g for g, prefix in blocks.items() if unit.layer.startswith(prefix)), None)
+            elif unit.op == "add":  # the add that joins a removable block's branch goes with the block
+                unit.gate = next((tensor_gate[t] for t in ins if t in tensor_gate), None)
+            if unit.gate is not None and unit.op != "add":
+                tensor_gate[out] = unit.gate
             # fuse a following activation that is the only consumer (what ORT / OpenVINO do)
             nxt = consumers.get(out, [])
             if unit.op in ("conv", "add", "gemm") and len(nxt) == 1 and nxt[0].op_type in ACTIVATIONS:
                 unit.act = ACTIVATIONS[nxt[0].op_type]
                 fused.add(nxt[0].name)
                 tensors[nxt[0].output[0]] = tensors[out]
+                if out in tensor_gate:
+                    tensor_gate[nxt[0].output[0]] = tensor_gate[out]
             if unit.op in ("mul", "add") and len(ins) == 2:
                 other = shapes.get(ins[1], [])
                 unit.attrs["extra"] = (1,) if len(other) == 4 and other[2] * other[3] == 1 and h * w > 1 else ()
@@ -230,14 +245,16 @@ class ModelLayers:
         """The units of the model pruned to `counts` (default: dense)."""
         counts = self.space.full_counts() if counts is None else counts
         ch = self.channels(counts)
-        return [self._config(u, ch) for u in self.units]
+        return [self._config(u, ch) for u in self.units if u.gate is None or counts[u.gate] > 0]
 
-    def unit_grid(self, u_index: int, limit: int = 20000) -> tuple[list[int], list[LayerConfig]]:
+    def unit_grid(self, u_index: int, limit: int = 20000) -> tuple[list[int], list[LayerConfig | None]]:
         """The groups unit `u_index` depends on, and its configuration for every combination of
-        their allowed keep-counts (itertools.product order, the other groups at full width)."""
+        their allowed keep-counts (itertools.product order, the other groups at full width);
+        None where the combination removes the unit's block."""
         u = self.units[u_index]
         tnames = u.inputs + [u.output]
-        involved = sorted({int(g) for t in tnames for g in np.flatnonzero(self._a[self._tindex[t]])})
+        involved = {int(g) for t in tnames for g in np.flatnonzero(self._a[self._tindex[t]])}
+        involved = sorted(involved | ({u.gate} if u.gate is not None else set()))
         options = [self.space.groups[g].allowed for g in involved]
         combos = int(np.prod([len(o) for o in options])) if options else 1
         if combos > limit:
@@ -247,7 +264,8 @@ class ModelLayers:
         for choice in itertools.product(*options) if options else [()]:
             counts = full.copy()
             counts[involved] = choice
-            configs.append(self._unit_config(u, counts))
+            removed = u.gate is not None and counts[u.gate] == 0
+            configs.append(None if removed else self._unit_config(u, counts))
         return involved, configs
 
     def reachable(self, limit: int = 20000) -> list[LayerConfig]:
@@ -255,7 +273,8 @@ class ModelLayers:
         seen: dict[str, LayerConfig] = {}
         for u_index in range(len(self.units)):
             for cfg in self.unit_grid(u_index, limit)[1]:
-                seen.setdefault(cfg.key, cfg)
+                if cfg is not None:
+                    seen.setdefault(cfg.key, cfg)
         return list(seen.values())
 
     def _unit_config(self, u: _Unit, counts) -> LayerConfig:

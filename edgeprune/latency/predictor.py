@@ -88,8 +88,15 @@ class CompiledPredictor:
         for u in range(len(layers.units)):
             involved, configs = layers.unit_grid(u)
             ms = np.array(
-                [max(0.0, entries[c.key]["median_ms"] - overhead) if c.key in entries else np.nan for c in configs]
-            )
+                [
+                    0.0
+                    if c is None
+                    else max(0.0, entries[c.key]["median_ms"] - overhead)
+                    if c.key in entries
+                    else np.nan
+                    for c in configs
+                ]
+            )  # a unit of a removed block (None) costs nothing
             missing += [c.key for c, v in zip(configs, ms) if np.isnan(v)]
             if not involved:
                 constant += float(ms[0])

@@ -48,6 +48,7 @@ class PruneConfig:
     clusters: int = 4  # bocr: groups clustered into this many shared ratios
     particles: int = 10  # pso: swarm size
     min_keep: float = 0.1
+    depth: bool = False  # also remove whole residual blocks (below what width pruning alone reaches)
     max_keep: float = 1.0
     fix: list[str] = field(default_factory=list)  # group roots (glob) held at full width
     calibration_batches: int = 10
@@ -187,7 +188,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
                 f"profile it: edgeprune profile --weights {cfg.weights} --device {device.name}"
             )
     step = table.step if table else (device.spec.channel_step or 8)
-    s = space(model, torch.randn(*shape), step=step, min_keep_ratio=cfg.min_keep)
+    s = space(model, torch.randn(*shape), step=step, min_keep_ratio=cfg.min_keep, depth=cfg.depth)
 
     if not resume:  # a start that failed before its search began leaves no run behind (see below)
         (out / "evals.sqlite").unlink(missing_ok=True)
@@ -350,7 +351,8 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
         chosen = ({r["plan_hash"]: r for r in loop.rows}[best_m["plan_hash"]], best_m)
         log(
             f"warning: no plan met the {budget_ms:.4g} ms budget on {device.name} after {stage + 1} rounds; "
-            f"keeping the fastest measured ({best_m['measured_ms']:.4g} ms): lower --min-keep or raise the budget"
+            f"keeping the fastest measured ({best_m['measured_ms']:.4g} ms): lower --min-keep, add --depth "
+            "or raise the budget"
         )
     row, m = chosen
     counts = [int(c) for c in row["counts"]]
@@ -410,6 +412,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
             "measured_ms": m["measured_ms"],
             "macs": s.macs(counts),
             "params": s.params(counts),
+            "removed_blocks": plan.drop,
             "plan_hash": row["plan_hash"],
         },
         "met_budget": met,

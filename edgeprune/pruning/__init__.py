@@ -1,10 +1,12 @@
-"""Structured channel pruning: prunable space, plans, channel criteria, cost counting.
+"""Structured channel pruning: prunable space, plans, channel criteria, cost counting; with
+depth=True also whole residual blocks.
 
 s = edgeprune.pruning.space(model, example_input, step=8)
 plan = s.plan(counts, criterion="reprune")      # or s.uniform(0.5)
 pruned = plan.apply(model)
 """
 
+from edgeprune.pruning.blocks import ResidualBlock, residual_blocks
 from edgeprune.pruning.cost import CostModel, count_macs
 from edgeprune.pruning.criteria import CRITERIA, acp_widths, make_criterion
 from edgeprune.pruning.plan import Plan
@@ -18,6 +20,7 @@ __all__ = [
     "CostModel",
     "Plan",
     "PrunableSpace",
+    "ResidualBlock",
     "acp_widths",
     "allowed_counts",
     "classifier_layers",
@@ -25,5 +28,6 @@ __all__ = [
     "make_criterion",
     "prune_uniform",
     "random_counts",
+    "residual_blocks",
     "space",
 ]

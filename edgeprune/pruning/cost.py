@@ -32,6 +32,7 @@ class CostModel:
     a_in: np.ndarray
     widths: np.ndarray
     other_params: int  # parameters outside conv/linear/norm layers (e.g. ConvNeXt's layer scale), counted as unpruned
+    gate: np.ndarray  # per layer, the group whose keep-count 0 removes its residual block (-1: none)
 
     @classmethod
     def from_space(cls, space) -> CostModel:
@@ -93,6 +94,8 @@ class CostModel:
                 kernel.append(1)
                 bias.append(sum(p.numel() for p in m.parameters(recurse=False)) > c)
         total = sum(p.numel() for p in model.parameters())
+        blocks = {g: block + "." for g, block in space.gates.items()}
+        gate = [next((g for g, prefix in blocks.items() if n.startswith(prefix)), -1) for n in names]
         arr = np.asarray
         return cls(
             names,
@@ -108,6 +111,7 @@ class CostModel:
             a_in,
             arr(space.widths),
             total - counted,
+            arr(gate, int),
         )
 
     def _shapes(self, counts):
@@ -115,15 +119,21 @@ class CostModel:
         removed = self.widths - np.asarray(counts)
         out = self.out0 - removed @ self.a_out.T
         inp = np.where(self.depthwise, out, self.in0 - removed @ self.a_in.T)
-        groups = np.where(self.depthwise, out, self.groups0)
+        groups = np.maximum(np.where(self.depthwise, out, self.groups0), 1)  # >= 1: a removed block has 0 channels
         norm = self.kind == 2
         inp = np.where(norm, out, inp)
         return out, inp, groups
 
+    def _alive(self, counts) -> np.ndarray:
+        """Per layer, 1 unless the plan removes the residual block it lies in."""
+        counts = np.asarray(counts)
+        kept = np.take(counts, np.maximum(self.gate, 0), axis=-1) > 0
+        return np.where(self.gate >= 0, kept, True)
+
     def macs_many(self, counts) -> np.ndarray:
         """MACs of each plan (N x G keep-counts), vectorised: what a search's repair calls."""
         out, inp, groups = self._shapes(np.atleast_2d(counts))
-        per = out * (inp / groups) * self.kernel * self.spatial
+        per = out * (inp / groups) * self.kernel * self.spatial * self._alive(np.atleast_2d(counts))
         return np.round((per * (self.kind != 2)).sum(-1))
 
     def macs(self, counts: Sequence[int]) -> int:
@@ -135,7 +145,8 @@ class CostModel:
         norm_affine = (self.kind == 2) & (weights > 0)
         weights = np.where(norm_affine, out * np.where(self.has_bias, 2, 1), weights)
         bias = np.where((self.kind != 2) & self.has_bias, out, 0)
-        return int(round(weights.sum() + bias.sum())) + self.other_params
+        alive = self._alive(counts)
+        return int(round((weights * alive).sum() + (bias * alive).sum())) + self.other_params
 
 
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:

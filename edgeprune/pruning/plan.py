@@ -1,7 +1,7 @@
 """A plan: the exact channels kept in each group. Applied to the base model it gives the pruned model.
 
-Small JSON (root layer name -> kept indices); a pruned checkpoint is base model id + plan +
-state dict, rebuilt without unpickling modules.
+Small JSON (root layer name -> kept indices, and the residual blocks removed whole, if any); a
+pruned checkpoint is base model id + plan + state dict, rebuilt without unpickling modules.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ class Plan:
     criterion: str = "l1"
     step: int = 1
     exclude: list[str] = field(default_factory=list)
+    drop: list[str] = field(
+        default_factory=list
+    )  # residual blocks replaced by an identity (their inner group keeps [])
 
     @property
     def counts(self) -> dict[str, int]:
@@ -44,6 +47,7 @@ class Plan:
             "criterion": self.criterion,
             "step": self.step,
             "exclude": self.exclude,
+            "drop": self.drop,
         }
 
     @classmethod
@@ -58,6 +62,7 @@ class Plan:
                 d.get("criterion", ""),
                 int(d.get("step", 1)),
                 list(d.get("exclude", [])),
+                [str(b) for b in d.get("drop", [])],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise EdgepruneError(f"not a valid edgeprune plan ({type(e).__name__}: {e})") from None
@@ -99,6 +104,10 @@ class Plan:
         DG = build_graph(model, example)
         names = dict(model.named_modules())
         for root, kept in self.keep.items():
+            if not kept:
+                if not any(root.startswith(b + ".") for b in self.drop):
+                    raise EdgepruneError(f"plan keeps no channel of {root!r} but removes no block around it")
+                continue
             module = names.get(root)
             if module is None:
                 raise EdgepruneError(f"plan prunes layer {root!r}, which this model does not have: wrong base model?")
@@ -122,6 +131,10 @@ class Plan:
                 ) from None
             if DG.get_out_channels(module) != len(kept):
                 raise EdgepruneError(f"pruning {root!r} left {DG.get_out_channels(module)} channels, not {len(kept)}")
+        if self.drop:  # after pruning: a group's root may lie in a removed block while its channels run on
+            from edgeprune.pruning.blocks import remove_blocks
+
+            remove_blocks(model, self.drop)
         try:
             with torch.no_grad():
                 model(example)

@@ -38,6 +38,7 @@ class ChannelGroup:
     channel_groups: int  # grouped convs split the channels into this many equal parts
     layers: list[LayerDim]
     allowed: list[int]  # allowed keep-counts, ascending; the last is the full width
+    block: str | None = None  # with depth pruning: the residual block that keep-count 0 removes
 
     @property
     def prunable(self) -> bool:
@@ -89,6 +90,7 @@ class PrunableSpace:
     step: int
     min_keep_ratio: float
     exclude: list[str] = field(default_factory=list)
+    depth: bool = False  # whether plans may remove whole residual blocks (see pruning/blocks.py)
     base: nn.Module | None = field(default=None, repr=False)
     graph: tp.DependencyGraph | None = field(default=None, repr=False)
     _criteria: dict = field(default_factory=dict, repr=False)
@@ -156,9 +158,11 @@ class PrunableSpace:
             counts = [counts.get(g.root, g.width) for g in self.groups]
         counts = self.check_counts(counts)
         crit = self.criterion(criterion, **criterion_kwargs)
-        keep = {}
+        keep, drop = {}, []
         for g, k in zip(self.groups, counts):
-            if k < g.width:
+            if k == 0:
+                keep[g.root], drop = [], drop + [g.block]
+            elif k < g.width:
                 keep[g.root] = sorted(int(i) for i in crit.select(g, k))
         return Plan(
             input_shape=tuple(self.input_shape),
@@ -167,10 +171,16 @@ class PrunableSpace:
             criterion=criterion,
             step=self.step,
             exclude=list(self.exclude),
+            drop=drop,
         )
 
     def uniform(self, keep_ratio: float, *, criterion: str = "l1", **kw):
         return self.plan(self.counts_from_ratios(keep_ratio), criterion=criterion, **kw)
+
+    @property
+    def gates(self) -> dict[int, str]:
+        """Group index -> the residual block its keep-count 0 removes (empty without depth pruning)."""
+        return {g.index: g.block for g in self.groups if g.block is not None}
 
     def counts_of(self, plan) -> list[int]:
         return [len(plan.keep[g.root]) if g.root in plan.keep else g.width for g in self.groups]
@@ -210,11 +220,13 @@ def space(
     step: int = 8,
     min_keep_ratio: float = 0.1,
     exclude: Sequence[str] = (),
+    depth: bool = False,
 ) -> PrunableSpace:
     """The prunable space of `model`: coupled channel groups and their allowed keep-counts.
 
     `exclude` holds layer names or glob patterns (e.g. ``"features.0.*"``) whose channels stay.
-    The classifier's outputs and the network input are never pruned.
+    The classifier's outputs and the network input are never pruned. With `depth`, the inner
+    group of every removable residual block also allows 0 channels: the block removed.
     """
     if step < 1:
         raise EdgepruneError(f"channel step must be >= 1, got {step}")
@@ -250,4 +262,26 @@ def space(
         )
     if not groups:
         raise EdgepruneError("the model has no prunable channel groups (every layer is excluded or the classifier)")
-    return PrunableSpace(groups, tuple(example_input.shape), step, min_keep_ratio, list(exclude), model, DG)
+    if depth:
+        _allow_block_removal(groups, model)
+    return PrunableSpace(groups, tuple(example_input.shape), step, min_keep_ratio, list(exclude), depth, model, DG)
+
+
+def _allow_block_removal(groups: list[ChannelGroup], model: nn.Module) -> None:
+    """Give the inner group of each removable residual block the keep-count 0."""
+    from edgeprune.pruning.blocks import residual_blocks
+
+    by_layer = {d.layer: g for g in groups for d in g.layers if d.dim == "out"}
+    found = 0
+    for block in residual_blocks(model):
+        g = by_layer.get(block.inner)
+        if g is None or not all(d.layer.startswith(block.name + ".") for d in g.layers):
+            continue  # excluded, or its channels reach outside the block
+        g.block = block.name
+        g.allowed = [0, *g.allowed]
+        found += 1
+    if not found:
+        raise EdgepruneError(
+            "depth pruning found no removable residual block in this model (recognised: ResNet basic blocks and "
+            "MobileNetV2 inverted residuals with an identity shortcut); prune without --depth"
+        )

@@ -101,11 +101,17 @@ class BudgetProblem:
             allowed_counts(g.width, step=self.space.step, min_keep_ratio=1e-9, channel_groups=g.channel_groups)[0]
             for g in groups
         ]
-        if any(g.allowed[0] > f for g, f in zip(groups, floor)):
-            return "raise the budget, or lower --min-keep"
+        depth = ""
+        if not self.space.depth and self.space.base is not None:
+            from edgeprune.pruning.blocks import residual_blocks
+
+            if residual_blocks(self.space.base):
+                depth = ", or let the search remove whole residual blocks (--depth)"
+        if any(g.allowed[0] > f for g, f in zip(groups, floor) if g.block is None):
+            return f"raise the budget, or lower --min-keep{depth}"
         return (
             f"every group is already at one channel step ({self.space.step}): the rest is layers channel "
-            "pruning cannot remove; raise the budget"
+            f"pruning cannot remove; raise the budget{depth}"
         )
 
     @property
