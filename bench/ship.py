@@ -10,8 +10,8 @@ Rows (Fashion-MNIST, shipped checkpoints): resnet20 at 50 % and 33 % of its dens
 cpu-onnxruntime, at 50 % on cpu-openvino, resnet56 at 50 % on cpu-onnxruntime. For each row two
 runs: ours (BOCR over per-group widths, latency table cost, measured check) and uniform (one keep
 ratio for every group, bisected to the budget, the same measured check). The 33 % row is below
-every width-only plan: there both runs may also remove whole residual blocks (`--depth`; for
-uniform, a block goes when the shared ratio rounds its inner group to zero channels). Both are finetuned for
+every width-only plan: there both runs may also remove whole residual blocks (`--depth`; uniform
+removes the fewest that let a shared ratio fit, evenly across stages). Both are finetuned for
 the same epochs with the same distillation recipe, exported (ONNX, and OpenVINO IR for the OpenVINO
 row), and validated on the device: measured latency (must meet the budget), test accuracy computed
 by the runtime on the exported file.

@@ -142,7 +142,6 @@ class ModelLayers:
         layer_index = {n: i for i, n in enumerate(cost.names)}
         units: list[_Unit] = []
         fused: set[str] = set()
-        blocks = {g: block + "." for g, block in space.gates.items()}
         tensor_gate: dict[str, int] = {}  # outputs of a removable block's convs -> its gate group
         for node in graph.node:
             op = node.op_type
@@ -199,7 +198,7 @@ class ModelLayers:
                 main = max((tensors[t] for t in ins), key=lambda t: t.c0)
                 tensors[out] = main
             if unit.layer is not None:
-                unit.gate = next((g for g, prefix in blocks.items() if unit.layer.startswith(prefix)), None)
+                unit.gate = space.gate_of(unit.layer)
             elif unit.op == "add":  # the add that joins a removable block's branch goes with the block
                 unit.gate = next((tensor_gate[t] for t in ins if t in tensor_gate), None)
             if unit.gate is not None and unit.op != "add":

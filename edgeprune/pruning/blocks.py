@@ -18,11 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
-from torchvision.models.mobilenetv2 import InvertedResidual
-from torchvision.models.resnet import BasicBlock as TorchvisionBasicBlock
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.models.cifar_resnet import BasicBlock as CifarBasicBlock
 
 
 @dataclass(frozen=True)
@@ -33,6 +30,12 @@ class ResidualBlock:
 
 def residual_blocks(model: nn.Module) -> list[ResidualBlock]:
     """The blocks of `model` that become an identity when their branch is removed."""
+    # imported here: edgeprune.models and torchvision cost ~1 s, which `import edgeprune.pruning` need not pay
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.resnet import BasicBlock as TorchvisionBasicBlock
+
+    from edgeprune.models.cifar_resnet import BasicBlock as CifarBasicBlock
+
     blocks = []
     for name, m in model.named_modules():
         inner = None

@@ -94,8 +94,7 @@ class CostModel:
                 kernel.append(1)
                 bias.append(sum(p.numel() for p in m.parameters(recurse=False)) > c)
         total = sum(p.numel() for p in model.parameters())
-        blocks = {g: block + "." for g, block in space.gates.items()}
-        gate = [next((g for g, prefix in blocks.items() if n.startswith(prefix)), -1) for n in names]
+        gate = [-1 if g is None else g for g in map(space.gate_of, names)]
         arr = np.asarray
         return cls(
             names,

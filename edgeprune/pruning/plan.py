@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.pruning.blocks import remove_blocks
 from edgeprune.pruning.graph import build_graph
 
 PLAN_VERSION = 1
@@ -30,9 +31,8 @@ class Plan:
     criterion: str = "l1"
     step: int = 1
     exclude: list[str] = field(default_factory=list)
-    drop: list[str] = field(
-        default_factory=list
-    )  # residual blocks replaced by an identity (their inner group keeps [])
+    # residual blocks replaced by an identity (their inner group keeps [])
+    drop: list[str] = field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -132,8 +132,6 @@ class Plan:
             if DG.get_out_channels(module) != len(kept):
                 raise EdgepruneError(f"pruning {root!r} left {DG.get_out_channels(module)} channels, not {len(kept)}")
         if self.drop:  # after pruning: a group's root may lie in a removed block while its channels run on
-            from edgeprune.pruning.blocks import remove_blocks
-
             remove_blocks(model, self.drop)
         try:
             with torch.no_grad():

@@ -18,6 +18,7 @@ import torch_pruning as tp
 from torch import nn
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.pruning.blocks import residual_blocks
 from edgeprune.pruning.graph import ROOT_TYPES, build_graph, module_name
 
 
@@ -182,6 +183,10 @@ class PrunableSpace:
         """Group index -> the residual block its keep-count 0 removes (empty without depth pruning)."""
         return {g.index: g.block for g in self.groups if g.block is not None}
 
+    def gate_of(self, layer: str) -> int | None:
+        """The group whose keep-count 0 removes the block `layer` lies in (None: no such block)."""
+        return next((g for g, block in self.gates.items() if layer.startswith(block + ".")), None)
+
     def counts_of(self, plan) -> list[int]:
         return [len(plan.keep[g.root]) if g.root in plan.keep else g.width for g in self.groups]
 
@@ -269,8 +274,6 @@ def space(
 
 def _allow_block_removal(groups: list[ChannelGroup], model: nn.Module) -> None:
     """Give the inner group of each removable residual block the keep-count 0."""
-    from edgeprune.pruning.blocks import residual_blocks
-
     by_layer = {d.layer: g for g in groups for d in g.layers if d.dim == "out"}
     found = 0
     for block in residual_blocks(model):
