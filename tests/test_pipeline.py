@@ -55,7 +55,16 @@ def pipeline_run(tiny_run, tmp_path_factory, cli):
         "weights": tiny_run["weights"],
         "device": tiny_run["device"],
         "table": tiny_run["table"],
-        "prune": {"budget": "80%", "search": "bocr", "evals": 12, "measure_top": 2, "heldout_images": 300},
+        # a 10 % margin: the tiny device's fast protocol moves the plan/dense ratio by a few percent
+        # between the search's measurement and validation's, and this test is about the chaining
+        "prune": {
+            "budget": "80%",
+            "search": "bocr",
+            "evals": 12,
+            "measure_top": 2,
+            "heldout_images": 300,
+            "margin": 0.1,
+        },
         "finetune": {"epochs": 2, "lr": 0.02},
         "export": {"formats": ["onnx", "openvino"], "out": str(d / "export")},
         "validate": {"claim_speedup": 3.87},
