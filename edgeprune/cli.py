@@ -357,6 +357,10 @@ def prune_cmd(
     margin: Annotated[
         float | None, typer.Option(help="Share under the budget the chosen plan must measure (default 0.02).")
     ] = None,
+    max_rounds: Annotated[
+        int | None,
+        typer.Option(help="Budget tightenings after measured misses before giving up (default 4; may grow on --resume)."),
+    ] = None,
     data_root: Annotated[str | None, typer.Option(help="Folder of the data set files.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out (after a crash or kill).")] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (scoring).")] = None,
@@ -393,6 +397,7 @@ def prune_cmd(
         "fix": fix or None,
         "measure_top": measure_top,
         "margin": margin,
+        "max_rounds": max_rounds,
         "data_root": data_root,
     }
     log = _log(json_out)

@@ -6,7 +6,7 @@ best candidates against the device.
    recorded in the run's SQLite store as it happens;
 3. hardware in the loop: the top candidates are measured on the device; the chosen plan is the
    best whose *measured* latency meets the budget. If none does, the search budget is tightened
-   by the observed prediction error and the search continues (a few rounds at most);
+   by the observed prediction error and the search continues (`max_rounds` at most; a resume may grant more);
 4. the chosen plan, its pruned checkpoint (BN recalibrated), plots and results.json are written.
 
 A run killed at any point resumes with `resume=True` and loses no evaluation or measurement.
@@ -84,9 +84,11 @@ def _tightened(current: float, target_ms: float, points: list[tuple[float, float
     Latency is monotone in cost but far from proportional (half the MACs can keep 75 % of the
     time), so two estimates bound the step: the latest round's candidate scaled by its own
     measured/cost ratio (gentle, right for a near miss) and the budget interpolated between the
-    measured points that bracket it (bold, never extrapolating). From the second round on, the
-    secant through the last two rounds picks a point between them; before that the gentle one
-    wins. Always at least 1 % tighter than `current`."""
+    measured points that bracket it (bold, never extrapolating). From the second round on, a
+    least-squares line through the rounds' candidates (with two rounds, their secant) picks a
+    point between them; where noise tilts that line the wrong way, the midpoint is taken, since
+    the gentle step has already fallen short once. Before that the gentle one wins. Always at
+    least 1 % tighter than `current`."""
     pts = sorted(points)
     below = [p for p in pts if p[1] <= target_ms]
     above = [p for p in pts if p[1] > target_ms and (not below or p[0] > below[-1][0])]
@@ -101,9 +103,12 @@ def _tightened(current: float, target_ms: float, points: list[tuple[float, float
     lo, hi = sorted((interpolated, scaled))
     estimate = hi
     if len(rounds) >= 2:
-        (c1, m1), (c2, m2) = rounds[-2], rounds[-1]
-        if abs(c1 - c2) > 1e-12 and (m1 - m2) / (c1 - c2) > 0:
-            estimate = float(np.clip(c2 - (m2 - target_ms) * (c1 - c2) / (m1 - m2), lo, hi))
+        c, m = np.array(rounds, dtype=float).T
+        slope = np.polyfit(c, m, 1)[0] if np.ptp(c) > 1e-12 else 0.0
+        if slope > 0:
+            estimate = float(np.clip(c.mean() + (target_ms - m.mean()) / slope, lo, hi))
+        else:
+            estimate = (lo + hi) / 2
     return min(estimate * 0.995, current * 0.99)
 
 
@@ -116,14 +121,16 @@ def _settings(out: Path, resume: bool, given: dict) -> PruneConfig:
         if not path.is_file():
             raise EdgepruneError(f"{out} holds no pruning run to resume ({CONFIG} missing); start one without --resume")
         stored = json.loads(path.read_text())
+        growable = ("evals", "max_rounds")
         for k, v in given.items():
-            if v is not None and k != "evals" and stored.get(k) != v:
+            if v is not None and k not in growable and stored.get(k) != v:
                 raise EdgepruneError(
                     f"{out} was started with {k}={stored.get(k)!r}, not {v!r}; resume with the same settings "
-                    "(only --evals may grow) or start a new run"
+                    "(only --evals and --max-rounds may grow) or start a new run"
                 )
-        if given.get("evals"):
-            stored["evals"] = given["evals"]
+        for k in growable:
+            if given.get(k) is not None:
+                stored[k] = given[k]
         return PruneConfig(**stored)
     if path.exists():
         raise EdgepruneError(
@@ -307,7 +314,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
             if ok:
                 chosen = max(ok, key=lambda rm: (rm[0]["score"], -rm[1]["measured_ms"]))
                 break
-            if stage >= cfg.max_rounds or not todo:
+            if stage >= cfg.max_rounds or not measured:
                 break
             smallest = problem.cost_of(np.zeros((1, problem.dim)))[0]
             if store.get("smallest_ms") is None:  # bracket the budget from below once
@@ -352,7 +359,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
         log(
             f"warning: no plan met the {budget_ms:.4g} ms budget on {device.name} after {stage + 1} rounds; "
             f"keeping the fastest measured ({best_m['measured_ms']:.4g} ms): lower --min-keep, add --depth "
-            "or raise the budget"
+            "or raise the budget (or, if the measurements were still closing in, --resume with a larger --max-rounds)"
         )
     row, m = chosen
     counts = [int(c) for c in row["counts"]]
