@@ -196,6 +196,13 @@ def profile(
     data: Annotated[str | None, typer.Option(help="Data set whose input shape to use.")] = None,
     input_shape: Annotated[str | None, typer.Option(help="N,C,H,W input shape.")] = None,
     calibrate: Annotated[int, typer.Option(help="Random whole-model plans measured to calibrate.")] = 8,
+    copies: Annotated[
+        int | None,
+        typer.Option(
+            help="Measure each unit alone (1) or in context: K summed copies against one "
+            "(default: the device profile's unit_copies)."
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a summary as JSON.")] = False,
 ) -> None:
     """Profile every layer configuration reachable by pruning a model into a latency table (resumable)."""
@@ -222,6 +229,7 @@ def profile(
         device=dev,
         out=target,
         step=step_value,
+        copies=copies,
         calibrate=calibrate,
         log=log,
     )
@@ -230,6 +238,7 @@ def profile(
         "device": dev.name,
         "model": model_id,
         "step": table.step,
+        "unit_copies": table.unit_copies,
         "entries": len(table.entries),
         "calibration": table.calibration,
         "profile_seconds": table.meta.get("profile_seconds"),
@@ -359,7 +368,9 @@ def prune_cmd(
     ] = None,
     max_rounds: Annotated[
         int | None,
-        typer.Option(help="Budget tightenings after measured misses before giving up (default 4; may grow on --resume)."),
+        typer.Option(
+            help="Budget tightenings after measured misses before giving up (default 4; may grow on --resume)."
+        ),
     ] = None,
     data_root: Annotated[str | None, typer.Option(help="Folder of the data set files.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out (after a crash or kill).")] = False,

@@ -9,6 +9,7 @@ import time
 import warnings
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.latency.layers import LayerConfig, ModelLayers, unit_model
 from edgeprune.latency.measurement import Measurement, Protocol, measure_callable
 from edgeprune.latency.predictor import Predictor
-from edgeprune.latency.profiler import detect_step
+from edgeprune.latency.profiler import detect_step, measure_configs, profile
 from edgeprune.latency.table import LatencyTable
 from edgeprune.models import build_model
 from edgeprune.pruning import random_counts, space
@@ -210,9 +211,118 @@ def test_predictor_is_calibrated_table_sum():
     assert p.predict(counts) == pytest.approx(2.0 * by_hand + 0.5)
     cal = p.fit_calibration([1.0, 2.0, 3.0, 4.0, 5.0], [2.5, 4.5, 6.5, 8.5, 40.0])  # one disturbed measurement
     assert cal["a"] == pytest.approx(2.0) and cal["b"] == pytest.approx(0.5)
+    # an isolated table's entries each pay the per-call overhead once; an in-context one's do not
+    table.meta["unit_overhead_ms"] = 0.004
+    assert p.predict(counts) == pytest.approx(2.0 * (by_hand - 0.004 * len(layers.configs(counts))) + 0.5)
+    assert p.compiled().predict(np.array([counts]))[0] == pytest.approx(p.predict(counts))
+    table.meta["unit_copies"] = 4
+    assert p.predict(counts) == pytest.approx(2.0 * by_hand + 0.5)
+    assert p.compiled().predict(np.array([counts]))[0] == pytest.approx(p.predict(counts))
     del table.entries[layers.configs(counts)[0].key]
     with pytest.raises(EdgepruneError, match="lacks 1 of"):
         p.predict(counts)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        LayerConfig("conv", 8, 16, 14, 14, (3, 3), (2, 2), (1, 1, 1, 1), 1, "relu"),
+        LayerConfig("conv", 16, 16, 7, 7, (3, 3), (1, 1), (1, 1, 1, 1), 16, "relu6"),
+        LayerConfig("add", 16, 16, 7, 7, act="relu"),
+        LayerConfig("gemm", 32, 10),
+    ],
+    ids=lambda c: c.op,
+)
+def test_unit_copies_read_one_input_and_sum(cfg):
+    """K copies of a unit: each its own weights, all reading the model's one input, outputs summed."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    one, shape = unit_model(cfg, seed=5)
+    many, shape_k = unit_model(cfg, seed=5, copies=3)
+    assert shape_k == shape and [i.name for i in many.graph.input] == ["x"]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[
+        0
+    ]
+    # each copy alone: keep its nodes, rename its output "y"
+    weights = {i.name: i for i in many.graph.initializer}
+    total = 0
+    for j in range(3):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(one)
+        for init in copy.graph.initializer:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights[f"c{j}_{init.name}"]), init.name))
+        total = total + run(copy)
+    assert run(many) == pytest.approx(total, rel=1e-4, abs=1e-4)
+    assert not np.allclose(run(many), 3 * run(one))  # the copies' weights differ
+    with pytest.raises(EdgepruneError, match="at least 1"):
+        unit_model(cfg, copies=0)
+
+
+class CountingDevice(Device):
+    """Latency = 0.03 ms per call + 0.01 ms per conv or add node: the arithmetic of in-context units."""
+
+    def __init__(self):
+        super().__init__(DeviceSpec("counting", "onnxruntime", unit_copies=4))
+
+    def fingerprint(self):
+        return {"runtime": "counting"}
+
+    def measure_many(self, items, protocol=None, *, on_result=None):
+        out = []
+        for i, (path, _) in enumerate(items):
+            nodes = [n.op_type for n in onnx.load(str(path)).graph.node]
+            ms = 0.03 + 0.01 * sum(op in ("Conv", "Add") for op in nodes)
+            out.append(Measurement(ms, ms, ms, 0.0, 20, 0.0))
+            if on_result:
+                on_result(i, out[-1])
+        return out
+
+    def measure(self, onnx_path, input_shape, protocol=None):
+        return self.measure_many([(onnx_path, input_shape)])[0]
+
+
+def test_in_context_profile_records_the_per_copy_cost(tmp_path):
+    """With unit_copies K the profiler measures one copy and K, and the entry is their per-copy
+    difference (the call's overhead cancels); the predictor then adds no overhead term."""
+    cfgs = [LayerConfig("conv", 8, 16, 14, 14, (3, 3), (1, 1), (1, 1, 1, 1), 1, "relu"), LayerConfig("act:relu", 8, 8)]
+    ms = measure_configs(CountingDevice(), cfgs, FAST, copies=4)
+    assert ms[0].median_ms == pytest.approx(0.01) and ms[0].extra["single_ms"] == pytest.approx(0.04)
+    assert ms[0].extra["copies_ms"] == pytest.approx(0.07) and ms[1].median_ms == 0.0
+    model = build_model("resnet20", in_channels=1)
+    table = profile(
+        model=model, model_id="resnet20", input_shape=(1, 1, 8, 8), device=CountingDevice(),
+        out=tmp_path / "t.json", step=16, calibrate=2, progress=False, log=lambda s: None,
+    )  # fmt: skip
+    assert table.unit_copies == 4 and table.overhead_ms == 0.0
+    conv = next(e for k, e in table.entries.items() if k.startswith("conv"))
+    assert conv["median_ms"] == pytest.approx(0.01) and conv["single_ms"] == pytest.approx(0.04)
+    assert conv["copies_ms"] == pytest.approx(0.07)
+    # the dense model: 0.03 + 0.01 per conv and add; the in-context table sums to exactly that less 0.03
+    points = table.meta["calibration_points"]
+    dense = points[",".join(map(str, space(model, torch.randn(1, 1, 8, 8), step=16).full_counts()))]
+    assert dense["measured_ms"] == pytest.approx(dense["sum_ms"] + 0.03)
+    with pytest.raises(EdgepruneError, match="units measured with 4 copies, not 1"):
+        profile(
+            model=model, model_id="resnet20", input_shape=(1, 1, 8, 8), device=CountingDevice(),
+            out=tmp_path / "t.json", step=16, copies=1, progress=False, log=lambda s: None,
+        )  # fmt: skip
+
+
+def test_in_context_units_on_openvino():
+    """On the real runtime: a conv costs something in context, and a residual add next to nothing
+    compared with what it costs alone (OpenVINO fuses it; alone it pays the call and reorders)."""
+    cfgs = [
+        LayerConfig("conv", 16, 16, 14, 14, (3, 3), (1, 1), (1, 1, 1, 1), 1, "relu"),
+        LayerConfig("add", 16, 16, 14, 14, act="relu"),
+    ]
+    dev = Device.load("cpu-openvino")
+    conv, add = measure_configs(dev, cfgs, FAST, copies=4)
+    for m in (conv, add):
+        assert m.median_ms == pytest.approx(max(0.0, (m.extra["copies_ms"] - m.extra["single_ms"]) / 3))
+    assert conv.extra["copies_ms"] > conv.extra["single_ms"] and conv.median_ms > 0
+    assert add.median_ms < add.extra["single_ms"] / 2
 
 
 class SyntheticStepDevice(Device):
@@ -247,6 +357,10 @@ def test_device_profiles_load_and_errors(tmp_path):
         DeviceSpec.load("gpu")
     (tmp_path / "bad.yaml").write_text("backend: onnxruntime\nthreads: 2\n")
     with pytest.raises(EdgepruneError, match="unknown field.*threads"):
+        DeviceSpec.load(tmp_path / "bad.yaml")
+    assert DeviceSpec.load("cpu-openvino").unit_copies == 4 and DeviceSpec.load("cpu-onnxruntime").unit_copies == 1
+    (tmp_path / "bad.yaml").write_text("backend: onnxruntime\nunit_copies: 0\n")
+    with pytest.raises(EdgepruneError, match="unit_copies must be a whole number >= 1"):
         DeviceSpec.load(tmp_path / "bad.yaml")
 
 
@@ -296,3 +410,5 @@ def test_profile_resumes_after_interruption(cli, tmp_path):
     assert table.calibration["n"] == 3 and table.calibration["a"] > 0
     r = cli("predict", "--model", "resnet20", "--table", str(out), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["predicted_ms"] > 0
+    r = cli(*args, "--copies", "4")
+    assert r.returncode == 2 and "units measured with 1 copy, not 4); choose another --out" in r.stderr

@@ -250,7 +250,9 @@ def test_measured_check_tightens_an_optimistic_prediction(tiny_run, tmp_path, cl
     # the fixture's fast protocol, with more runs: a 0.2 ms model on a loaded machine is noisy enough
     # to need extra rounds (what a user on a noisy device gets from --max-rounds)
     steady = tmp_path / "steady-ort.yaml"
-    steady.write_text(Path(tiny_run["device"]).read_text().replace("min_runs: 20, min_s: 0.05", "min_runs: 50, min_s: 0.2"))
+    steady.write_text(
+        Path(tiny_run["device"]).read_text().replace("min_runs: 20, min_s: 0.05", "min_runs: 50, min_s: 0.2")
+    )
     assert steady.read_text() != Path(tiny_run["device"]).read_text()
     run = {**tiny_run, "table": str(tmp_path / "optimistic.json"), "device": str(steady)}
     args = prune_args(run, tmp_path / "run", budget_ms="92%", search="random", evals=6, measure_top=2)

@@ -28,6 +28,7 @@ FIELDS = {
     "token_env",
     "token_file",
     "timeout_s",
+    "unit_copies",
 }
 
 
@@ -55,6 +56,7 @@ class DeviceSpec:
     token_env: str | None = None
     token_file: str | None = None
     timeout_s: float = 600.0
+    unit_copies: int = 1  # profile units alone (1) or in context (K summed copies vs one)
     path: str | None = None
 
     @classmethod
@@ -74,6 +76,9 @@ class DeviceSpec:
             protocol = Protocol.from_dict(d.get("protocol"))
         except (TypeError, ValueError) as e:
             raise EdgepruneError(f"{where}: bad protocol ({e})") from None
+        copies = d.get("unit_copies", 1)
+        if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
+            raise EdgepruneError(f"{where}: unit_copies must be a whole number >= 1 (1 = units alone), got {copies!r}")
         return cls(
             name=name,
             backend=d["backend"],
@@ -85,6 +90,7 @@ class DeviceSpec:
             token_env=d.get("token_env"),
             token_file=d.get("token_file"),
             timeout_s=float(d.get("timeout_s", 600.0)),
+            unit_copies=copies,
             path=path,
         )
 

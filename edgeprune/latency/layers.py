@@ -322,37 +322,37 @@ def _call_order(model: nn.Module, input_shape) -> list[str]:
 # ----- single-unit ONNX models, what the profiler measures -----
 
 
-def _act_nodes(act: str, x: str, out: str, inits: list) -> list:
+def _act_nodes(act: str, x: str, out: str, inits: list, prefix: str = "") -> list:
     if act == "relu6":
         inits += [
-            numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
-            numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
+            numpy_helper.from_array(np.array(0.0, np.float32), f"{prefix}lo"),
+            numpy_helper.from_array(np.array(6.0, np.float32), f"{prefix}hi"),
         ]
-        return [helper.make_node("Clip", [x, "lo", "hi"], [out])]
+        return [helper.make_node("Clip", [x, f"{prefix}lo", f"{prefix}hi"], [out])]
     if act == "silu":
-        return [helper.make_node("Sigmoid", [x], ["sig"]), helper.make_node("Mul", [x, "sig"], [out])]
+        return [helper.make_node("Sigmoid", [x], [f"{prefix}sig"]), helper.make_node("Mul", [x, f"{prefix}sig"], [out])]
     op = {v: k for k, v in ACTIVATIONS.items()}[act]
     return [helper.make_node(op, [x], [out])]
 
 
-def unit_model(cfg: LayerConfig, *, seed: int = 0) -> tuple[onnx.ModelProto, tuple[int, ...]]:
-    """A one-unit ONNX model for `cfg` and its input shape."""
-    rng = np.random.default_rng(seed)
+def _unit_graph(cfg: LayerConfig, rng: np.random.Generator, prefix: str, out: str):
+    """Nodes and initialisers of one unit reading "x" and writing `out`; its input shape."""
     inits: list = []
     nodes: list = []
     shape = (1, cfg.cin, cfg.h, cfg.w) if cfg.op != "gemm" else (1, cfg.cin)
-    body_out = "y" if not cfg.act else "pre"
+    body_out = out if not cfg.act else f"{prefix}pre"
 
     def const(name, arr):
-        inits.append(numpy_helper.from_array(arr.astype(np.float32), name))
+        inits.append(numpy_helper.from_array(arr.astype(np.float32), f"{prefix}{name}"))
+        return f"{prefix}{name}"
 
     if cfg.op == "conv":
-        const("W", rng.standard_normal((cfg.cout, cfg.cin // cfg.groups, *cfg.kernel)) * 0.1)
-        const("B", rng.standard_normal(cfg.cout) * 0.1)
+        w = const("W", rng.standard_normal((cfg.cout, cfg.cin // cfg.groups, *cfg.kernel)) * 0.1)
+        b = const("B", rng.standard_normal(cfg.cout) * 0.1)
         nodes.append(
             helper.make_node(
                 "Conv",
-                ["x", "W", "B"],
+                ["x", w, b],
                 [body_out],
                 kernel_shape=list(cfg.kernel),
                 strides=list(cfg.stride),
@@ -362,19 +362,16 @@ def unit_model(cfg: LayerConfig, *, seed: int = 0) -> tuple[onnx.ModelProto, tup
             )
         )
     elif cfg.op == "gemm":
-        const("W", rng.standard_normal((cfg.cout, cfg.cin)) * 0.1)
-        const("B", rng.standard_normal(cfg.cout) * 0.1)
-        nodes.append(helper.make_node("Gemm", ["x", "W", "B"], [body_out], transB=1))
+        w = const("W", rng.standard_normal((cfg.cout, cfg.cin)) * 0.1)
+        b = const("B", rng.standard_normal(cfg.cout) * 0.1)
+        nodes.append(helper.make_node("Gemm", ["x", w, b], [body_out], transB=1))
     elif cfg.op in ("add", "mul", "sub", "div"):
         other = (1, cfg.cin, 1, 1) if cfg.extra == (1,) else shape
-        const("K", rng.standard_normal(other) * 0.1 + 1.0)
-        nodes.append(helper.make_node(cfg.op.capitalize(), ["x", "K"], [body_out]))
+        k = const("K", rng.standard_normal(other) * 0.1 + 1.0)
+        nodes.append(helper.make_node(cfg.op.capitalize(), ["x", k], [body_out]))
     elif cfg.op == "concat":
         parts = list(cfg.extra)
-        names = ["x"]
-        for j, c in enumerate(parts[1:]):
-            const(f"P{j}", rng.standard_normal((1, c, cfg.h, cfg.w)))
-            names.append(f"P{j}")
+        names = ["x"] + [const(f"P{j}", rng.standard_normal((1, c, cfg.h, cfg.w))) for j, c in enumerate(parts[1:])]
         shape = (1, parts[0], cfg.h, cfg.w)
         nodes.append(helper.make_node("Concat", names, [body_out], axis=1))
     elif cfg.op.startswith("pool:"):
@@ -385,17 +382,40 @@ def unit_model(cfg: LayerConfig, *, seed: int = 0) -> tuple[onnx.ModelProto, tup
             else {"kernel_shape": list(cfg.kernel), "strides": list(cfg.stride), "pads": list(cfg.pads)}
         )
         if op == "ReduceMean":
-            const("axes", np.array([2, 3]))
-            inits[-1] = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
-            nodes.append(helper.make_node(op, ["x", "axes"], [body_out], keepdims=1))
+            inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), f"{prefix}axes"))
+            nodes.append(helper.make_node(op, ["x", f"{prefix}axes"], [body_out], keepdims=1))
         else:
             nodes.append(helper.make_node(op, ["x"], [body_out], **kw))
     elif cfg.op.startswith("act:"):
-        nodes += _act_nodes(cfg.op.split(":", 1)[1], "x", body_out, inits)
+        nodes += _act_nodes(cfg.op.split(":", 1)[1], "x", body_out, inits, prefix)
     else:
         raise EdgepruneError(f"cannot build a single-unit model for op {cfg.op!r}")
     if cfg.act:
-        nodes += _act_nodes(cfg.act, "pre", "y", inits)
+        nodes += _act_nodes(cfg.act, body_out, out, inits, prefix)
+    return nodes, inits, shape
+
+
+def unit_model(cfg: LayerConfig, *, seed: int = 0, copies: int = 1) -> tuple[onnx.ModelProto, tuple[int, ...]]:
+    """A one-unit ONNX model for `cfg` and its input shape.
+
+    With `copies` > 1: that many copies of the unit (each with its own weights) read the same
+    input and their outputs are summed. The difference to the one-copy model, per copy, is what
+    the unit costs inside a graph: the runtime's per-call overhead and the conversions of the
+    model's input and output (e.g. OpenVINO's planar <-> blocked reorders, which a whole model
+    pays once, not once per layer) are paid once in both models and cancel; the sum joins the
+    copies the way a residual add joins a branch (fused into the conv where the runtime can)."""
+    if copies < 1:
+        raise EdgepruneError(f"copies must be at least 1, got {copies}")
+    rng = np.random.default_rng(seed)
+    nodes: list = []
+    inits: list = []
+    outs = ["y"] if copies == 1 else [f"c{j}_y" for j in range(copies)]
+    for j, out in enumerate(outs):
+        n, i, shape = _unit_graph(cfg, rng, "" if copies == 1 else f"c{j}_", out)
+        nodes += n
+        inits += i
+    if copies > 1:
+        nodes.append(helper.make_node("Sum", outs, ["y"]))
     graph = helper.make_graph(
         nodes,
         "unit",

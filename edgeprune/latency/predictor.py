@@ -1,8 +1,9 @@
 """Plan -> predicted milliseconds: table look-ups, summed, then calibrated on whole models.
 
 predicted = a * sum(table[unit] - overhead for unit in plan) + b, where `overhead` is the cost of
-one call of an empty model on the device (every single-unit measurement pays it once; a whole
-model pays it once in all) and (a, b) are fitted (robustly) on
+one call of an empty model on the device (every isolated single-unit measurement pays it once; a
+whole model pays it once in all; zero for tables measured in context, see `unit_model`'s copies)
+and (a, b) are fitted (robustly) on
 a few whole-model measurements of random plans (the part no table covers: input/output copies,
 layout reorders between units, fusion across units, per-inference overhead).
 """
@@ -32,7 +33,7 @@ class Predictor:
                 f"latency table lacks {len(missing)} of {len(configs)} layer configurations of this plan "
                 f"(e.g. {missing[0]}); profile this model on this device with `edgeprune profile`"
             )
-        overhead = self.table.meta.get("unit_overhead_ms", 0.0)
+        overhead = self.table.overhead_ms
         return float(sum(max(0.0, self.table.entries[c.key]["median_ms"] - overhead) for c in configs))
 
     def predict(self, counts: Sequence[int] | None = None) -> float:
@@ -83,7 +84,7 @@ class CompiledPredictor:
     @classmethod
     def build(cls, predictor: Predictor) -> CompiledPredictor:
         layers, entries = predictor.layers, predictor.table.entries
-        overhead = predictor.table.meta.get("unit_overhead_ms", 0.0)
+        overhead = predictor.table.overhead_ms
         constant, units, missing = 0.0, [], []
         for u in range(len(layers.units)):
             involved, configs = layers.unit_grid(u)

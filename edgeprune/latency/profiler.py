@@ -1,6 +1,7 @@
 """Profiler: measure every layer configuration a model's prunable space can reach, on a device.
 
-Configurations are de-duplicated, turned into single-unit ONNX models, measured in batches
+Configurations are de-duplicated, turned into single-unit ONNX models (alone, or in context as
+K summed copies against one: see `unit_model`), measured in batches
 (locally or through an agent) and written to the table after every batch, so an interrupted
 profile resumes where it stopped. A few whole-model measurements of random plans then fit the
 predictor's calibration (hardware in the loop).
@@ -35,17 +36,49 @@ STEP_CANDIDATES = (32, 16, 8, 4, 2)
 
 
 def measure_configs(
-    device: Device, configs: list[LayerConfig], protocol: Protocol, on_result=None
+    device: Device, configs: list[LayerConfig], protocol: Protocol, on_result=None, *, copies: int = 1
 ) -> list[Measurement]:
-    """Measure single-unit models of `configs` on `device`."""
+    """Measure single-unit models of `configs` on `device`.
+
+    With `copies` > 1, each configuration is measured as one copy and as `copies` copies summed
+    (see `unit_model`); the result's median is the per-copy difference (the unit's cost inside a
+    graph, never below 0), its p90/n/cv those of the many-copy model, and `extra` keeps both raw
+    medians."""
     with tempfile.TemporaryDirectory(prefix="edgeprune-units-") as d:
         items = []
         for i, cfg in enumerate(configs):
-            model, shape = unit_model(cfg, seed=i)
-            path = Path(d) / f"u{i}.onnx"
-            onnx.save(model, str(path))
-            items.append((path, shape))
-        return device.measure_many(items, protocol, on_result=on_result)
+            for k in (1, copies) if copies > 1 else (1,):
+                model, shape = unit_model(cfg, seed=i, copies=k)
+                path = Path(d) / f"u{i}x{k}.onnx"
+                onnx.save(model, str(path))
+                items.append((path, shape))
+        if copies == 1:
+            return device.measure_many(items, protocol, on_result=on_result)
+        done = {}
+
+        def pair_done(j, m):
+            done[j] = m
+            if on_result is not None and j % 2 == 1:
+                on_result(j // 2, m)
+
+        ms = device.measure_many(items, protocol, on_result=pair_done)
+    out = []
+    for single, many in zip(ms[0::2], ms[1::2]):
+
+        def per_copy(stat: str, single=single, many=many) -> float:
+            return max(0.0, (getattr(many, stat) - getattr(single, stat)) / (copies - 1))
+
+        extra = {**(many.extra or {}), "single_ms": single.median_ms, "copies_ms": many.median_ms}
+        out.append(
+            replace(
+                many,
+                median_ms=per_copy("median_ms"),
+                p90_ms=per_copy("p90_ms"),
+                mean_ms=per_copy("mean_ms"),
+                extra=extra,
+            )
+        )
+    return out
 
 
 def detect_step(
@@ -82,16 +115,23 @@ def detect_step(
 
 
 def _open_table(
-    out: Path, device: Device, fingerprint: dict, step: int, model_id: str, shape
+    out: Path, device: Device, fingerprint: dict, step: int, model_id: str, shape, copies: int
 ) -> tuple[LatencyTable, int]:
-    """The table to extend: the existing file when it matches this device and step, else a new one."""
+    """The table to extend: the existing file when it matches this device, step and unit copies,
+    else a new one."""
     if out.exists():
         old = LatencyTable.load(out)
-        if not fingerprint_diff(old.fingerprint, fingerprint) and old.step == step:
+        if not fingerprint_diff(old.fingerprint, fingerprint) and old.step == step and old.unit_copies == copies:
             return old, len(old.entries)
-        why = fingerprint_diff(old.fingerprint, fingerprint) or f"step {old.step}, not {step}"
+        why = (
+            fingerprint_diff(old.fingerprint, fingerprint)
+            or (old.step != step and f"step {old.step}, not {step}")
+            or f"units measured with {old.unit_copies} cop{'y' if old.unit_copies == 1 else 'ies'}, not {copies}"
+        )
         raise EdgepruneError(f"{out} holds a table for another setup ({why}); choose another --out or delete it")
-    return LatencyTable(device.name, fingerprint, UNIT_PROTOCOL.to_dict(), step, model_id, list(shape)), 0
+    table = LatencyTable(device.name, fingerprint, UNIT_PROTOCOL.to_dict(), step, model_id, list(shape))
+    table.meta["unit_copies"] = copies
+    return table, 0
 
 
 def profile(
@@ -102,13 +142,18 @@ def profile(
     device: Device,
     out: str | os.PathLike,
     step: int | str | None = None,
+    copies: int | None = None,
     calibrate: int = 8,
     batch: int = 16,
     seed: int = 0,
     progress: bool = True,
     log=print,
 ) -> LatencyTable:
-    """Profile `model`'s reachable layer configurations on `device` into the table at `out`."""
+    """Profile `model`'s reachable layer configurations on `device` into the table at `out`.
+
+    `copies`: 1 measures each unit alone; K > 1 measures it in context, as the per-copy
+    difference between K summed copies and one (see `unit_model`); default: the device
+    profile's `unit_copies`."""
     from edgeprune.export import export_onnx
     from edgeprune.pruning import random_counts, space
 
@@ -127,7 +172,10 @@ def profile(
     s = space(model, torch.randn(*input_shape), step=step)
     layers = ModelLayers.from_model(s)
     configs = layers.reachable()
-    table, reused = _open_table(out, device, fingerprint, step, model_id, input_shape)
+    copies = int(copies or device.spec.unit_copies)
+    if copies < 1:
+        raise EdgepruneError(f"unit copies must be at least 1, got {copies}")
+    table, reused = _open_table(out, device, fingerprint, step, model_id, input_shape, copies)
     if sweep:
         table.meta["step_sweep"] = sweep
     if "unit_overhead_ms" not in table.meta:  # what one call of an (almost) empty model costs here
@@ -137,17 +185,21 @@ def profile(
     log(
         f"{model_id}: {len(s.groups)} groups, {len(configs)} reachable layer configurations at step {step}; "
         f"{len(todo)} to measure, {reused} already in {out}"
+        + (f"; each unit in context ({copies} copies vs 1)" if copies > 1 else "")
     )
     started = time.monotonic()
     with progress_bar(enabled=progress) as bar:
         task = bar.add_task(f"profile {model_id} on {device.name}", total=len(todo), status="")
         for i in range(0, len(todo), batch):
             chunk = todo[i : i + batch]
-            results = measure_configs(device, chunk, UNIT_PROTOCOL, on_result=lambda j, m: bar.update(task, advance=1))
+            results = measure_configs(
+                device, chunk, UNIT_PROTOCOL, on_result=lambda j, m: bar.update(task, advance=1), copies=copies
+            )
             for cfg, m in zip(chunk, results):
-                table.entries[cfg.key] = {
-                    k: round(v, 6) if isinstance(v, float) else v for k, v in m.to_dict().items() if k != "extra"
-                }
+                d = m.to_dict()
+                extra = d.pop("extra") or {}
+                d.update({k: extra[k] for k in ("single_ms", "copies_ms") if k in extra})
+                table.entries[cfg.key] = {k: round(v, 6) if isinstance(v, float) else v for k, v in d.items()}
             table.meta["profile_seconds"] = round(table.meta.get("profile_seconds", 0) + time.monotonic() - started, 1)
             started = time.monotonic()
             table.save(out)

@@ -34,6 +34,17 @@ class LatencyTable:
     def ms(self, key: str) -> float:
         return self.entries[key]["median_ms"]
 
+    @property
+    def unit_copies(self) -> int:
+        """1: entries are isolated single-unit models (each pays the per-call overhead); K > 1:
+        entries are in-graph costs, the per-copy difference between K copies and one."""
+        return int(self.meta.get("unit_copies", 1))
+
+    @property
+    def overhead_ms(self) -> float:
+        """What each entry pays besides the unit itself (subtracted before summing)."""
+        return 0.0 if self.unit_copies > 1 else float(self.meta.get("unit_overhead_ms", 0.0))
+
     def to_dict(self) -> dict:
         return {
             "schema": SCHEMA,
