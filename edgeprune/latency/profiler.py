@@ -41,9 +41,9 @@ def measure_configs(
     """Measure single-unit models of `configs` on `device`.
 
     With `copies` > 1, each configuration is measured as one copy and as `copies` copies summed
-    (see `unit_model`); the result's median is the per-copy difference (the unit's cost inside a
-    graph, never below 0), its p90/n/cv those of the many-copy model, and `extra` keeps both raw
-    medians."""
+    (see `unit_model`); the result's median, p90 and mean are per-copy differences (the unit's
+    cost inside a graph, never below 0), its n and cv those of the many-copy model, and `extra`
+    keeps both raw medians."""
     with tempfile.TemporaryDirectory(prefix="edgeprune-units-") as d:
         items = []
         for i, cfg in enumerate(configs):
@@ -54,30 +54,20 @@ def measure_configs(
                 items.append((path, shape))
         if copies == 1:
             return device.measure_many(items, protocol, on_result=on_result)
-        done = {}
 
-        def pair_done(j, m):
-            done[j] = m
+        def pair_done(j, m):  # report a configuration once both of its models are measured
             if on_result is not None and j % 2 == 1:
                 on_result(j // 2, m)
 
         ms = device.measure_many(items, protocol, on_result=pair_done)
     out = []
     for single, many in zip(ms[0::2], ms[1::2]):
-
-        def per_copy(stat: str, single=single, many=many) -> float:
-            return max(0.0, (getattr(many, stat) - getattr(single, stat)) / (copies - 1))
-
+        per_copy = {
+            stat: max(0.0, (getattr(many, stat) - getattr(single, stat)) / (copies - 1))
+            for stat in ("median_ms", "p90_ms", "mean_ms")
+        }
         extra = {**(many.extra or {}), "single_ms": single.median_ms, "copies_ms": many.median_ms}
-        out.append(
-            replace(
-                many,
-                median_ms=per_copy("median_ms"),
-                p90_ms=per_copy("p90_ms"),
-                mean_ms=per_copy("mean_ms"),
-                extra=extra,
-            )
-        )
+        out.append(replace(many, **per_copy, extra=extra))
     return out
 
 
