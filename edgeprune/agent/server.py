@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse
 
 from edgeprune import __version__
 from edgeprune.agent.validation import Rejected, check_model
-from edgeprune.agent.worker import JobTimeout, Worker, WorkerDied
+from edgeprune.backends.worker import JobTimeout, Worker, WorkerDied
 from edgeprune.devices.spec import DeviceSpec
 from edgeprune.latency.measurement import Protocol
 from edgeprune.runs import write_text

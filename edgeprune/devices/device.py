@@ -1,10 +1,12 @@
-"""A device: a profile plus a transport. Local devices run the backend in this process; remote
-ones send the work to an agent. The profiler and validator use `measure`/`measure_many` and never
-know which."""
+"""A device: a profile plus a transport. Local devices measure in a worker process of their own
+(edgeprune/backends/worker.py: only the runtime loaded, as in deployment); remote ones send the
+work to an agent, which does the same on the device. The profiler and validator use
+`measure`/`measure_many` and never know which."""
 
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,6 +19,7 @@ class Device:
         self.spec = spec
         self._backend = None
         self._client = None
+        self._worker = None
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike) -> Device:
@@ -44,6 +47,27 @@ class Device:
             self._client = AgentClient.from_spec(self.spec)
         return self._client
 
+    def _measure_local(self, onnx_path, input_shape, protocol: Protocol) -> Measurement:
+        from edgeprune.backends.worker import JobTimeout, Worker, WorkerDied
+        from edgeprune.errors import EdgepruneError
+
+        if self._worker is None:
+            self._worker = Worker(self.spec.to_dict())
+            weakref.finalize(self, self._worker.stop)  # the process ends with the device
+        path = Path(onnx_path).resolve()
+        try:
+            status, payload = self._worker.run(str(path), tuple(input_shape), protocol.to_dict())
+        except (WorkerDied, JobTimeout) as e:
+            raise EdgepruneError(f"measuring {path.name} on {self.name}: {e}") from None
+        if status != "ok":
+            raise EdgepruneError(f"measuring {path.name} on {self.name}: {payload}")
+        return Measurement.from_dict(payload)
+
+    def close(self) -> None:
+        """Stop the measuring process now (it also stops when the device is garbage-collected)."""
+        if self._worker is not None:
+            self._worker.stop()
+
     def fingerprint(self) -> dict:
         return self.client.info()["fingerprint"] if self.remote else self.backend.fingerprint()
 
@@ -54,7 +78,7 @@ class Device:
         protocol = protocol or self.spec.protocol
         if self.remote:
             return self.client.measure(Path(onnx_path).read_bytes(), tuple(input_shape), protocol)
-        return self.backend.measure(onnx_path, tuple(input_shape), protocol)
+        return self._measure_local(onnx_path, input_shape, protocol)
 
     def measure_many(
         self,
@@ -71,7 +95,7 @@ class Device:
             )
         results = []
         for i, (path, shape) in enumerate(items):
-            m = self.backend.measure(path, tuple(shape), protocol)
+            m = self._measure_local(path, shape, protocol)
             results.append(m)
             if on_result:
                 on_result(i, m)

@@ -1,0 +1,137 @@
+"""The measuring process: one inference runtime, alone in a fresh Python, timing the models it is sent.
+
+Every measurement runs here, for a local device as for an agent, for two reasons:
+
+- What else a process has loaded changes what it measures. In the same process as
+  `import onnxruntime`, an OpenVINO resnet20 at 28x28 measured ~9 % slower (0.50 vs 0.46 ms,
+  pruned ones ~15 %) on the development machine; torch's thread pools and a search's memory are
+  further guests. A deployed model runs beside its own runtime only, and so does this process.
+- A runtime that crashes (or hangs past a time limit) takes down only this process; the caller
+  starts a fresh one and carries on.
+
+It is started with `python -m edgeprune.backends.worker` (not multiprocessing's spawn, which
+re-imports the caller's main script) and speaks JSON lines: the device profile first, then one
+request per line, one answer per line (marked, so that a stray print cannot pass for one). The
+runtime's own prints are sent to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MARK = "edgeprune-worker: "  # answers start with it; any other line on stdout is a guest's, passed to stderr
+
+
+def _serve() -> None:
+    protocol_out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything the runtime prints goes to stderr, never into the answers
+    from edgeprune.devices.spec import DeviceSpec
+    from edgeprune.errors import EdgepruneError
+    from edgeprune.latency.measurement import Protocol
+
+    spec = DeviceSpec.from_dict(json.loads(sys.stdin.readline()))
+    backend = spec.make_backend()
+    for line in sys.stdin:
+        path, shape, protocol = json.loads(line)
+        try:
+            answer = ["ok", backend.measure(path, tuple(shape), Protocol.from_dict(protocol)).to_dict()]
+        except Exception as e:  # report, keep serving
+            text = str(e) if isinstance(e, EdgepruneError) else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            answer = ["error", text or type(e).__name__]
+        protocol_out.write(MARK + json.dumps(answer) + "\n")
+
+
+class WorkerDied(RuntimeError):
+    pass
+
+
+class JobTimeout(RuntimeError):
+    pass
+
+
+class Worker:
+    """One measuring process for one device profile, started on first use and again after a crash
+    or a time-out."""
+
+    def __init__(self, spec_dict: dict) -> None:
+        self.spec_dict = spec_dict
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import edgeprune
+
+        env = dict(os.environ)
+        root = str(Path(edgeprune.__file__).resolve().parents[1])  # importable however the caller found it
+        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeprune.backends.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env=env,
+        )
+        self._send(self.spec_dict)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def _send(self, message) -> None:
+        try:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self._died()
+
+    def _died(self):
+        code = self.proc.poll() if self.proc else None
+        self.kill()
+        raise WorkerDied(f"the inference runtime crashed during the measurement (worker exit code {code})")
+
+    def run(self, path: str, shape, protocol: dict, timeout_s: float | None = None) -> tuple[str, object]:
+        """('ok', Measurement dict) or ('error', one line); raises WorkerDied or JobTimeout."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        self._send([str(path), list(shape), protocol])
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            if not ready:
+                self.kill()
+                raise JobTimeout(f"the measurement took longer than the job limit ({timeout_s:.0f} s)")
+            line = self.proc.stdout.readline()
+            if not line:
+                self._died()
+            if line.startswith(MARK):
+                status, payload = json.loads(line[len(MARK) :])
+                return status, payload
+            sys.stderr.write(line)  # printed to stdout before the worker could redirect it
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(5)
+            for f in (self.proc.stdin, self.proc.stdout):
+                f.close()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # end of requests: the worker leaves its loop
+                self.proc.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
+
+if __name__ == "__main__":
+    _serve()
