@@ -58,7 +58,7 @@ class RunStore:
         duplicate INTEGER, created REAL);
     CREATE TABLE IF NOT EXISTS measurements (
         counts TEXT PRIMARY KEY, plan_hash TEXT, round INTEGER, predicted_ms REAL, measured_ms REAL,
-        p90_ms REAL, cv REAL, n INTEGER, created REAL);
+        raw_ms REAL, dense_beside_ms REAL, p90_ms REAL, cv REAL, n INTEGER, created REAL);
     CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT);
     """
 
@@ -72,6 +72,10 @@ class RunStore:
         self.db.row_factory = sqlite3.Row
         with self.db:
             self.db.executescript(self.SCHEMA)
+            have = {r[1] for r in self.db.execute("PRAGMA table_info(measurements)")}
+            for column in ("raw_ms", "dense_beside_ms"):  # runs started before these columns existed
+                if column not in have:
+                    self.db.execute(f"ALTER TABLE measurements ADD COLUMN {column} REAL")
 
     def close(self) -> None:
         self.db.close()

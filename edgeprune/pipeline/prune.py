@@ -6,7 +6,9 @@ best candidates against the device.
    recorded in the run's SQLite store as it happens;
 3. hardware in the loop: the top candidates are measured on the device; the chosen plan is the
    best whose *measured* latency meets the budget. If none does, the search budget is tightened
-   by the observed prediction error and the search continues (`max_rounds` at most; a resume may grant more);
+   by the observed prediction error and the search continues (`max_rounds` at most; a resume may grant more).
+   A budget that is a share of dense is held as a ratio: the dense model is measured again beside
+   each round's candidates, so a device that drifted since step 1 does not move the goal;
 4. the chosen plan, its pruned checkpoint (BN recalibrated), plots and results.json are written.
 
 A run killed at any point resumes with `resume=True` and loses no evaluation or measurement.
@@ -213,6 +215,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
             dense_ms = measure(s.full_counts())["median_ms"]
             store.set("dense_ms", dense_ms)
         budget_ms = parse_budget(cfg.budget, dense_ms)
+        relative = str(cfg.budget).strip().endswith("%")
         if not 0 <= cfg.margin < 0.5:
             raise EdgepruneError(f"--margin must be in [0, 0.5), got {cfg.margin}")
         target_ms = budget_ms * (1 - cfg.margin)  # what candidates must measure, leaving room for noise
@@ -289,20 +292,35 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
             todo = [r for r in fits if tuple(r["counts"]) not in measured][: cfg.measure_top]
             if todo:
                 log(f"measuring the {len(todo)} best new candidates on {device.name} (export + full protocol) ...")
-            for r in todo:
-                m = measure(r["counts"])
+            # a budget that is a share of dense is a ratio: the dense model is measured again before
+            # and after the candidates, and each candidate is referred to it (scaled by the first dense
+            # measurement / the one beside it), so a device that drifted since the start (a shared
+            # machine, a board warming up) moves both sides of the ratio alike
+            beside = [measure(s.full_counts())["median_ms"]] if todo and relative else []
+            raw = [measure(r["counts"]) for r in todo]
+            if beside:
+                beside.append(measure(s.full_counts())["median_ms"])
+            refer = dense_ms / float(np.sqrt(np.prod(beside))) if beside else 1.0
+            for r, m in zip(todo, raw):
                 row = {
                     "counts": r["counts"],
                     "plan_hash": r["plan_hash"],
                     "round": stage,
                     "predicted_ms": r.get("predicted_ms"),
-                    "measured_ms": m["median_ms"],
-                    "p90_ms": m["p90_ms"],
+                    "measured_ms": m["median_ms"] * refer,
+                    "raw_ms": m["median_ms"],
+                    "dense_beside_ms": float(np.sqrt(np.prod(beside))) if beside else None,
+                    "p90_ms": m["p90_ms"] * refer,
                     "cv": m["cv"],
                     "n": m["n"],
                 }
                 store.add_measurement(row)
                 measured[tuple(r["counts"])] = row
+            if beside and abs(refer - 1) > 0.01:
+                log(
+                    f"the dense model measures {beside[0]:.4g} / {beside[1]:.4g} ms beside these candidates "
+                    f"({dense_ms:.4g} ms at the start): their times are scaled by {refer:.3f} to match"
+                )
             by_counts = {tuple(r["counts"]): r for r in loop.rows}
             ok = [(by_counts[k], m) for k, m in measured.items() if m["measured_ms"] <= target_ms]
             if todo:
