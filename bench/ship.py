@@ -5,6 +5,7 @@
     python bench/ship.py --stage finetune --train-device cuda   # finetune every run (e.g. on a GPU host)
     python bench/ship.py --stage report      # export + validate on the device, print the table
     python bench/ship.py --claim-only        # only the 3.87x claim check on mobilenet_v2 @ 224
+    python bench/ship.py --rows resnet20:cpu-openvino:50%   # one row, every stage
 
 Rows (Fashion-MNIST, shipped checkpoints): resnet20 at 50 % and 33 % of its dense latency on
 cpu-onnxruntime, at 50 % on cpu-openvino, resnet56 at 50 % on cpu-onnxruntime. For each row two
@@ -44,6 +45,18 @@ ROWS = [
 DEPTH = {("resnet20", "cpu-onnxruntime", "33%")}
 
 
+def rows(args) -> list[tuple[str, str, str]]:
+    """ROWS, or those named by --rows (MODEL:DEVICE:BUDGET), in ROWS' order."""
+    if not args.rows:
+        return ROWS
+    wanted = {tuple(r.split(":")) for r in args.rows}
+    unknown = wanted - set(ROWS)
+    if unknown:
+        known = ", ".join(":".join(r) for r in ROWS)
+        raise SystemExit(f"--rows: unknown row(s) {sorted(':'.join(r) for r in unknown)}; rows are {known}")
+    return [r for r in ROWS if r in wanted]
+
+
 def run_dir(args, model: str, device: str, budget: str, search: str) -> Path:
     return Path(args.runs) / f"{model}-{device}-{budget.rstrip('%')}-{search}"
 
@@ -52,7 +65,7 @@ def stage_search(args) -> None:
     from edgeprune.errors import EdgepruneError
     from edgeprune.pipeline import prune
 
-    for model, device, budget in ROWS:
+    for model, device, budget in rows(args):
         for search in ("bocr", "uniform"):
             out = run_dir(args, model, device, budget, search)
             if (out / "results.json").is_file() or (out / "infeasible.txt").is_file():
@@ -90,11 +103,12 @@ def stage_finetune(args) -> None:
 
     from edgeprune.pipeline import finetune
 
-    runs = [run_dir(args, *row, search) for row in ROWS for search in ("bocr", "uniform")]
+    runs = [run_dir(args, *row, search) for row in rows(args) for search in ("bocr", "uniform")]
     runs = [r for r in runs if (not args.only or r.name in args.only) and (r / "pruned.pt").is_file()]
     if args.jobs > 1:
         common = ["--stage", "finetune", "--epochs", str(args.epochs), "--lr", str(args.lr)]
         common += ["--train-device", args.train_device, "--runs", args.runs, "--jobs", "1"]
+        common += ["--rows", *args.rows] if args.rows else []
         procs = []
         for r in runs:
             while len([p for p in procs if p.poll() is None]) >= args.jobs:
@@ -121,7 +135,7 @@ def stage_report(args) -> None:
     )
     print(header)
     print("-" * len(header))
-    for model, device, budget in ROWS:
+    for model, device, budget in rows(args):
         cells = {}
         infeasible = run_dir(args, model, device, budget, "bocr") / "infeasible.txt"
         if infeasible.is_file():
@@ -160,7 +174,7 @@ def stage_report(args) -> None:
                 f"{'':<32}  --depth: ours removed {len(removed['bocr'])} blocks ({', '.join(removed['bocr'])}), "
                 f"uniform {len(removed['uniform'])} ({', '.join(removed['uniform'])})"
             )
-    fine = json.loads((run_dir(args, *ROWS[0], "bocr") / "finetune.json").read_text())
+    fine = json.loads((run_dir(args, *rows(args)[0], "bocr") / "finetune.json").read_text())
     print(
         f"finetune (epochs on the device named in the row, the same for ours and uniform): lr {fine['recipe']['lr']}, "
         f"distillation T={fine['distillation']['temperature']} alpha={fine['distillation']['alpha']}; "
@@ -227,9 +241,11 @@ def main() -> None:
     ap.add_argument("--train-device", default="cpu")
     ap.add_argument("--jobs", type=int, default=1, help="finetunes run at once (separate processes)")
     ap.add_argument("--only", nargs="*", help="run names to finetune (default: all)")
+    ap.add_argument("--rows", nargs="*", help="rows to run as MODEL:DEVICE:BUDGET, e.g. resnet20:cpu-openvino:50%%")
     ap.add_argument("--runs", default="runs/bench-ship")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    rows(args)  # an unknown row fails here, before any stage runs
     torch.set_num_threads(args.threads)
     np.set_printoptions(precision=4)
     if not args.claim_only:

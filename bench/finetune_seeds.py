@@ -1,0 +1,98 @@
+"""How much of an accuracy gap between two pruned plans is the finetune's own seed.
+
+    python bench/finetune_seeds.py RUN [RUN ...] [--seeds 3] [--epochs 15] [--train-device cuda] [--jobs 9]
+
+Each RUN (a run directory with pruned.pt) is copied to OUT/NAME-sK for every seed K and finetuned
+there with that seed (the same recipe as bench/ship.py); the table gives each run's test accuracy
+per seed, mean and standard deviation, and each run's mean minus the first run's. The copies are
+separate processes, so a GPU host can finetune them all at once (--jobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+COPY = ("config.json", "plan.json", "pruned.pt", "results.json")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="*", type=Path)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--train-device", default="cpu")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-seeds"))
+    ap.add_argument("--one", nargs=2, metavar=("RUN", "SEED"), help=argparse.SUPPRESS)  # a child's job
+    args = ap.parse_args()
+    if args.one:
+        from edgeprune.pipeline import finetune
+
+        r = finetune(
+            args.one[0], epochs=args.epochs, lr=args.lr, seed=int(args.one[1]), device=args.train_device, progress=False
+        )
+        print(f"{args.one[0]}: test {r['test_accuracy']:.2%} ({r['seconds']:.0f} s)", flush=True)
+        return
+    if not args.runs:
+        raise SystemExit("give one or more run directories (written by `edgeprune prune`)")
+    for run in args.runs:
+        if not (run / "pruned.pt").is_file():
+            raise SystemExit(f"{run} holds no pruned.pt: give run directories written by `edgeprune prune`")
+    jobs = []
+    for run in args.runs:
+        for seed in range(args.seeds):
+            copy = args.out / f"{run.name}-s{seed}"
+            if not (copy / "finetune.json").is_file():
+                copy.mkdir(parents=True, exist_ok=True)
+                for f in COPY:
+                    if (run / f).is_file():
+                        shutil.copy2(run / f, copy / f)
+                jobs.append((copy, seed))
+    common = ["--epochs", str(args.epochs), "--lr", str(args.lr), "--train-device", args.train_device]
+    # each child gets its share of the cores: 9 children on a 16-core H100 host, each with torch's
+    # default thread count, had not finished after 380 s where one alone takes ~115 s
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, min(args.jobs, len(jobs) or 1))))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    procs: list[tuple[Path, subprocess.Popen]] = []
+    t0 = time.monotonic()
+    for copy, seed in jobs:
+        while sum(p.poll() is None for _, p in procs) >= args.jobs:
+            time.sleep(1)
+        log = open(copy / "finetune.log", "w")  # noqa: SIM115 - the child process owns it
+        cmd = [sys.executable, __file__, *common, "--one", str(copy), str(seed)]
+        procs.append((copy, subprocess.Popen(cmd, stdout=log, stderr=log, env=env)))
+    failed = [str(c) for c, p in procs if p.wait() != 0]
+    if failed:
+        raise SystemExit(f"finetune failed for {failed}; see their finetune.log")
+    if jobs:
+        print(f"{len(jobs)} finetunes in {time.monotonic() - t0:.0f} s", flush=True)
+    print(
+        f"{'run':<50}"
+        + "".join(f"{'seed ' + str(s):>9}" for s in range(args.seeds))
+        + f"{'mean':>9}{'sd':>7}{'vs first':>10}"
+    )
+    first = None
+    for run in args.runs:
+        accs = [
+            json.loads((args.out / f"{run.name}-s{s}" / "finetune.json").read_text())["test_accuracy"] * 100
+            for s in range(args.seeds)
+        ]
+        mean = statistics.mean(accs)
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        first = mean if first is None else first
+        label = f"{run.parent.name}/{run.name}"
+        print(f"{label:<50}" + "".join(f"{a:>8.2f}%" for a in accs) + f"{mean:>8.2f}%{sd:>7.2f}{mean - first:>+9.2f}p")
+    print(f"finetune: {args.epochs} epochs on {args.train_device}, lr {args.lr}; accuracy = test split (PyTorch)")
+
+
+if __name__ == "__main__":
+    main()
