@@ -5,7 +5,8 @@
 For each (model, device profile): N random plans (each group's keep-count uniform over its
 allowed counts) are exported, measured on the device with the profile's protocol, and predicted
 by the shipped latency table (latency_tables/DEVICE/MODEL.json) as calibrated at profile time,
-by the same table re-anchored on the dense model measured now, and by dense-ms x MACs-ratio.
+by the same table re-anchored on the dense model measured now (scaled by dense now / dense at
+profile time), and by dense-ms x MACs-ratio. --json keeps every plan's figures.
 """
 
 from __future__ import annotations
@@ -72,7 +73,12 @@ def main() -> None:
             flush=True,
         )
         results.append(
-            {"model": model_id, "device": device_name, **{k: r[k] for k in ("dense_ms", "table", "flops_baseline")}}
+            {
+                "model": model_id,
+                "device": device_name,
+                **{k: r[k] for k in ("dense_ms", "dense_predicted_ms", "anchor", "table", "table_anchored")},
+                **{k: r[k] for k in ("flops_baseline", "plans")},
+            }
         )
     if args.json_path:
         with open(args.json_path, "w") as fh:

@@ -412,3 +412,22 @@ def test_profile_resumes_after_interruption(cli, tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["predicted_ms"] > 0
     r = cli(*args, "--copies", "4")
     assert r.returncode == 2 and "units measured with 1 copy, not 4); choose another --out" in r.stderr
+
+
+def test_anchor_carries_only_the_drift_since_the_profile():
+    """The table measured the dense model itself when it was profiled: the anchor is dense now /
+    dense then, whatever the calibration line predicts for it. Without that point it falls back on
+    measured / predicted."""
+    from edgeprune.latency.predictor import anchor_scale
+
+    dense, plan = [64, 32, 16], [32, 16, 8]
+    table = LatencyTable(device="d", fingerprint={}, protocol={})
+    table.meta["calibration_points"] = {
+        ",".join(map(str, dense)): {"sum_ms": 1.0, "measured_ms": 0.8},
+        ",".join(map(str, plan)): {"sum_ms": 0.5, "measured_ms": 0.45},
+    }
+    # the line predicts dense at 0.9 ms (10 % over what was measured): the anchor ignores that miss
+    assert anchor_scale(table, dense, dense_ms=0.88, dense_predicted_ms=0.9) == pytest.approx(1.1)
+    table.meta["calibration_points"].pop(",".join(map(str, dense)))
+    assert anchor_scale(table, dense, dense_ms=0.88, dense_predicted_ms=0.9) == pytest.approx(0.88 / 0.9)
+    assert anchor_scale(LatencyTable(device="d", fingerprint={}, protocol={}), dense, 1.0, 2.0) == 0.5

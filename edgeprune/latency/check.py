@@ -17,7 +17,7 @@ from torch import nn
 
 from edgeprune.devices import Device
 from edgeprune.latency.layers import ModelLayers
-from edgeprune.latency.predictor import Predictor, error_stats
+from edgeprune.latency.predictor import Predictor, anchor_scale, error_stats
 from edgeprune.latency.table import LatencyTable
 from edgeprune.training.progress import progress_bar
 
@@ -68,11 +68,13 @@ def check_predictor(
             ours = error_stats([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows])
             bar.update(task, advance=1, status=f"within 10%: {ours['within_10']:.0%}")
     measured = [r["measured_ms"] for r in rows]
-    anchor = dense_ms / dense_predicted  # the same one dense measurement the FLOPs baseline uses
+    # the same one dense measurement the FLOPs baseline uses
+    anchor = anchor_scale(table, s.full_counts(), dense_ms, dense_predicted)
     return {
         "device": device.name,
         "dense_ms": dense_ms,
         "dense_predicted_ms": dense_predicted,
+        "anchor": anchor,
         "table": error_stats([r["predicted_ms"] for r in rows], measured),
         "table_anchored": error_stats([r["predicted_ms"] * anchor for r in rows], measured),
         "flops_baseline": error_stats([r["flops_ms"] for r in rows], measured),

@@ -152,7 +152,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
     from edgeprune.data import load_dataset
     from edgeprune.devices import Device
     from edgeprune.latency.layers import ModelLayers
-    from edgeprune.latency.predictor import Predictor
+    from edgeprune.latency.predictor import Predictor, anchor_scale
     from edgeprune.latency.table import LatencyTable
     from edgeprune.pruning import acp_widths, space
     from edgeprune.report import convergence_plot, scatter_plot
@@ -223,11 +223,13 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
         predictor = LatencyCost(Predictor(ModelLayers.from_model(s), table).compiled()) if table else None
         if predictor is not None and cfg.anchor:
             # the table's calibration dates from its profile; the machine may have drifted since
-            predictor.scale = dense_ms / float(predictor(np.asarray([s.full_counts()]))[0])
+            predicted = float(predictor(np.asarray([s.full_counts()]))[0])
+            predictor.scale = anchor_scale(table, s.full_counts(), dense_ms, predicted)
             if abs(predictor.scale - 1) > 0.1:
                 log(
-                    f"the table predicts the dense model {dense_ms / predictor.scale:.4g} ms, the device measures "
-                    f"{dense_ms:.4g} ms: predictions are scaled by {predictor.scale:.3f} (re-profile if this persists)"
+                    f"the device measures the dense model {dense_ms:.4g} ms, {abs(predictor.scale - 1):.0%} "
+                    f"{'slower' if predictor.scale > 1 else 'faster'} than when the table was profiled: predictions "
+                    f"are scaled by {predictor.scale:.3f} (re-profile if this persists)"
                 )
         dense_macs = s.macs()
         if cfg.cost == "latency":
