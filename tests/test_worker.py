@@ -101,3 +101,16 @@ def test_output_on_the_workers_stdout_cannot_pass_for_an_answer(tmp_path, monkey
     assert dev.measure(*_onnx(tmp_path), QUICK).median_ms > 0
     dev.close()
     assert "a guest chatting on stdout" in capfd.readouterr().err
+
+
+def test_a_runtime_that_cannot_start_says_why_in_one_line(tmp_path):
+    """Options the runtime rejects are reported as such, not as a crash, and nothing is measured."""
+    from edgeprune.devices import DeviceSpec
+
+    spec = DeviceSpec.load("cpu-onnxruntime")
+    spec.options = {**spec.options, "bogus": 1}
+    dev = Device(spec)
+    with pytest.raises(EdgepruneError, match=r"onnxruntime does not take option\(s\) \['bogus'\]") as e:
+        dev.measure(*_onnx(tmp_path), QUICK)
+    assert "crashed" not in str(e.value) and "\n" not in str(e.value)
+    dev.close()

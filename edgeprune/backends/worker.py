@@ -35,15 +35,25 @@ def _serve() -> None:
     from edgeprune.errors import EdgepruneError
     from edgeprune.latency.measurement import Protocol
 
-    spec = DeviceSpec.from_dict(json.loads(sys.stdin.readline()))
-    backend = spec.make_backend()
+    def one_line(e: Exception) -> str:
+        text = (
+            str(e) if isinstance(e, EdgepruneError) else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        )
+        return text or type(e).__name__
+
+    backend, failure = None, None
+    try:  # a runtime that cannot start (not installed, bad options) answers every request with why
+        backend = DeviceSpec.from_dict(json.loads(sys.stdin.readline())).make_backend()
+    except Exception as e:
+        failure = one_line(e)
     for line in sys.stdin:
         path, shape, protocol = json.loads(line)
         try:
+            if failure:
+                raise EdgepruneError(failure)
             answer = ["ok", backend.measure(path, tuple(shape), Protocol.from_dict(protocol)).to_dict()]
         except Exception as e:  # report, keep serving
-            text = str(e) if isinstance(e, EdgepruneError) else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            answer = ["error", text or type(e).__name__]
+            answer = ["error", one_line(e)]
         protocol_out.write(MARK + json.dumps(answer) + "\n")
 
 
