@@ -17,7 +17,7 @@ import numpy as np
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.latency.layers import ModelLayers
-from edgeprune.latency.table import LatencyTable
+from edgeprune.latency.table import LatencyTable, calibration_key
 
 
 @dataclass
@@ -78,7 +78,7 @@ def anchor_scale(table: LatencyTable, dense_counts: Sequence[int], dense_ms: flo
     the prediction instead would also fold the calibration line's own miss at the dense end into
     every plan (mobilenet_v2_cifar on OpenVINO: the line over-predicts dense by 10 %, which turned
     74 % of plans within ±10 % into 4 %). Tables without that point: measured / predicted."""
-    point = table.meta.get("calibration_points", {}).get(",".join(str(int(c)) for c in dense_counts))
+    point = table.meta.get("calibration_points", {}).get(calibration_key(dense_counts))
     if point and point.get("measured_ms"):
         return dense_ms / point["measured_ms"]
     return dense_ms / dense_predicted_ms

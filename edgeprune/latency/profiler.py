@@ -25,7 +25,7 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.latency.layers import LayerConfig, ModelLayers, unit_model
 from edgeprune.latency.measurement import Measurement, Protocol
 from edgeprune.latency.predictor import Predictor
-from edgeprune.latency.table import LatencyTable, fingerprint_diff
+from edgeprune.latency.table import LatencyTable, calibration_key, fingerprint_diff
 from edgeprune.training.progress import progress_bar
 
 # Single units are fast and many: a lighter protocol than whole models (stored in the table).
@@ -201,7 +201,7 @@ def profile(
     with progress_bar(enabled=progress) as bar, tempfile.TemporaryDirectory() as d:
         task = bar.add_task("calibrate on whole models", total=len(plans), status="")
         for counts in plans:
-            key = ",".join(map(str, counts))
+            key = calibration_key(counts)
             if key not in points:
                 pruned = s.plan(counts).apply(model)
                 path = export_onnx(pruned, input_shape, Path(d) / "m.onnx")

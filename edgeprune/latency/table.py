@@ -19,6 +19,11 @@ SCHEMA = 1
 FINGERPRINT_KEYS = ("runtime", "version", "cpu", "gpu", "threads", "precision", "device", "providers")
 
 
+def calibration_key(counts) -> str:
+    """How a whole-model calibration point is keyed in a table's meta: its keep-counts, comma-joined."""
+    return ",".join(str(int(c)) for c in counts)
+
+
 @dataclass
 class LatencyTable:
     device: str

@@ -302,7 +302,8 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
             raw = [measure(r["counts"]) for r in todo]
             if beside:
                 beside.append(measure(s.full_counts())["median_ms"])
-            refer = dense_ms / float(np.sqrt(np.prod(beside))) if beside else 1.0
+            dense_beside = float(np.sqrt(np.prod(beside))) if beside else None  # geometric mean
+            refer = dense_ms / dense_beside if dense_beside else 1.0
             for r, m in zip(todo, raw):
                 row = {
                     "counts": r["counts"],
@@ -311,7 +312,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
                     "predicted_ms": r.get("predicted_ms"),
                     "measured_ms": m["median_ms"] * refer,
                     "raw_ms": m["median_ms"],
-                    "dense_beside_ms": float(np.sqrt(np.prod(beside))) if beside else None,
+                    "dense_beside_ms": dense_beside,
                     "p90_ms": m["p90_ms"] * refer,
                     "cv": m["cv"],
                     "n": m["n"],
