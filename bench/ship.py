@@ -146,7 +146,7 @@ def stage_report(args) -> None:
             if not (out / "validation.json").is_file():
                 fmts = "onnx,openvino" if "openvino" in device else "onnx"
                 export_run(out, formats=fmts, out=Path(args.runs) / "export" / out.name, log=lambda s: None)
-                validate(out, log=lambda s: None)
+                validate(out, repeats=args.repeats, log=lambda s: None)
             cells[search] = json.loads((out / "validation.json").read_text())
         ours, uni = cells["bocr"], cells["uniform"]
         dense = ours["dense_test_accuracy"]
@@ -191,6 +191,7 @@ def claim_check(args) -> None:
     from edgeprune.devices import Device
     from edgeprune.export import export_onnx
     from edgeprune.latency.check import predictor_for
+    from edgeprune.latency.interleave import measure_interleaved
     from edgeprune.latency.table import LatencyTable
     from edgeprune.pruning.sparse import magnitude_sparsify, weight_count
     from edgeprune.resolve import resolve_model
@@ -211,20 +212,25 @@ def claim_check(args) -> None:
     counts = s.counts_from_ratios(lo)
     structured = s.plan(counts).apply(net)
     sparse = magnitude_sparsify(net, keep=weight_count(structured))
-    with tempfile.TemporaryDirectory() as d:
-        ms = {
-            name: device.measure(export_onnx(m, shape, Path(d) / f"{name}.onnx"), shape).median_ms
-            for name, m in (("dense", net), ("structured", structured), ("sparse", sparse))
-        }
+    names = ("dense", "structured", "sparse")
+    with tempfile.TemporaryDirectory() as d:  # in turn, 3 rounds: one slow window cannot decide a ratio
+        paths = [export_onnx(m, shape, Path(d) / f"{n}.onnx") for n, m in zip(names, (net, structured, sparse))]
+        measured = measure_interleaved(device, [(p, shape) for p in paths], repeats=args.repeats)
+    ms = {n: m.median_ms for n, m in zip(names, measured)}
+    rounds = {n: " / ".join(f"{t:.3f}" for t in m.extra["rounds_ms"]) for n, m in zip(names, measured)}
     print(f"\nmobilenet_v2 @ {shape[2]}x{shape[3]} on {device.name} (claim: PR-DARTS, {claim}x faster)")
-    print(f"{'model':<34}{'weights':>12}{'measured ms':>13}{'speedup':>9}")
-    print(f"{'dense':<34}{weight_count(net):>12,}{ms['dense']:>13.3f}{1:>8.2f}x")
+    print(f"{'model':<34}{'weights':>12}{'measured ms':>13}{'speedup':>9}   rounds (ms)")
+    print(f"{'dense':<34}{weight_count(net):>12,}{ms['dense']:>13.3f}{1:>8.2f}x   {rounds['dense']}")
     predicted = dense_pred / predictor.predict(counts)
     label = f"structured, predicted {predicted:.2f}x"
-    print(f"{label:<34}{weight_count(structured):>12,}{ms['structured']:>13.3f}{ms['dense'] / ms['structured']:>8.2f}x")
+    print(
+        f"{label:<34}{weight_count(structured):>12,}{ms['structured']:>13.3f}{ms['dense'] / ms['structured']:>8.2f}x"
+        f"   {rounds['structured']}"
+    )
     label = f"unstructured, {1 - weight_count(structured) / weight_count(net):.0%} zeros"
     print(
         f"{label:<34}{weight_count(sparse, nonzero=True):>12,}{ms['sparse']:>13.3f}{ms['dense'] / ms['sparse']:>8.2f}x"
+        f"   {rounds['sparse']}"
     )
     print(f"{'claimed':<34}{'':>12}{ms['dense'] / claim:>13.3f}{claim:>8.2f}x")
 
@@ -244,6 +250,7 @@ def main() -> None:
     ap.add_argument("--rows", nargs="*", help="rows to run as MODEL:DEVICE:BUDGET, e.g. resnet20:cpu-openvino:50%%")
     ap.add_argument("--runs", default="runs/bench-ship")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of measuring compared models in turn")
     args = ap.parse_args()
     rows(args)  # an unknown row fails here, before any stage runs
     torch.set_num_threads(args.threads)

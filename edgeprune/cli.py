@@ -532,6 +532,9 @@ def validate_cmd(
         float | None, typer.Option(help="A claimed speedup to hold against the measurement.")
     ] = None,
     sparse: Annotated[bool, typer.Option(help="Also measure an unstructured-sparse model of the same size.")] = True,
+    repeats: Annotated[
+        int, typer.Option(help="Rounds of measuring the models in turn; each model's median round counts.")
+    ] = 3,
     json_out: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """Measure the shipped model and its dense parent on the device: budget, prediction, speedup, accuracy.
@@ -539,7 +542,9 @@ def validate_cmd(
     Exits with status 1 when the shipped model is over the budget (for scripts and CI)."""
     from edgeprune.pipeline import validate
 
-    v = validate(run_dir, device=device, claim_speedup=claim_speedup, sparse=sparse, log=_log(json_out))
+    v = validate(
+        run_dir, device=device, claim_speedup=claim_speedup, sparse=sparse, repeats=repeats, log=_log(json_out)
+    )
     if json_out:
         _print_json(v)
         raise typer.Exit(0 if v["meets_budget"] else 1)

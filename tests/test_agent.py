@@ -16,6 +16,7 @@ import yaml
 from edgeprune.agent.client import AgentClient
 from edgeprune.devices import Device
 from edgeprune.errors import EdgepruneError
+from edgeprune.latency.interleave import measure_interleaved
 from edgeprune.latency.layers import LayerConfig, unit_model
 from edgeprune.latency.measurement import Protocol
 
@@ -120,7 +121,7 @@ def test_measure_and_batch(agent):
 @pytest.mark.parametrize(
     "case,expect",
     [("garbage", "not a valid ONNX model"), ("external", "external data"), ("shape", "does not match"),
-     ("custom", "custom-op domain"), ("fields", "needs 'model'")],
+     ("custom", "custom-op domain"), ("fields", "needs 'model'"), ("fresh", "'fresh' must be true or false")],
 )  # fmt: skip
 def test_bad_requests_get_400_and_agent_keeps_serving(agent, case, expect, tmp_path):
     data, shape = _model()
@@ -141,6 +142,8 @@ def test_bad_requests_get_400_and_agent_keeps_serving(agent, case, expect, tmp_p
     body = {"model": base64.b64encode(data).decode(), "input_shape": list(shape)}
     if case == "fields":
         body = {"model": "!!"}
+    elif case == "fresh":
+        body["fresh"] = "yes"
     r = _post(agent, "/measure", body)
     assert r.status_code == 400 and expect in r.json()["detail"]
     good, good_shape = _model()
@@ -200,6 +203,16 @@ def test_restarted_agent_answers_from_cache(tmp_path):
         again = a.client().measure_many(items, QUICK)
         assert [m.median_ms for m in again] == [m.median_ms for m in first]
         assert a.client().info()["measured"] == 0  # nothing was measured again
+        # fresh (a comparison, a drift check): measured again, and through a Device and interleaved
+        # rounds too, rather than the cached result repeated
+        fresh = a.client().measure_many(items[:1], QUICK, fresh=True)
+        assert a.client().info()["measured"] == 1 and fresh[0].median_ms > 0
+        spec = {"name": "remote", "backend": "onnxruntime", "agent": a.url, "token_file": str(a.token_file)}
+        (tmp_path / "remote.yaml").write_text(yaml.safe_dump(spec))
+        path = tmp_path / "m.onnx"
+        path.write_bytes(items[0][0])
+        (m,) = measure_interleaved(Device.load(tmp_path / "remote.yaml"), [(path, items[0][1])], protocol=QUICK)
+        assert a.client().info()["measured"] == 4 and len(set(m.extra["rounds_ms"])) >= 2  # not one result x3
     finally:
         a.stop()
 

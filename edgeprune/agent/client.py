@@ -89,18 +89,25 @@ class AgentClient:
     def info(self) -> dict:
         return self._request("GET", "/info")
 
-    def measure(self, onnx_bytes: bytes, input_shape: Sequence[int], protocol: Protocol | None = None) -> Measurement:
+    def measure(
+        self, onnx_bytes: bytes, input_shape: Sequence[int], protocol: Protocol | None = None, *, fresh: bool = False
+    ) -> Measurement:
+        """One measurement; the agent answers from its cache unless `fresh`."""
         body = {
             "model": base64.b64encode(onnx_bytes).decode(),
             "input_shape": list(input_shape),
             "protocol": protocol.to_dict() if protocol else None,
+            "fresh": fresh,
         }
         return Measurement.from_dict(self._request("POST", "/measure", json=body)["measurement"])
 
-    def submit(self, items: Sequence[tuple[bytes, Sequence[int]]], protocol: Protocol | None = None) -> str:
+    def submit(
+        self, items: Sequence[tuple[bytes, Sequence[int]]], protocol: Protocol | None = None, *, fresh: bool = False
+    ) -> str:
         body = {
             "items": [{"model": base64.b64encode(b).decode(), "input_shape": list(s)} for b, s in items],
             "protocol": protocol.to_dict() if protocol else None,
+            "fresh": fresh,
         }
         return self._request("POST", "/jobs", json=body)["job"]
 
@@ -114,8 +121,10 @@ class AgentClient:
         *,
         on_result: Callable[[int, Measurement], None] | None = None,
         poll_s: float = 0.2,
+        fresh: bool = False,
     ) -> list[Measurement]:
-        job_id = self.submit(items, protocol)
+        """Measure several models as one job; cached results are reused unless `fresh`."""
+        job_id = self.submit(items, protocol, fresh=fresh)
         reported: set[int] = set()
         deadline = time.monotonic() + self.timeout_s * max(1, len(items))
         while True:

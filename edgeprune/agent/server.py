@@ -64,6 +64,7 @@ class Job:
     id: str
     items: list[dict]  # {"hash", "input_shape", "key"}
     protocol: dict
+    fresh: bool = False  # measure again even where a result is cached (a comparison, a drift check)
     status: str = "queued"  # queued, running, done
     results: list[dict | None] = field(default_factory=list)
     created: float = field(default_factory=time.time)
@@ -106,10 +107,10 @@ class Agent:
                 return None
         return None
 
-    def submit(self, items: list[dict], protocol: dict) -> Job:
-        job = Job(uuid.uuid4().hex, items, protocol, results=[None] * len(items))
+    def submit(self, items: list[dict], protocol: dict, *, fresh: bool = False) -> Job:
+        job = Job(uuid.uuid4().hex, items, protocol, fresh=fresh, results=[None] * len(items))
         for i, item in enumerate(items):
-            hit = self.cached(item["key"])
+            hit = None if fresh else self.cached(item["key"])
             if hit is not None:
                 job.results[i] = {**hit, "cached": True}
         with self.lock:
@@ -131,7 +132,7 @@ class Agent:
             for i, item in enumerate(job.items):
                 if job.results[i] is not None:
                     continue
-                hit = self.cached(item["key"])  # an earlier job may have measured it meanwhile
+                hit = None if job.fresh else self.cached(item["key"])  # an earlier job may have measured it
                 if hit is None:
                     path = str(self.cache / "models" / f"{item['hash']}.onnx")
                     try:
@@ -240,6 +241,12 @@ def create_app(
             os.replace(tmp, path)
         return {"hash": digest, "input_shape": shape, "key": agent.result_key(digest, shape, protocol)}
 
+    def parse_fresh(data: dict) -> bool:
+        fresh = data.get("fresh", False)
+        if not isinstance(fresh, bool):
+            raise HTTPException(400, "'fresh' must be true or false")
+        return fresh
+
     def parse_protocol(data: dict) -> dict:
         try:
             return Protocol.from_dict(data.get("protocol") or spec.protocol.to_dict()).to_dict()
@@ -258,7 +265,7 @@ def create_app(
     async def measure(request: Request):
         data = await read_json(request)
         protocol = parse_protocol(data)
-        job = agent.submit([prepare(data, protocol)], protocol)
+        job = agent.submit([prepare(data, protocol)], protocol, fresh=parse_fresh(data))
         deadline = time.monotonic() + agent.job_timeout_s + 30
         while job.status != "done" and time.monotonic() < deadline:
             await _sleep(0.005)
@@ -276,7 +283,7 @@ def create_app(
         items = data.get("items")
         if not isinstance(items, list) or not items:
             raise HTTPException(400, "'items' must be a non-empty list of {model, input_shape}")
-        job = agent.submit([prepare(item, protocol) for item in items], protocol)
+        job = agent.submit([prepare(item, protocol) for item in items], protocol, fresh=parse_fresh(data))
         return {"job": job.id, "total": len(items), "status": job.status}
 
     @app.get(f"/{API}/jobs/{{job_id}}")

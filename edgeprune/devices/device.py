@@ -72,12 +72,20 @@ class Device:
         return self.client.info()["fingerprint"] if self.remote else self.backend.fingerprint()
 
     def measure(
-        self, onnx_path: str | os.PathLike, input_shape: Sequence[int], protocol: Protocol | None = None
+        self,
+        onnx_path: str | os.PathLike,
+        input_shape: Sequence[int],
+        protocol: Protocol | None = None,
+        *,
+        fresh: bool = False,
     ) -> Measurement:
-        """Latency of one ONNX model with this device's profile and protocol."""
+        """Latency of one ONNX model with this device's profile and protocol.
+
+        An agent answers a model it has measured before from its cache; `fresh` measures it again
+        (what a comparison or a drift check needs). A local device always measures."""
         protocol = protocol or self.spec.protocol
         if self.remote:
-            return self.client.measure(Path(onnx_path).read_bytes(), tuple(input_shape), protocol)
+            return self.client.measure(Path(onnx_path).read_bytes(), tuple(input_shape), protocol, fresh=fresh)
         return self._measure_local(onnx_path, input_shape, protocol)
 
     def measure_many(
@@ -86,12 +94,13 @@ class Device:
         protocol: Protocol | None = None,
         *,
         on_result: Callable[[int, Measurement], None] | None = None,
+        fresh: bool = False,
     ) -> list[Measurement]:
-        """Measure several models; `on_result(i, m)` is called as each one finishes."""
+        """Measure several models; `on_result(i, m)` is called as each one finishes (`fresh`: see measure)."""
         protocol = protocol or self.spec.protocol
         if self.remote:
             return self.client.measure_many(
-                [(Path(p).read_bytes(), tuple(s)) for p, s in items], protocol, on_result=on_result
+                [(Path(p).read_bytes(), tuple(s)) for p, s in items], protocol, on_result=on_result, fresh=fresh
             )
         results = []
         for i, (path, shape) in enumerate(items):

@@ -2,7 +2,8 @@
 and the dense parent; accuracy against the dense parent; a claimed speedup against the measured
 one; and what unstructured sparsity at the same parameter count buys on that runtime.
 
-Everything is measured with the device profile's full protocol, locally or through its agent.
+Everything is measured with the device profile's full protocol, locally or through its agent, the
+models in turn for several rounds, so that one slow window cannot decide a ratio.
 """
 
 from __future__ import annotations
@@ -32,17 +33,23 @@ def validate(
     device: str | None = None,
     claim_speedup: float | None = None,
     sparse: bool = True,
+    repeats: int = 3,
     log=print,
 ) -> dict:
+    """Measure the shipped model beside its dense parent (and an unstructured-sparse one), in turn,
+    `repeats` rounds (edgeprune/latency/interleave.py), and write RUN/validation.json."""
     from edgeprune.checkpoint import load_checkpoint
     from edgeprune.devices import Device
     from edgeprune.export import export_onnx, simplify_and_check
+    from edgeprune.latency.interleave import measure_interleaved, spread
     from edgeprune.pruning.sparse import magnitude_sparsify, weight_count
     from edgeprune.zoo import resolve_weights
 
     run = Path(run_dir)
     if not (run / "export.json").is_file():
         raise EdgepruneError(f"{run} has not been exported: run `edgeprune export {run}` first")
+    if repeats < 1:
+        raise EdgepruneError(f"--repeats must be at least 1, got {repeats}")
     if claim_speedup is not None and claim_speedup <= 0:
         raise EdgepruneError(f"--claim-speedup must be positive, got {claim_speedup}")
     manifest = json.loads(Path(json.loads((run / "export.json").read_text())["manifest"]).read_text())
@@ -58,14 +65,21 @@ def validate(
     with tempfile.TemporaryDirectory(prefix="edgeprune-validate-") as tmp:
         dense_path = export_onnx(dense, shape, Path(tmp) / "dense.onnx")
         simplify_and_check(dense_path)  # the same treatment as the shipped file
-        m_pruned = dev.measure(shipped, shape)
-        m_dense = dev.measure(dense_path, shape)
-        sparse_row = None
+        items = [(shipped, shape), (dense_path, shape)]
         if sparse:
             pruned_weights = weight_count(load_checkpoint(Path(manifest["source"])).build())
             sparse_model = magnitude_sparsify(dense, keep=pruned_weights)
-            sparse_path = export_onnx(sparse_model, shape, Path(tmp) / "sparse.onnx")
-            m_sparse = dev.measure(sparse_path, shape)
+            items.append((export_onnx(sparse_model, shape, Path(tmp) / "sparse.onnx"), shape))
+        log(f"measuring {len(items)} models in turn, {repeats} rounds ...")
+        measured_all = measure_interleaved(dev, items, repeats=repeats)
+        m_pruned, m_dense = measured_all[:2]
+        for label, m in zip(("shipped", "dense", "sparse"), measured_all):
+            if spread(m) > 0.05:
+                rounds = " / ".join(f"{t:.4g}" for t in m.extra["rounds_ms"])
+                log(f"the {label} model's rounds measured {rounds} ms: the device is noisy; the median round counts")
+        sparse_row = None
+        if sparse:
+            m_sparse = measured_all[2]
             sparse_row = {
                 "nonzero_weights": weight_count(sparse_model, nonzero=True),
                 "sparsity": 1 - weight_count(sparse_model, nonzero=True) / weight_count(dense),
@@ -88,6 +102,7 @@ def validate(
         "device": dev.name,
         "fingerprint": dev.fingerprint(),
         "protocol": dev.spec.protocol.to_dict(),
+        "repeats": repeats,
         "artifact": str(shipped),
         "budget_ms": budget,
         "budget": config["budget"],

@@ -76,6 +76,14 @@ def export_rows(manifest: dict) -> list[list[str]]:
     return rows
 
 
+def _noisy(measured: dict) -> str:
+    """The rounds behind a measurement, where they disagree by over 5 % (a noisy device)."""
+    rounds = measured.get("extra", {}).get("rounds_ms") or []
+    if len(rounds) < 2 or max(rounds) / min(rounds) < 1.05:
+        return ""
+    return " (rounds " + " / ".join(f"{t:.4g}" for t in rounds) + " ms: noisy)"
+
+
 def validation_rows(val: dict) -> list[list[str]]:
     """The validation table (label, value, note), as the report and `edgeprune validate` show it."""
     rows = [
@@ -83,14 +91,18 @@ def validation_rows(val: dict) -> list[list[str]]:
         [
             "shipped model, measured",
             _ms(val["measured"]["median_ms"]),
-            "meets the budget" if val["meets_budget"] else "OVER BUDGET",
+            ("meets the budget" if val["meets_budget"] else "OVER BUDGET") + _noisy(val["measured"]),
         ],
         [
             "predicted by the table",
             _ms(val["predicted_ms"]),
             "" if val["prediction_error_pct"] is None else f"error {val['prediction_error_pct']:+.1f} %",
         ],
-        ["dense model, measured", _ms(val["dense_measured"]["median_ms"]), f"speedup {val['speedup']:.2f}x"],
+        [
+            "dense model, measured",
+            _ms(val["dense_measured"]["median_ms"]),
+            f"speedup {val['speedup']:.2f}x" + _noisy(val["dense_measured"]),
+        ],
         [
             "test accuracy",
             _pct(val["test_accuracy"]),
@@ -103,7 +115,7 @@ def validation_rows(val: dict) -> list[list[str]]:
             [
                 f"unstructured sparse, same weights ({sp['sparsity']:.0%} zeros)",
                 _ms(sp["measured"]["median_ms"]),
-                f"speedup {sp['speedup']:.2f}x",
+                f"speedup {sp['speedup']:.2f}x" + _noisy(sp["measured"]),
             ]
         )
     if val.get("claim"):
