@@ -3,9 +3,11 @@
     python bench/finetune_seeds.py RUN [RUN ...] [--seeds 3] [--epochs 15] [--train-device cuda] [--jobs 9]
 
 Each RUN (a run directory with pruned.pt) is copied to OUT/NAME-sK for every seed K and finetuned
-there with that seed (the same recipe as bench/ship.py); the table gives each run's test accuracy
-per seed, mean and standard deviation, and each run's mean minus the first run's. The copies are
-separate processes, so a GPU host can finetune them all at once (--jobs).
+there with that seed, the same recipe as bench/ship.py. Where the run was already finetuned with
+that recipe and seed (ship.py finetunes with seed 0), its own finetune is kept instead. The table
+gives each run's test accuracy per seed, mean and standard deviation, and each run's mean minus
+the first run's. The copies are separate processes, so a GPU host can finetune them all at once
+(--jobs).
 """
 
 from __future__ import annotations
@@ -21,6 +23,25 @@ import time
 from pathlib import Path
 
 COPY = ("config.json", "plan.json", "pruned.pt", "results.json")
+
+
+def _same_recipe(run: Path, args, seed: int) -> bool:
+    """Whether RUN was already finetuned with this recipe and seed (bench/ship.py finetunes with seed 0)."""
+    from dataclasses import asdict
+
+    from edgeprune.training import DistillConfig, Recipe
+
+    try:
+        fine = json.loads((run / "finetune.json").read_text())
+    except (OSError, ValueError):
+        return False
+    wanted = asdict(Recipe(epochs=args.epochs, lr=args.lr, seed=seed))  # what finetune() builds from these
+    return (
+        (run / "finetuned.pt").is_file()
+        and fine.get("recipe") == wanted
+        and fine.get("distillation") == asdict(DistillConfig())
+        and fine.get("device") == args.train_device
+    )
 
 
 def main() -> None:
@@ -51,12 +72,20 @@ def main() -> None:
     for run in args.runs:
         for seed in range(args.seeds):
             copy = args.out / f"{run.name}-s{seed}"
-            if not (copy / "finetune.json").is_file():
-                copy.mkdir(parents=True, exist_ok=True)
-                for f in COPY:
-                    if (run / f).is_file():
-                        shutil.copy2(run / f, copy / f)
-                jobs.append((copy, seed))
+            if (copy / "finetune.json").is_file():
+                continue
+            copy.mkdir(parents=True, exist_ok=True)
+            for f in COPY:
+                if (run / f).is_file():
+                    shutil.copy2(run / f, copy / f)
+            if _same_recipe(run, args, seed):  # the run's own finetune is this seed's: keep it
+                shutil.copy2(run / "finetuned.pt", copy / "finetuned.pt")
+                fine = json.loads((run / "finetune.json").read_text())
+                fine.update(run_dir=str(copy), checkpoint=str(copy / "finetuned.pt"), reused_from=str(run))
+                (copy / "finetune.json").write_text(json.dumps(fine, indent=1) + "\n")
+                print(f"{copy.name}: the run's own finetune has this recipe and seed; reused", flush=True)
+                continue
+            jobs.append((copy, seed))
     common = ["--epochs", str(args.epochs), "--lr", str(args.lr), "--train-device", args.train_device]
     # each child gets its share of the cores: 9 children on a 16-core H100 host, each with torch's
     # default thread count, had not finished after 380 s where one alone takes ~115 s
