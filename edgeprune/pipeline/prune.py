@@ -334,7 +334,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
             if todo:
                 log(f"measuring the {len(todo)} best new candidates on {device.name} (export + full protocol) ...")
             raw, beside, refer = referred([r["counts"] for r in todo])
-            dense_beside = float(np.sqrt(np.prod(beside))) if beside else None  # geometric mean
+            dense_beside = dense_ms / refer if beside else None  # the geometric mean of the two beside
             for r, m in zip(todo, raw):
                 row = {
                     "counts": r["counts"],

@@ -41,7 +41,7 @@ def validate(
     from edgeprune.checkpoint import load_checkpoint
     from edgeprune.devices import Device
     from edgeprune.export import export_onnx, simplify_and_check
-    from edgeprune.latency.interleave import measure_interleaved, spread
+    from edgeprune.latency.interleave import measure_interleaved, noisy_rounds
     from edgeprune.pruning.sparse import magnitude_sparsify, weight_count
     from edgeprune.zoo import resolve_weights
 
@@ -74,8 +74,7 @@ def validate(
         measured_all = measure_interleaved(dev, items, repeats=repeats)
         m_pruned, m_dense = measured_all[:2]
         for label, m in zip(("shipped", "dense", "sparse"), measured_all):
-            if spread(m) > 0.05:
-                rounds = " / ".join(f"{t:.4g}" for t in m.extra["rounds_ms"])
+            if rounds := noisy_rounds(m.extra["rounds_ms"]):
                 log(f"the {label} model's rounds measured {rounds} ms: the device is noisy; the median round counts")
         sparse_row = None
         if sparse:

@@ -77,11 +77,11 @@ def export_rows(manifest: dict) -> list[list[str]]:
 
 
 def _noisy(measured: dict) -> str:
-    """The rounds behind a measurement, where they disagree by over 5 % (a noisy device)."""
-    rounds = measured.get("extra", {}).get("rounds_ms") or []
-    if len(rounds) < 2 or max(rounds) / min(rounds) < 1.05:
-        return ""
-    return " (rounds " + " / ".join(f"{t:.4g}" for t in rounds) + " ms: noisy)"
+    """The rounds behind a measurement, where they disagree (a noisy device)."""
+    from edgeprune.latency.interleave import noisy_rounds
+
+    rounds = noisy_rounds(measured.get("extra", {}).get("rounds_ms") or [])
+    return f" (rounds {rounds} ms: noisy)" if rounds else ""
 
 
 def validation_rows(val: dict) -> list[list[str]]:
