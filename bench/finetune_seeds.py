@@ -1,13 +1,14 @@
 """How much of an accuracy gap between two pruned plans is the finetune's own seed.
 
-    python bench/finetune_seeds.py RUN [RUN ...] [--seeds 3] [--epochs 15] [--train-device cuda] [--jobs 9]
+    python bench/finetune_seeds.py RUN [RUN ...] [--seeds 3] [--first-seed 0] [--epochs 15] [--jobs 9]
 
 Each RUN (a run directory with pruned.pt) is copied to OUT/NAME-sK for every seed K and finetuned
 there with that seed, the same recipe as bench/ship.py. Where the run was already finetuned with
 that recipe and seed (ship.py finetunes with seed 0), its own finetune is kept instead. The table
 gives each run's test accuracy per seed, mean and standard deviation, and each run's mean minus
 the first run's. The copies are separate processes, so a GPU host can finetune them all at once
-(--jobs).
+(--jobs; --train-device cuda). --first-seed adds seeds to a study done elsewhere (e.g. seed 0 on a
+GPU host).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def _same_recipe(run: Path, args, seed: int) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="*", type=Path)
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=3, help="how many seeds")
+    ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--train-device", default="cpu")
@@ -68,9 +70,12 @@ def main() -> None:
     for run in args.runs:
         if not (run / "pruned.pt").is_file():
             raise SystemExit(f"{run} holds no pruned.pt: give run directories written by `edgeprune prune`")
+    if args.seeds < 1 or args.first_seed < 0:
+        raise SystemExit("--seeds must be at least 1 and --first-seed at least 0")
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     jobs = []
     for run in args.runs:
-        for seed in range(args.seeds):
+        for seed in seeds:
             copy = args.out / f"{run.name}-s{seed}"
             if (copy / "finetune.json").is_file():
                 continue
@@ -104,16 +109,12 @@ def main() -> None:
         raise SystemExit(f"finetune failed for {failed}; see their finetune.log")
     if jobs:
         print(f"{len(jobs)} finetunes in {time.monotonic() - t0:.0f} s", flush=True)
-    print(
-        f"{'run':<50}"
-        + "".join(f"{'seed ' + str(s):>9}" for s in range(args.seeds))
-        + f"{'mean':>9}{'sd':>7}{'vs first':>10}"
-    )
+    print(f"{'run':<50}" + "".join(f"{'seed ' + str(s):>9}" for s in seeds) + f"{'mean':>9}{'sd':>7}{'vs first':>10}")
     first = None
     for run in args.runs:
         accs = [
             json.loads((args.out / f"{run.name}-s{s}" / "finetune.json").read_text())["test_accuracy"] * 100
-            for s in range(args.seeds)
+            for s in seeds
         ]
         mean = statistics.mean(accs)
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
