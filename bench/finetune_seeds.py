@@ -1,6 +1,6 @@
 """How much of an accuracy gap between two pruned plans is the finetune's own seed.
 
-    python bench/finetune_seeds.py RUN [RUN ...] [--seeds 3] [--first-seed 0] [--epochs 15] [--jobs 9]
+    python bench/finetune_seeds.py RUN [RUN ...] [--seeds 3] [--first-seed 0] [--epochs 30] [--jobs 9]
 
 Each RUN (a run directory with pruned.pt) is copied to OUT/NAME-sK for every seed K and finetuned
 there with that seed, the same recipe as bench/ship.py. Where the run was already finetuned with
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("runs", nargs="*", type=Path)
     ap.add_argument("--seeds", type=int, default=3, help="how many seeds")
     ap.add_argument("--first-seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--epochs", type=int, default=30)  # bench/ship.py's
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--train-device", default="cpu")
     ap.add_argument("--jobs", type=int, default=1)
