@@ -48,15 +48,11 @@ def measure_interleaved(
 NOISY = 0.05  # rounds that disagree by more than this are shown beside the figure
 
 
-def spread(m: Measurement) -> float:
-    """Largest / smallest round time, minus 1 (0 for a single round)."""
-    return _spread(m.extra.get("rounds_ms") or [m.median_ms])
+def spread(times_ms: Sequence[float]) -> float:
+    """How far repeated measurements of one model disagree: largest / smallest, minus 1 (0 for one)."""
+    return max(times_ms) / min(times_ms) - 1
 
 
 def noisy_rounds(rounds_ms: Sequence[float]) -> str:
     """The rounds as "a / b / c" where they disagree by over NOISY (a noisy device), else ""."""
-    return " / ".join(f"{t:.4g}" for t in rounds_ms) if rounds_ms and _spread(rounds_ms) > NOISY else ""
-
-
-def _spread(rounds_ms: Sequence[float]) -> float:
-    return max(rounds_ms) / min(rounds_ms) - 1
+    return " / ".join(f"{t:.4g}" for t in rounds_ms) if rounds_ms and spread(rounds_ms) > NOISY else ""

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from edgeprune.errors import EdgepruneError, choices_error
+from edgeprune.latency.interleave import spread
 from edgeprune.runs import RunStore, write_json
 
 CONFIG = "config.json"
@@ -86,7 +87,7 @@ def _dense_reference(measure_dense, log, *, agree: float = 0.03) -> float:
     around it gave 0.49). Two that agree within `agree` are averaged; otherwise a third decides
     (the median), and the spread is logged."""
     times = [measure_dense(), measure_dense()]
-    if max(times) / min(times) - 1 > agree:
+    if spread(times) > agree:
         times.append(measure_dense())
         log(
             "the dense model measured " + " / ".join(f"{t:.4g}" for t in times) + " ms: the device is noisy; "
