@@ -23,6 +23,7 @@ from edgeprune.search import (
     BOCR,
     BudgetProblem,
     FlopsCost,
+    ProxyEvaluator,
     SearchLoop,
     Uniform,
     cluster_groups,
@@ -353,6 +354,25 @@ def test_the_dense_reference_outvotes_one_slow_measurement():
     assert len(calls) == 2 and len(lines) == 1  # two that agree: no third measurement, nothing logged
 
 
+def test_short_training_proxy_scores_what_a_few_distilled_steps_recover(tiny_run, digits16):
+    from edgeprune.checkpoint import load_checkpoint
+
+    base = load_checkpoint(tiny_run["weights"]).build().eval()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    s = space(base, torch.randn(1, 1, 16, 16), step=8)
+    narrow = [max(8, c // 4 // 8 * 8) for c in s.full_counts()]
+    recalibrated = ProxyEvaluator(s, digits16, heldout_images=300)
+    trained = ProxyEvaluator(s, digits16, heldout_images=300, train_steps=15)
+    assert len(trained.train_batches) == 15
+    score = trained(narrow)
+    assert score > recalibrated(narrow) + 0.05, (score, recalibrated(narrow))
+    # the candidate trains on a copy: the dense model the search prunes is untouched
+    assert all(torch.equal(before[k], v) for k, v in s.base.state_dict().items())
+    # the training batches and the teacher's targets are drawn once: a plan's score is reproducible
+    again = ProxyEvaluator(s, digits16, heldout_images=300, train_steps=15)
+    assert again(narrow) == score and trained.cache[trained.plan(narrow).hash()] == score
+
+
 def test_prune_errors_are_one_line(tiny_run, tmp_path, cli):
     r = cli(*prune_args(tiny_run, tmp_path / "a", budget_ms="0.0001"))
     assert r.returncode == 2 and "below the smallest cost" in r.stderr and "Traceback" not in r.stderr
@@ -360,6 +380,8 @@ def test_prune_errors_are_one_line(tiny_run, tmp_path, cli):
     assert r.returncode == 2 and "nothing to prune" in r.stderr
     r = cli(*prune_args(tiny_run, tmp_path / "c", budget_ms="50%", search="annealing"))
     assert r.returncode == 2 and "unknown search 'annealing'" in r.stderr
+    r = cli(*prune_args(tiny_run, tmp_path / "e", budget_ms="80%", proxy_steps=-1))
+    assert r.returncode == 2 and "--proxy-steps must be 0 or more" in r.stderr and "Traceback" not in r.stderr
     r = cli("prune", "--out", str(tmp_path / "d"), "--resume")
     assert r.returncode == 2 and "no pruning run to resume" in r.stderr
 

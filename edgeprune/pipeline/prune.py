@@ -56,6 +56,7 @@ class PruneConfig:
     fix: list[str] = field(default_factory=list)  # group roots (glob) held at full width
     calibration_batches: int = 10
     heldout_images: int = 2000
+    proxy_steps: int = 0  # distilled SGD steps per candidate before scoring (0: BN recalibration only)
     measure_top: int = 5  # candidates measured on the device per round
     max_rounds: int = 4  # budget tightenings before giving up
     anchor: bool = True  # scale predictions by the dense model's measured / predicted latency
@@ -193,6 +194,8 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
         raise choices_error("search", cfg.search, list(SEARCHERS))
     if cfg.cost not in COSTS:
         raise choices_error("cost", cfg.cost, COSTS)
+    if cfg.proxy_steps < 0:
+        raise EdgepruneError(f"--proxy-steps must be 0 or more, got {cfg.proxy_steps}")
     if cfg.evals < 1:
         raise EdgepruneError(f"--evals must be at least 1, got {cfg.evals}")
     started = time.monotonic()
@@ -289,6 +292,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
             calibration_batches=cfg.calibration_batches,
             heldout_images=cfg.heldout_images,
             seed=cfg.seed,
+            train_steps=cfg.proxy_steps,
         )
         dense_score = evaluator(s.full_counts())
         acp = acp_widths(s, evaluator.calibration) if cfg.search == "pso" else None

@@ -29,15 +29,24 @@ class DistillConfig:
     alpha: float = 0.9  # weight of the distillation term
 
 
+def soft_targets(teacher_logits: torch.Tensor, config: DistillConfig = DistillConfig()) -> torch.Tensor:
+    return F.softmax(teacher_logits / config.temperature, dim=1)
+
+
+def distilled(logits: torch.Tensor, target: torch.Tensor, y: torch.Tensor, config: DistillConfig) -> torch.Tensor:
+    """The loss above, given the teacher's `soft_targets` (they can be computed once and kept)."""
+    T, alpha = config.temperature, config.alpha
+    kd = F.kl_div(F.log_softmax(logits / T, dim=1), target, reduction="batchmean") * T * T
+    return alpha * kd + (1 - alpha) * F.cross_entropy(logits, y) if alpha < 1 else kd
+
+
 def distillation_loss(teacher: nn.Module, config: DistillConfig = DistillConfig()):
     teacher.eval()
-    T, alpha = config.temperature, config.alpha
 
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            target = F.softmax(teacher(x) / T, dim=1)
-        kd = F.kl_div(F.log_softmax(logits / T, dim=1), target, reduction="batchmean") * T * T
-        return alpha * kd + (1 - alpha) * F.cross_entropy(logits, y) if alpha < 1 else kd
+            target = soft_targets(teacher(x), config)
+        return distilled(logits, target, y, config)
 
     return loss
 

@@ -52,13 +52,17 @@ def resume_path(out: Path) -> Path:
     return out.with_name(out.name + ".resume")
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on BN/bias parameters (standard practice, and it keeps BN scales usable as a criterion)."""
+def sgd(model: nn.Module, recipe: Recipe) -> torch.optim.SGD:
+    """The recipe's SGD, with no weight decay on BN/bias parameters (standard practice, and it keeps
+    BN scales usable as a criterion)."""
     decay, no_decay = [], []
     for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
 
+
+STATUS_EVERY = 25  # batches between progress-line updates of the running loss and accuracy
 
 Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -82,9 +86,7 @@ def fit(
     batches are moved there (the model must already be on it).
     """
     torch.manual_seed(recipe.seed)
-    opt = torch.optim.SGD(
-        _param_groups(model, recipe.weight_decay), lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov
-    )
+    opt = sgd(model, recipe)
     train_split = data.split("train")
     per_epoch = train_split.num_batches(recipe.batch_size)
     if recipe.max_batches_per_epoch:
@@ -125,7 +127,10 @@ def fit(
         try:
             while epoch < recipe.epochs:
                 model.train()
-                loss_sum = correct = seen = 0.0
+                # running sums stay on the model's device: reading them every step (.item()) would make
+                # the host wait for the accelerator at each batch instead of queueing the next one
+                loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+                seen = 0
                 for b, (x, y) in enumerate(
                     data.batches(
                         "train",
@@ -148,16 +153,14 @@ def fit(
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    loss_sum += loss.item() * len(y)
-                    correct += (logits.argmax(1) == y).sum().item()
+                    loss_sum += loss.detach() * len(y)
+                    correct += (logits.argmax(1) == y).sum()
                     seen += len(y)
-                    bar.update(
-                        task,
-                        advance=1,
-                        status=(
-                            f"epoch {epoch + 1}/{recipe.epochs} loss {loss_sum / seen:.3f} acc {correct / seen:.3f}"
-                        ),
-                    )
+                    status = None
+                    if b % STATUS_EVERY == 0 or b + 1 == per_epoch:
+                        status = f"epoch {epoch + 1}/{recipe.epochs} loss {loss_sum.item() / seen:.3f} "
+                        status += f"acc {correct.item() / seen:.3f}"
+                    bar.update(task, advance=1, **({"status": status} if status else {}))
                     if time.monotonic() - last_save > save_every_s:
                         save_state(epoch, b + 1)
                         last_save = time.monotonic()
