@@ -53,7 +53,6 @@ class ProxyEvaluator:
         batches = list(data.batches("heldout", 500, limit=-(-heldout_images // 500)))
         self.x = torch.cat([x for x, _ in batches])[:heldout_images]
         self.y = torch.cat([y for _, y in batches])[:heldout_images]
-        self.train_steps = train_steps
         self.train_lr = train_lr
         self.distill = distill
         self.train_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -78,7 +77,7 @@ class ProxyEvaluator:
         if key not in self.cache:
             t0 = time.perf_counter()
             model = plan.apply(self.space.base)
-            if self.train_steps:
+            if self.train_batches:
                 with torch.enable_grad():
                     self._train(model)
             recalibrate_bn_on(model, self.calibration)
@@ -88,7 +87,7 @@ class ProxyEvaluator:
         return self.cache[key]
 
     def _train(self, model: nn.Module) -> None:
-        """`train_steps` distilled SGD steps: the finetune's loss and optimizer, cosine from `train_lr`."""
+        """One distilled SGD step per training batch: the finetune's loss and optimizer, cosine from `train_lr`."""
         recipe = Recipe(epochs=1, lr=self.train_lr)
         opt = sgd(model, recipe)
         model.train()
