@@ -195,7 +195,7 @@ def claim_check(args) -> None:
     from edgeprune.devices import Device
     from edgeprune.export import export_onnx
     from edgeprune.latency.check import predictor_for
-    from edgeprune.latency.interleave import measure_interleaved
+    from edgeprune.latency.interleave import measure_interleaved, noisy_rounds
     from edgeprune.latency.table import LatencyTable
     from edgeprune.pruning.sparse import magnitude_sparsify, weight_count
     from edgeprune.resolve import resolve_model
@@ -217,13 +217,13 @@ def claim_check(args) -> None:
     structured = s.plan(counts).apply(net)
     sparse = magnitude_sparsify(net, keep=weight_count(structured))
     names = ("dense", "structured", "sparse")
-    with tempfile.TemporaryDirectory() as d:  # in turn, 3 rounds: one slow window cannot decide a ratio
+    with tempfile.TemporaryDirectory() as d:  # in turn, short windows, each its quietest: see interleave.py
         paths = [export_onnx(m, shape, Path(d) / f"{n}.onnx") for n, m in zip(names, (net, structured, sparse))]
         measured = measure_interleaved(device, [(p, shape) for p in paths], repeats=args.repeats)
     ms = {n: m.median_ms for n, m in zip(names, measured)}
-    rounds = {n: " / ".join(f"{t:.3f}" for t in m.extra["rounds_ms"]) for n, m in zip(names, measured)}
+    rounds = {n: noisy_rounds(m.extra["rounds_ms"]) or "steady" for n, m in zip(names, measured)}
     print(f"\nmobilenet_v2 @ {shape[2]}x{shape[3]} on {device.name} (claim: PR-DARTS, {claim}x faster)")
-    print(f"{'model':<34}{'weights':>12}{'measured ms':>13}{'speedup':>9}   rounds (ms)")
+    print(f"{'model':<34}{'weights':>12}{'measured ms':>13}{'speedup':>9}   rounds")
     print(f"{'dense':<34}{weight_count(net):>12,}{ms['dense']:>13.3f}{1:>8.2f}x   {rounds['dense']}")
     predicted = dense_pred / predictor.predict(counts)
     label = f"structured, predicted {predicted:.2f}x"
@@ -257,7 +257,9 @@ def main() -> None:
     ap.add_argument("--rows", nargs="*", help="rows to run as MODEL:DEVICE:BUDGET, e.g. resnet20:cpu-openvino:50%%")
     ap.add_argument("--runs", default="runs/bench-ship")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3, help="rounds of measuring compared models in turn")
+    ap.add_argument(
+        "--repeats", type=int, default=None, help="rounds of measuring compared models in turn (default: validate's)"
+    )
     args = ap.parse_args()
     rows(args)  # an unknown row fails here, before any stage runs
     torch.set_num_threads(args.threads)

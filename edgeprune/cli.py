@@ -541,8 +541,12 @@ def validate_cmd(
     ] = None,
     sparse: Annotated[bool, typer.Option(help="Also measure an unstructured-sparse model of the same size.")] = True,
     repeats: Annotated[
-        int, typer.Option(help="Rounds of measuring the models in turn; each model's median round counts.")
-    ] = 3,
+        int | None,
+        typer.Option(
+            help="Rounds of measuring the models in turn, in short windows; each model's quietest counts "
+            "[default: 15 or more, spanning 15 x the protocol's min_s]."
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """Measure the shipped model and its dense parent on the device: budget, prediction, speedup, accuracy.

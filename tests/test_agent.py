@@ -160,6 +160,15 @@ def test_request_over_size_limit(tmp_path):
             a.client().measure(data, shape, QUICK)
         small, small_shape = _model()
         assert a.client().measure(small, small_shape, QUICK).median_ms > 0
+        # models measured in turn, many rounds: each is sent once, later rounds refer to it
+        mid, mid_shape = _model(cout=128, cin=128)  # ~0.6 MB: 15 rounds of it would be 9 MB
+        rounds = a.client().measure_many([(mid, mid_shape), (small, small_shape)] * 15, QUICK, fresh=True)
+        assert len(rounds) == 30 and a.client().info()["measured"] == 31 and len({m.median_ms for m in rounds}) > 2
+        for bad, why in (({"same_as": 1, "input_shape": list(small_shape)}, "index of an earlier item"),
+                         ({"same_as": 0, "input_shape": [1, 4, 9, 9]}, "must have its input shape")):  # fmt: skip
+            body = {"items": [{"model": base64.b64encode(small).decode(), "input_shape": list(small_shape)}, bad]}
+            r = _post(a, "/jobs", body)
+            assert r.status_code == 400 and why in r.json()["detail"], r.text
     finally:
         a.stop()
 
@@ -211,7 +220,9 @@ def test_restarted_agent_answers_from_cache(tmp_path):
         (tmp_path / "remote.yaml").write_text(yaml.safe_dump(spec))
         path = tmp_path / "m.onnx"
         path.write_bytes(items[0][0])
-        (m,) = measure_interleaved(Device.load(tmp_path / "remote.yaml"), [(path, items[0][1])], protocol=QUICK)
+        (m,) = measure_interleaved(
+            Device.load(tmp_path / "remote.yaml"), [(path, items[0][1])], repeats=3, protocol=QUICK
+        )
         assert a.client().info()["measured"] == 4 and len(set(m.extra["rounds_ms"])) >= 2  # not one result x3
     finally:
         a.stop()

@@ -269,7 +269,7 @@ class CountingDevice(Device):
     def fingerprint(self):
         return {"runtime": "counting"}
 
-    def measure_many(self, items, protocol=None, *, on_result=None):
+    def measure_many(self, items, protocol=None, *, on_result=None, fresh=False):
         out = []
         for i, (path, _) in enumerate(items):
             nodes = [n.op_type for n in onnx.load(str(path)).graph.node]
@@ -331,7 +331,7 @@ class SyntheticStepDevice(Device):
     def __init__(self):
         super().__init__(DeviceSpec("synthetic", "onnxruntime"))
 
-    def measure_many(self, items, protocol=None, *, on_result=None):
+    def measure_many(self, items, protocol=None, *, on_result=None, fresh=False):
         import onnx
 
         out = []

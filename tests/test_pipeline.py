@@ -121,10 +121,10 @@ def test_validation_flags_a_model_over_budget(pipeline_run, cli):
     (run / "config.json").write_text(json.dumps(config))
     r = cli("validate", str(run), "--no-sparse", "--json")
     assert r.returncode == 1 and json.loads(r.stdout)["meets_budget"] is False
-    v = json.loads(r.stdout)  # the shipped and dense models measured in turn, 3 rounds; the median round counts
-    assert v["repeats"] == 3
+    v = json.loads(r.stdout)  # the shipped and dense models measured in turn, 15 rounds or more; the quietest counts
+    assert v["repeats"] >= 15
     for m in (v["measured"], v["dense_measured"]):
-        assert len(m["extra"]["rounds_ms"]) == 3 and m["median_ms"] == sorted(m["extra"]["rounds_ms"])[1]
+        assert len(m["extra"]["rounds_ms"]) == v["repeats"] and m["median_ms"] == min(m["extra"]["rounds_ms"])
     r = cli("validate", str(run), "--no-sparse", "--repeats", "0")
     assert r.returncode == 2 and "--repeats must be at least 1" in r.stderr and "Traceback" not in r.stderr
     # a share of the dense model is held against the dense model measured now

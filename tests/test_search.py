@@ -283,27 +283,30 @@ def test_measured_check_tightens_an_optimistic_prediction(tiny_run, tmp_path, cl
 
 
 def test_measured_check_refers_candidates_to_the_dense_model_beside_them(tiny_run, tmp_path, monkeypatch):
-    """The device slows down 1.5x after the dense model is first measured (a board warming up, a
-    shared machine getting busy). A budget that is a share of dense is a ratio: the dense model is
-    measured again beside the candidates and they are referred to it, so the search still meets
-    80 % of dense. Without that, every candidate (and the smallest plan, ~56 % of dense x 1.5)
-    would miss. The table is optimistic, so the first round misses and the smallest plan is
-    measured to bracket the tightening: it too is referred. A budget in milliseconds is absolute:
-    nothing is re-measured or scaled."""
+    """The device slows down 3x after the dense model is first measured (a board warming up, a
+    shared machine getting busy; 3x, so that this host's own phases, up to ~1.9x, cannot hide it).
+    A budget that is a share of dense is a ratio: the dense model is measured again beside the
+    candidates and they are referred to it, so the search still meets 80 % of dense. Without
+    that, every candidate (and the smallest plan, ~56 % of dense x 3) would miss. The table is
+    optimistic, so the first round misses and the smallest plan is measured to bracket the
+    tightening: it too is referred. A budget in milliseconds is absolute: nothing is re-measured
+    or scaled."""
     from dataclasses import replace
 
-    from edgeprune.devices import Device
+    import edgeprune.latency.interleave as interleave
     from edgeprune.pipeline import prune
 
-    real_measure, calls = Device.measure, []
+    real, calls, pin = interleave.measure_interleaved, [], {}
 
-    def drifting(self, onnx_path, input_shape, protocol=None, *, fresh=False):
-        m = real_measure(self, onnx_path, input_shape, protocol, fresh=fresh)
-        calls.append(m.median_ms)
-        slow = 1.0 if len(calls) <= 2 else 1.5  # the dense reference is 2 (or, if they differ, 3) measurements
-        return replace(m, median_ms=m.median_ms * slow, p90_ms=m.p90_ms * slow, mean_ms=m.mean_ms * slow)
+    def drifting(device, items, **kw):
+        ms = real(device, items, **kw)
+        calls.append(len(items))
+        slow = 1.0 if len(calls) == 1 else 3.0  # the first comparison is the dense reference alone
+        if len(calls) == 1 and pin:  # the dense reference pinned to a value (see the budget in ms below)
+            slow = pin["dense_ms"] / ms[0].median_ms
+        return [replace(m, median_ms=m.median_ms * slow, p90_ms=m.p90_ms * slow, mean_ms=m.mean_ms * slow) for m in ms]
 
-    monkeypatch.setattr(Device, "measure", drifting)
+    monkeypatch.setattr(interleave, "measure_interleaved", drifting)
     common = {
         "weights": tiny_run["weights"],
         "device": _steady_device(tiny_run, tmp_path),
@@ -325,8 +328,8 @@ def test_measured_check_refers_candidates_to_the_dense_model_beside_them(tiny_ru
     assert res["met_budget"] and res["chosen"]["measured_ms"] <= res["budget_ms"], lines
     store = RunStore(tmp_path / "share")
     dense_ms = res["dense"]["measured_ms"]
-    for m in store.measurements():  # ~1.5 (1.0 without the drift)
-        assert 1.2 < m["dense_beside_ms"] / dense_ms < 1.9, (m, dense_ms)
+    for m in store.measurements():  # ~3 (1.0 without the drift), times what the host's phases add
+        assert 1.5 < m["dense_beside_ms"] / dense_ms < 6, (m, dense_ms)
         assert m["raw_ms"] / m["measured_ms"] == pytest.approx(m["dense_beside_ms"] / dense_ms)
     assert any("scaled by" in line for line in lines), lines
     assert res["rounds"] >= 2 and any("no candidate met" in line for line in lines), lines
@@ -334,24 +337,11 @@ def test_measured_check_refers_candidates_to_the_dense_model_beside_them(tiny_ru
     assert smallest is not None and smallest < 0.8 * dense_ms, (smallest, dense_ms)
 
     calls.clear()
+    pin["dense_ms"] = dense_ms  # this host's phases must not move an absolute budget's dense model
     res = prune(tmp_path / "ms", budget=str(dense_ms * 0.8), max_rounds=0, progress=False, log=lines.append, **common)
     rows = RunStore(tmp_path / "ms").measurements()
     assert rows and all(m["dense_beside_ms"] is None and m["raw_ms"] == m["measured_ms"] for m in rows)
-    assert not res["met_budget"]  # 1.5x slower than at the start, against an absolute budget
-
-
-def test_the_dense_reference_outvotes_one_slow_measurement():
-    """The dense time a run's budget comes from: one slow window (a busy neighbour) must not set it."""
-    from edgeprune.pipeline.prune import _dense_reference
-
-    lines: list[str] = []
-    times = iter([0.683, 0.488, 0.490])
-    assert _dense_reference(lambda: next(times), lines.append) == 0.490
-    assert "noisy" in lines[0] and "0.683" in lines[0]
-    calls = []
-    quiet = iter([0.490, 0.494, 9.9])
-    assert _dense_reference(lambda: calls.append(1) or next(quiet), lines.append) == pytest.approx(0.492)
-    assert len(calls) == 2 and len(lines) == 1  # two that agree: no third measurement, nothing logged
+    assert not res["met_budget"]  # 3x slower than at the start, against an absolute budget
 
 
 def test_short_training_proxy_scores_what_a_few_distilled_steps_recover(tiny_run, digits16):

@@ -104,8 +104,16 @@ class AgentClient:
     def submit(
         self, items: Sequence[tuple[bytes, Sequence[int]]], protocol: Protocol | None = None, *, fresh: bool = False
     ) -> str:
+        sent: dict[bytes, int] = {}  # a model already in this request is referred to, not sent again
+        wire = []
+        for i, (b, s) in enumerate(items):
+            if b in sent:
+                wire.append({"same_as": sent[b], "input_shape": list(s)})
+            else:
+                sent[b] = i
+                wire.append({"model": base64.b64encode(b).decode(), "input_shape": list(s)})
         body = {
-            "items": [{"model": base64.b64encode(b).decode(), "input_shape": list(s)} for b, s in items],
+            "items": wire,
             "protocol": protocol.to_dict() if protocol else None,
             "fresh": fresh,
         }

@@ -282,8 +282,27 @@ def create_app(
         protocol = parse_protocol(data)
         items = data.get("items")
         if not isinstance(items, list) or not items:
-            raise HTTPException(400, "'items' must be a non-empty list of {model, input_shape}")
-        job = agent.submit([prepare(item, protocol) for item in items], protocol, fresh=parse_fresh(data))
+            raise HTTPException(
+                400, "'items' must be a non-empty list of {model, input_shape} (or {same_as, input_shape})"
+            )
+        prepared: list[dict] = []
+        for item in items:  # models measured in turn come once, later items refer to them
+            if isinstance(item, dict) and "same_as" in item:
+                j = item["same_as"]
+                if not isinstance(j, int) or isinstance(j, bool) or not 0 <= j < len(prepared):
+                    raise HTTPException(400, f"'same_as' must be the index of an earlier item, got {j!r}")
+                try:
+                    shape = [int(v) for v in item["input_shape"]]
+                except (KeyError, TypeError, ValueError):
+                    raise HTTPException(400, "each item needs 'input_shape' (integers)") from None
+                if shape != prepared[j]["input_shape"]:
+                    raise HTTPException(
+                        400, f"an item 'same_as' {j} must have its input shape {prepared[j]['input_shape']}"
+                    )
+                prepared.append(prepared[j])
+            else:
+                prepared.append(prepare(item, protocol))
+        job = agent.submit(prepared, protocol, fresh=parse_fresh(data))
         return {"job": job.id, "total": len(items), "status": job.status}
 
     @app.get(f"/{API}/jobs/{{job_id}}")

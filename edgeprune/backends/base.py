@@ -44,11 +44,17 @@ class Backend(ABC):
         """A callable `run(x: np.ndarray) -> np.ndarray` for the model."""
 
     def measure(
-        self, onnx_path: str | os.PathLike, input_shape: tuple[int, ...], protocol: Protocol | None = None
+        self,
+        onnx_path: str | os.PathLike,
+        input_shape: tuple[int, ...],
+        protocol: Protocol | None = None,
+        *,
+        run=None,
     ) -> Measurement:
+        """Time the model under `protocol`; `run`: a session of it already open (see `session`)."""
         from edgeprune.latency.measurement import measure_callable
 
-        run = self.session(onnx_path, input_shape)
+        run = run or self.session(onnx_path, input_shape)
         x = np.random.default_rng(0).standard_normal(input_shape, dtype=np.float32)
         timed = getattr(run, "timed", None)
         return measure_callable(lambda: run(x), protocol, timed=timed)

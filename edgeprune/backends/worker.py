@@ -13,19 +13,52 @@ It is started with `python -m edgeprune.backends.worker` (not multiprocessing's 
 re-imports the caller's main script) and speaks JSON lines: the device profile first, then one
 request per line, one answer per line (marked, so that a stray print cannot pass for one). The
 runtime's own prints are sent to stderr.
+
+Sessions stay open between requests (the last `SESSIONS`, keyed by the file's bytes and the input
+shape): models compared in turn (edgeprune/latency/interleave.py) come back every round, and a
+round can then be a short window instead of a session build plus a long warm-up.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import select
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 MARK = "edgeprune-worker: "  # answers start with it; any other line on stdout is a guest's, passed to stderr
+SESSIONS = 64  # open sessions kept: a profile batch's units (16 configurations, 2 models each) with room
+
+
+class SessionCache:
+    """The runtime's sessions of recently measured models, least recently used dropped first.
+
+    Keyed by content, not path: a caller may write another model to the same file name (an
+    OpenVINO IR's weights file beside its .xml included)."""
+
+    def __init__(self, backend, size: int = SESSIONS) -> None:
+        self.backend, self.size = backend, size
+        self.sessions: OrderedDict[tuple[str, tuple[int, ...]], object] = OrderedDict()
+
+    def get(self, path: str, shape: tuple[int, ...]):
+        files = [Path(path)] + ([Path(path).with_suffix(".bin")] if path.endswith(".xml") else [])
+        digest = hashlib.sha256()
+        for f in files:
+            if f.is_file():
+                digest.update(f.read_bytes())
+        key = (digest.hexdigest(), shape)
+        if key in self.sessions:
+            self.sessions.move_to_end(key)
+        else:
+            self.sessions[key] = self.backend.session(path, shape)
+            while len(self.sessions) > self.size:
+                self.sessions.popitem(last=False)
+        return self.sessions[key]
 
 
 def _serve() -> None:
@@ -41,9 +74,10 @@ def _serve() -> None:
         )
         return text or type(e).__name__
 
-    backend, failure = None, None
+    backend, sessions, failure = None, None, None
     try:  # a runtime that cannot start (not installed, bad options) answers every request with why
         backend = DeviceSpec.from_dict(json.loads(sys.stdin.readline())).make_backend()
+        sessions = SessionCache(backend)
     except Exception as e:
         failure = one_line(e)
     for line in sys.stdin:
@@ -51,7 +85,9 @@ def _serve() -> None:
         try:
             if failure:
                 raise EdgepruneError(failure)
-            answer = ["ok", backend.measure(path, tuple(shape), Protocol.from_dict(protocol)).to_dict()]
+            shape = tuple(shape)
+            run = sessions.get(path, shape)
+            answer = ["ok", backend.measure(path, shape, Protocol.from_dict(protocol), run=run).to_dict()]
         except Exception as e:  # report, keep serving
             answer = ["error", one_line(e)]
         protocol_out.write(MARK + json.dumps(answer) + "\n")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from edgeprune.devices import Device
+from edgeprune.latency.interleave import ROUNDS, measure_interleaved
 from edgeprune.latency.layers import ModelLayers
 from edgeprune.latency.predictor import Predictor, anchor_scale, error_stats
 from edgeprune.latency.table import LatencyTable
@@ -49,25 +50,24 @@ def check_predictor(
     s, predictor = predictor_for(model, input_shape, table, depth=depth)
     dense_predicted = predictor.predict()
     rng = np.random.default_rng(seed)
-    rows = []
+    plans = [random_counts(s, rng, mode=mode) for _ in range(n)]
     with tempfile.TemporaryDirectory() as d, progress_bar(enabled=progress) as bar:
-        dense_path = export_onnx(model, input_shape, Path(d) / "dense.onnx")
-        dense_ms = device.measure(dense_path, input_shape, fresh=True).median_ms  # the anchor: dense *now*
-        task = bar.add_task(f"check on {device.name}", total=n, status="")
-        for _ in range(n):
-            counts = random_counts(s, rng, mode=mode)
-            path = export_onnx(s.plan(counts).apply(model), input_shape, Path(d) / "plan.onnx")
-            measured = device.measure(path, input_shape).median_ms
-            rows.append(
-                {
-                    "counts": counts,
-                    "measured_ms": measured,
-                    "predicted_ms": predictor.predict(counts),
-                    "flops_ms": dense_ms * s.macs(counts) / s.macs(),
-                }
-            )
-            ours = error_stats([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows])
-            bar.update(task, advance=1, status=f"within 10%: {ours['within_10']:.0%}")
+        # the dense model (the anchor: dense *now*) and the plans in turn, each its quietest window
+        items = [(export_onnx(model, input_shape, Path(d) / "dense.onnx"), input_shape)]
+        for i, counts in enumerate(plans):
+            items.append((export_onnx(s.plan(counts).apply(model), input_shape, Path(d) / f"p{i}.onnx"), input_shape))
+        task = bar.add_task(f"check on {device.name}", total=len(items) * ROUNDS, status="")
+        dense, *ms = measure_interleaved(device, items, on_result=lambda j, m: bar.update(task, advance=1))
+    dense_ms = dense.median_ms
+    rows = [
+        {
+            "counts": counts,
+            "measured_ms": m.median_ms,
+            "predicted_ms": predictor.predict(counts),
+            "flops_ms": dense_ms * s.macs(counts) / s.macs(),
+        }
+        for counts, m in zip(plans, ms)
+    ]
     measured = [r["measured_ms"] for r in rows]
     # the same one dense measurement the FLOPs baseline uses
     anchor = anchor_scale(table, s.full_counts(), dense_ms, dense_predicted)

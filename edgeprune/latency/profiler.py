@@ -22,6 +22,7 @@ from torch import nn
 
 from edgeprune.devices import Device
 from edgeprune.errors import EdgepruneError
+from edgeprune.latency.interleave import ROUNDS, measure_interleaved
 from edgeprune.latency.layers import LayerConfig, ModelLayers, unit_model
 from edgeprune.latency.measurement import Measurement, Protocol
 from edgeprune.latency.predictor import Predictor
@@ -32,34 +33,46 @@ from edgeprune.training.progress import progress_bar
 UNIT_PROTOCOL = Protocol(
     warmup_runs=3, warmup_s=0.02, min_runs=20, min_s=0.02, precision=0.01, max_s=0.25, max_cv=0.15, retries=2
 )
+UNIT_ROUNDS = 4  # short windows per unit (the windows replace the precision rule: see measure_configs)
 STEP_CANDIDATES = (32, 16, 8, 4, 2)
 
 
 def measure_configs(
-    device: Device, configs: list[LayerConfig], protocol: Protocol, on_result=None, *, copies: int = 1
+    device: Device,
+    configs: list[LayerConfig],
+    protocol: Protocol,
+    on_result=None,
+    *,
+    copies: int = 1,
+    rounds: int = UNIT_ROUNDS,
 ) -> list[Measurement]:
-    """Measure single-unit models of `configs` on `device`.
+    """Measure single-unit models of `configs` on `device`, in turn, `rounds` short windows each,
+    each keeping its quietest (edgeprune/latency/interleave.py: a slow phase of a shared machine
+    spans many units and would otherwise inflate them all).
 
     With `copies` > 1, each configuration is measured as one copy and as `copies` copies summed
     (see `unit_model`); the result's median, p90 and mean are per-copy differences (the unit's
     cost inside a graph, never below 0), its n and cv those of the many-copy model, and `extra`
     keeps both raw medians."""
+    kinds = (1, copies) if copies > 1 else (1,)
     with tempfile.TemporaryDirectory(prefix="edgeprune-units-") as d:
         items = []
         for i, cfg in enumerate(configs):
-            for k in (1, copies) if copies > 1 else (1,):
+            for k in kinds:
                 model, shape = unit_model(cfg, seed=i, copies=k)
                 path = Path(d) / f"u{i}x{k}.onnx"
                 onnx.save(model, str(path))
                 items.append((path, shape))
-        if copies == 1:
-            return device.measure_many(items, protocol, on_result=on_result)
+        n = len(items)
 
-        def pair_done(j, m):  # report a configuration once both of its models are measured
-            if on_result is not None and j % 2 == 1:
-                on_result(j // 2, m)
+        def config_done(j, m):  # report a configuration once its last model's last round is measured
+            last = j - (rounds - 1) * n
+            if on_result is not None and last >= 0 and last % len(kinds) == len(kinds) - 1:
+                on_result(last // len(kinds), m)
 
-        ms = device.measure_many(items, protocol, on_result=pair_done)
+        ms = measure_interleaved(device, items, repeats=rounds, protocol=protocol, on_result=config_done)
+    if copies == 1:
+        return ms
     out = []
     for single, many in zip(ms[0::2], ms[1::2]):
         per_copy = {
@@ -198,20 +211,24 @@ def profile(
     rng = np.random.default_rng(seed)
     plans = [s.full_counts()] + [random_counts(s, rng, mode="near-uniform") for _ in range(calibrate)]
     predictor = Predictor(layers, table)
+    todo = [counts for counts in plans if calibration_key(counts) not in points]
     with progress_bar(enabled=progress) as bar, tempfile.TemporaryDirectory() as d:
-        task = bar.add_task("calibrate on whole models", total=len(plans), status="")
-        for counts in plans:
-            key = calibration_key(counts)
-            if key not in points:
-                pruned = s.plan(counts).apply(model)
-                path = export_onnx(pruned, input_shape, Path(d) / "m.onnx")
-                m = device.measure(path, input_shape, replace(device.spec.protocol))
-                points[key] = {"sum_ms": predictor.unit_sum(counts), "measured_ms": m.median_ms}
-                table.save(out)
-            bar.update(task, advance=1)
+        # in turn, the quietest of many short windows each: the line is fitted across plans, so a
+        # slow phase that caught some of them and not the others would bend it
+        task = bar.add_task("calibrate on whole models", total=len(todo) * ROUNDS, status="")
+        paths = [
+            (export_onnx(s.plan(counts).apply(model), input_shape, Path(d) / f"m{i}.onnx"), input_shape)
+            for i, counts in enumerate(todo)
+        ]
+        if paths:
+            measured = measure_interleaved(device, paths, on_result=lambda j, m: bar.update(task, advance=1))
+            for counts, m in zip(todo, measured):
+                points[calibration_key(counts)] = {"sum_ms": predictor.unit_sum(counts), "measured_ms": m.median_ms}
+            table.save(out)
     sums = [predictor.unit_sum([int(v) for v in key.split(",")]) for key in points]
     predictor.fit_calibration(sums, [p["measured_ms"] for p in points.values()])
     table.meta["model_protocol"] = device.spec.protocol.to_dict()
+    table.meta["measurement"] = {"statistic": "quietest", "unit_rounds": UNIT_ROUNDS, "model_rounds": ROUNDS}
     table.meta["configurations"] = len(configs)
     table.save(out)
     return table

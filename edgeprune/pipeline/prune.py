@@ -8,7 +8,9 @@ best candidates against the device.
    best whose *measured* latency meets the budget. If none does, the search budget is tightened
    by the observed prediction error and the search continues (`max_rounds` at most; a resume may grant more).
    A budget that is a share of dense is held as a ratio: the dense model is measured again beside
-   each round's candidates, so a device that drifted since step 1 does not move the goal;
+   each round's candidates, so a device that drifted since step 1 does not move the goal. Every
+   measurement is in turn with the others, in short windows, each model keeping its quietest
+   (edgeprune/latency/interleave.py), so a shared machine's slow phases do not decide it;
 4. the chosen plan, its pruned checkpoint (BN recalibrated), plots and results.json are written.
 
 A run killed at any point resumes with `resume=True` and loses no evaluation or measurement.
@@ -27,7 +29,6 @@ import numpy as np
 import torch
 
 from edgeprune.errors import EdgepruneError, choices_error
-from edgeprune.latency.interleave import spread
 from edgeprune.runs import RunStore, write_json
 
 CONFIG = "config.json"
@@ -78,23 +79,6 @@ def parse_budget(text: str | float, dense_ms: float) -> float:
     if value <= 0:
         raise EdgepruneError(f"budget must be positive, got {text!r}")
     return value
-
-
-def _dense_reference(measure_dense, log, *, agree: float = 0.03) -> float:
-    """The dense model's time that a run's budget and anchor are taken from.
-
-    One measurement is not enough: a shared machine or a neighbour on the host can slow a whole
-    measurement window (seen here: one dense resnet20 measured 0.683 ms where the measurements
-    around it gave 0.49). Two that agree within `agree` are averaged; otherwise a third decides
-    (the median), and the spread is logged."""
-    times = [measure_dense(), measure_dense()]
-    if spread(times) > agree:
-        times.append(measure_dense())
-        log(
-            "the dense model measured " + " / ".join(f"{t:.4g}" for t in times) + " ms: the device is noisy; "
-            f"keeping the median, {float(np.median(times)):.4g} ms"
-        )
-    return float(np.median(times))
 
 
 def _tightened(current: float, target_ms: float, points: list[tuple[float, float]], rounds: list) -> float:
@@ -226,36 +210,45 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
     dense_ms = store.get("dense_ms")
     with tempfile.TemporaryDirectory(prefix="edgeprune-prune-") as tmp:
         from edgeprune.export import export_onnx
+        from edgeprune.latency.interleave import ROUNDS, measure_interleaved, noisy_rounds
 
-        def measure(counts) -> dict:
-            pruned = s.plan([int(c) for c in counts], criterion=cfg.criterion).apply(model)
-            # fresh: an agent must not answer the dense model's re-measurements from its cache
-            return device.measure(export_onnx(pruned, shape, Path(tmp) / "m.onnx"), shape, fresh=True).to_dict()
+        def measure(plans: list) -> list[dict]:
+            """PLANS exported and measured in turn, each keeping its quietest window (interleave.py)."""
+            items = []
+            for i, counts in enumerate(plans):
+                pruned = s.plan([int(c) for c in counts], criterion=cfg.criterion).apply(model)
+                items.append((export_onnx(pruned, shape, Path(tmp) / f"m{i}.onnx"), shape))
+            return [m.to_dict() for m in measure_interleaved(device, items)]
 
         def referred(plans: list) -> tuple[list[dict], list[float], float]:
             """Measure PLANS; for a budget that is a share of dense, beside the dense model.
 
-            Such a budget is a ratio: the dense model is measured again before and after the plans,
-            and they are referred to it (scaled by the first dense measurement / the geometric mean
-            of the two beside them), so a device that drifted since the start (a shared machine, a
-            board warming up) moves both sides of the ratio alike. Returns the raw measurements,
-            the dense ones beside them and the scale."""
-            beside = [measure(s.full_counts())["median_ms"]] if plans and relative else []
-            raw = [measure(c) for c in plans]
-            if beside:
-                beside.append(measure(s.full_counts())["median_ms"])
-            return raw, beside, (dense_ms / float(np.sqrt(np.prod(beside))) if beside else 1.0)
+            Such a budget is a ratio: the dense model is measured again, in turn with the plans,
+            and they are referred to it (scaled by the first dense measurement / this one), so a
+            device that drifted since the start (a shared machine, a board warming up) moves both
+            sides of the ratio alike. Returns the raw measurements, the dense one beside them (as
+            a list: empty when not measured) and the scale."""
+            if not plans:
+                return [], [], 1.0
+            if not relative:
+                return measure(plans), [], 1.0
+            dense_now, *raw = measure([s.full_counts(), *plans])
+            beside = [dense_now["median_ms"]]
+            return raw, beside, dense_ms / beside[0]
 
         def log_referral(beside: list[float], refer: float, what: str) -> None:
             if beside and abs(refer - 1) > 0.01:
                 log(
-                    f"the dense model measures {beside[0]:.4g} / {beside[1]:.4g} ms beside {what} "
+                    f"the dense model measures {beside[0]:.4g} ms beside {what} "
                     f"({dense_ms:.4g} ms at the start): scaled by {refer:.3f} to match"
                 )
 
         if dense_ms is None:
             log(f"measuring the dense {ckpt.model} on {device.name} ...")
-            dense_ms = _dense_reference(lambda: measure(s.full_counts())["median_ms"], log)
+            dense = measure([s.full_counts()])[0]  # the budget and the anchor hang on it
+            if rounds := noisy_rounds(dense["extra"]["rounds_ms"]):
+                log(f"the dense model measured {rounds}: the device is noisy; its quietest round counts")
+            dense_ms = dense["median_ms"]
             store.set("dense_ms", dense_ms)
         budget_ms = parse_budget(cfg.budget, dense_ms)
         relative = str(cfg.budget).strip().endswith("%")
@@ -337,9 +330,12 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
             fits.sort(key=lambda r: (-r["score"], r["cost"]))
             todo = [r for r in fits if tuple(r["counts"]) not in measured][: cfg.measure_top]
             if todo:
-                log(f"measuring the {len(todo)} best new candidates on {device.name} (export + full protocol) ...")
+                log(
+                    f"measuring the {len(todo)} best new candidates on {device.name} "
+                    f"(in turn, each its quietest of {ROUNDS}+ short windows) ..."
+                )
             raw, beside, refer = referred([r["counts"] for r in todo])
-            dense_beside = dense_ms / refer if beside else None  # the geometric mean of the two beside
+            dense_beside = beside[0] if beside else None
             for r, m in zip(todo, raw):
                 row = {
                     "counts": r["counts"],

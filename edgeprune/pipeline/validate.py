@@ -2,8 +2,9 @@
 and the dense parent; accuracy against the dense parent; a claimed speedup against the measured
 one; and what unstructured sparsity at the same parameter count buys on that runtime.
 
-Everything is measured with the device profile's full protocol, locally or through its agent, the
-models in turn for several rounds, so that one slow window cannot decide a ratio.
+Everything is measured with the device profile's protocol, locally or through its agent, the
+models in turn in many short windows, each keeping its quietest (edgeprune/latency/interleave.py),
+so that a slow phase of a shared machine cannot decide a ratio.
 """
 
 from __future__ import annotations
@@ -33,22 +34,23 @@ def validate(
     device: str | None = None,
     claim_speedup: float | None = None,
     sparse: bool = True,
-    repeats: int = 3,
+    repeats: int | None = None,
     log=print,
 ) -> dict:
     """Measure the shipped model beside its dense parent (and an unstructured-sparse one), in turn,
-    `repeats` rounds (edgeprune/latency/interleave.py), and write RUN/validation.json."""
+    `repeats` rounds (default: at least 15, spanning 15 x the protocol's min_s; see
+    edgeprune/latency/interleave.py), and write RUN/validation.json."""
     from edgeprune.checkpoint import load_checkpoint
     from edgeprune.devices import Device
     from edgeprune.export import export_onnx, simplify_and_check
-    from edgeprune.latency.interleave import measure_interleaved, noisy_rounds
+    from edgeprune.latency.interleave import ROUNDS, measure_interleaved, noisy_rounds
     from edgeprune.pruning.sparse import magnitude_sparsify, weight_count
     from edgeprune.zoo import resolve_weights
 
     run = Path(run_dir)
     if not (run / "export.json").is_file():
         raise EdgepruneError(f"{run} has not been exported: run `edgeprune export {run}` first")
-    if repeats < 1:
+    if repeats is not None and repeats < 1:
         raise EdgepruneError(f"--repeats must be at least 1, got {repeats}")
     if claim_speedup is not None and claim_speedup <= 0:
         raise EdgepruneError(f"--claim-speedup must be positive, got {claim_speedup}")
@@ -70,12 +72,17 @@ def validate(
             pruned_weights = weight_count(load_checkpoint(Path(manifest["source"])).build())
             sparse_model = magnitude_sparsify(dense, keep=pruned_weights)
             items.append((export_onnx(sparse_model, shape, Path(tmp) / "sparse.onnx"), shape))
-        log(f"measuring {len(items)} models in turn, {repeats} rounds ...")
+        rounds = (
+            f"{repeats} rounds"
+            if repeats
+            else f"{ROUNDS} rounds or more, over {ROUNDS * dev.spec.protocol.min_s:.3g} s"
+        )
+        log(f"measuring {len(items)} models in turn, in short windows, {rounds} ...")
         measured_all = measure_interleaved(dev, items, repeats=repeats)
         m_pruned, m_dense = measured_all[:2]
         for label, m in zip(("shipped", "dense", "sparse"), measured_all):
             if rounds := noisy_rounds(m.extra["rounds_ms"]):
-                log(f"the {label} model's rounds measured {rounds} ms: the device is noisy; the median round counts")
+                log(f"the {label} model measured {rounds}: the device is noisy; its quietest round counts")
         sparse_row = None
         if sparse:
             m_sparse = measured_all[2]
@@ -101,7 +108,7 @@ def validate(
         "device": dev.name,
         "fingerprint": dev.fingerprint(),
         "protocol": dev.spec.protocol.to_dict(),
-        "repeats": repeats,
+        "repeats": len(m_dense.extra["rounds_ms"]),
         "artifact": str(shipped),
         "budget_ms": budget,
         "budget": config["budget"],

@@ -80,8 +80,10 @@ def _noisy(measured: dict) -> str:
     """The rounds behind a measurement, where they disagree (a noisy device)."""
     from edgeprune.latency.interleave import noisy_rounds
 
-    rounds = noisy_rounds(measured.get("extra", {}).get("rounds_ms") or [])
-    return f" (rounds {rounds} ms: noisy)" if rounds else ""
+    extra = measured.get("extra", {})
+    rounds = noisy_rounds(extra.get("rounds_ms") or [])
+    kept = "the quietest round" if extra.get("statistic", "quietest") == "quietest" else "the median round"
+    return f" (noisy device: {rounds}; {kept} counts)" if rounds else ""
 
 
 def validation_rows(val: dict) -> list[list[str]]:
