@@ -102,6 +102,35 @@ def test_by_default_the_rounds_span_fifteen_protocol_runs(tmp_path):
     dev.close()
 
 
+def test_a_comparison_settles_out_of_a_slow_phase(tmp_path):
+    """Given a model's quiet time (the dense model at a run's start), rounds go on while it
+    measures over it: this host had slow phases of minutes. Here the first 15 rounds are 4x slow
+    (4x: the host's own noise on a 0.01 ms model is up to ~1.5x)."""
+
+    class SlowStart(Device):
+        def __init__(self, spec) -> None:
+            super().__init__(spec)
+            self.calls = 0
+
+        def _measure_local(self, onnx_path, input_shape, protocol):
+            m = super()._measure_local(onnx_path, input_shape, protocol)
+            self.calls += 1
+            return replace(m, median_ms=m.median_ms * 4) if self.calls <= 2 * 15 else m
+
+    spec = Device.load("cpu-onnxruntime").spec
+    items = [_onnx(tmp_path, 8), _onnx(tmp_path, 64)]
+    plain = Device(spec)
+    quiet = measure_interleaved(plain, items, protocol=QUICK)[0].median_ms
+    plain.close()
+    dev = SlowStart(spec)
+    stuck, _ = measure_interleaved(dev, items, repeats=15, protocol=QUICK)
+    assert stuck.median_ms > 2 * quiet  # a count given: no settling, the slow phase is the figure
+    dev = SlowStart(spec)
+    settled, _ = measure_interleaved(dev, items, protocol=QUICK, settle=(0, quiet))
+    assert len(settled.extra["rounds_ms"]) >= 30 and settled.median_ms < stuck.median_ms / 2
+    dev.close()
+
+
 def test_a_round_is_a_short_window_of_the_protocol():
     full = Protocol(warmup_runs=10, warmup_s=0.3, min_runs=50, min_s=1.0, precision=0.01, max_s=3.0, retries=2)
     w = window(full)

@@ -237,14 +237,14 @@ def test_prune_meets_budget_on_the_device(tiny_run, tmp_path, cli):
     assert r.returncode == 2 and "already holds a pruning run; pass --resume" in r.stderr
 
 
-def _optimistic_table(tiny_run, out: Path) -> Path:
-    """The fixture's table with every unit a plan narrows listed at 60 % of its time."""
+def _optimistic_table(tiny_run, out: Path, factor: float) -> Path:
+    """The fixture's table with every unit a plan narrows listed at `factor` of its time."""
     t = LatencyTable.load(tiny_run["table"])
     layers = ModelLayers.from_model(space(build_model("resnet20", in_channels=1), torch.randn(1, 1, 16, 16), step=8))
     dense_keys = {c.key for c in layers.configs()}
     for key, entry in t.entries.items():
         if key not in dense_keys:
-            entry["median_ms"] *= 0.6
+            entry["median_ms"] *= factor
     t.save(out)
     return out
 
@@ -262,9 +262,11 @@ def _steady_device(tiny_run, tmp_path) -> str:
 
 def test_measured_check_tightens_an_optimistic_prediction(tiny_run, tmp_path, cli):
     """A table right about the dense model but optimistic about pruned ones (every unit a plan
-    narrows is listed at 60 % of its time): the first candidates miss the budget on the device,
+    narrows is listed at 50 % of its time): the first candidates miss the budget on the device,
     the search budget is tightened from the measurements, and the plan chosen meets the budget."""
-    _optimistic_table(tiny_run, tmp_path / "optimistic.json")
+    # at 60 %, candidates chosen under a 92 % budget measured 89-94 % of dense (too close to call);
+    # at 30 %, candidates a few channels narrower than dense fit, and tightening does not converge
+    _optimistic_table(tiny_run, tmp_path / "optimistic.json", 0.5)
     run = {**tiny_run, "table": str(tmp_path / "optimistic.json"), "device": _steady_device(tiny_run, tmp_path)}
     args = prune_args(run, tmp_path / "run", budget_ms="92%", search="random", evals=6, measure_top=2)
     # no tightening allowed: the optimistic table's candidates miss, and the run says so
@@ -316,7 +318,8 @@ def test_measured_check_refers_candidates_to_the_dense_model_beside_them(tiny_ru
         "measure_top": 2,
     }
     lines: list[str] = []
-    optimistic = str(_optimistic_table(tiny_run, tmp_path / "optimistic.json"))
+    # 50 %, as above (at 60 % the first candidates met 80 % now and then: nothing to tighten)
+    optimistic = str(_optimistic_table(tiny_run, tmp_path / "optimistic.json", 0.5))
     res = prune(
         tmp_path / "share",
         budget="80%",
@@ -325,7 +328,7 @@ def test_measured_check_refers_candidates_to_the_dense_model_beside_them(tiny_ru
         max_rounds=8,
         **{**common, "table": optimistic},
     )
-    assert res["met_budget"] and res["chosen"]["measured_ms"] <= res["budget_ms"], lines
+    assert res["met_budget"] and res["chosen"]["measured_ms"] <= res["budget_ms"], "\n".join(lines)
     store = RunStore(tmp_path / "share")
     dense_ms = res["dense"]["measured_ms"]
     for m in store.measurements():  # ~3 (1.0 without the drift), times what the host's phases add

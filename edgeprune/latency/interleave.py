@@ -32,6 +32,7 @@ from edgeprune.latency.measurement import Measurement, Protocol
 
 STATISTICS = ("quietest", "median")
 ROUNDS = 15  # windows per whole model: ~0.2 s each, so a comparison of 3 models spans ~10 s
+SETTLE = 0.1  # a known model measuring more than this over its quiet time: the device is in a slow phase
 
 
 def window(protocol: Protocol) -> Protocol:
@@ -57,6 +58,7 @@ def measure_interleaved(
     repeats: int | None = None,
     protocol: Protocol | None = None,
     statistic: str = "quietest",
+    settle: tuple[int, float] | None = None,
     on_result=None,
 ) -> list[Measurement]:
     """Measure ITEMS (path, input shape) in turn, `repeats` rounds of one `window` each; per item,
@@ -66,6 +68,13 @@ def measure_interleaved(
     `repeats=None`: ROUNDS rounds, then more until the rounds span ROUNDS x the protocol's
     `min_s` (15 s with a 1 s protocol: a slow phase of the host lasts seconds, and a comparison
     of two small models would otherwise be over in 5 s), at most 4 x ROUNDS more.
+
+    `settle=(i, ms)`: item i is known to take `ms` on this device when it is quiet (the dense
+    model measured at a run's start). While its quietest window is over that by more than
+    SETTLE, the device is still in a slow phase (this VM had some of minutes, in which a small
+    model's time is mostly the slowdown and every ratio drifts toward 1): measure on, ROUNDS
+    rounds at a time, for up to 4 x the span more. A device that really drifted (a board
+    warming up) ends there, and the caller refers to the item as measured.
 
     Each returned measurement is one real round (its p90 and cv belong together), with every
     round's median time in `extra["rounds_ms"]`. `protocol` (default: the device's) is cut to a
@@ -79,17 +88,27 @@ def measure_interleaved(
     protocol = protocol or device.spec.protocol
     short = window(protocol)
     started = time.monotonic()
-    results = device.measure_many(list(items) * (repeats or ROUNDS), short, on_result=on_result, fresh=True)
+    results: list[Measurement] = []
+
+    def stretch(rounds: int) -> None:  # `rounds` more rounds, reported after those already taken
+        offset = len(results)
+
+        def report(j, m):
+            if on_result is not None:
+                on_result(offset + j, m)
+
+        results.extend(device.measure_many(list(items) * rounds, short, on_result=report, fresh=True))
+
+    stretch(repeats or ROUNDS)
     if repeats is None:
         took, span = time.monotonic() - started, ROUNDS * protocol.min_s
-        more = min(4 * ROUNDS, math.ceil(ROUNDS * (span - took) / took)) if 0 < took < span else 0
-        if more > 0:
-
-            def later(j, m):
-                if on_result is not None:
-                    on_result(len(results) + j, m)
-
-            results += device.measure_many(list(items) * more, short, on_result=later, fresh=True)
+        if 0 < took < span:
+            stretch(min(4 * ROUNDS, math.ceil(ROUNDS * (span - took) / took)))
+        if settle is not None:
+            i, quiet_ms = settle
+            deadline = started + 5 * span
+            while min(m.median_ms for m in results[i::n]) > quiet_ms * (1 + SETTLE) and time.monotonic() < deadline:
+                stretch(ROUNDS)
     repeats = len(results) // n
     chosen = []
     for i in range(n):

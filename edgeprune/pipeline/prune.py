@@ -212,13 +212,14 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
         from edgeprune.export import export_onnx
         from edgeprune.latency.interleave import ROUNDS, measure_interleaved, noisy_rounds
 
-        def measure(plans: list) -> list[dict]:
-            """PLANS exported and measured in turn, each keeping its quietest window (interleave.py)."""
+        def measure(plans: list, settle: float | None = None) -> list[dict]:
+            """PLANS exported and measured in turn, each keeping its quietest window (interleave.py);
+            `settle`: the first plan's quiet time (measure on while it is slower: a slow phase)."""
             items = []
             for i, counts in enumerate(plans):
                 pruned = s.plan([int(c) for c in counts], criterion=cfg.criterion).apply(model)
                 items.append((export_onnx(pruned, shape, Path(tmp) / f"m{i}.onnx"), shape))
-            return [m.to_dict() for m in measure_interleaved(device, items)]
+            return [m.to_dict() for m in measure_interleaved(device, items, settle=settle and (0, settle))]
 
         def referred(plans: list) -> tuple[list[dict], list[float], float]:
             """Measure PLANS; for a budget that is a share of dense, beside the dense model.
@@ -232,7 +233,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
                 return [], [], 1.0
             if not relative:
                 return measure(plans), [], 1.0
-            dense_now, *raw = measure([s.full_counts(), *plans])
+            dense_now, *raw = measure([s.full_counts(), *plans], settle=dense_ms)
             beside = [dense_now["median_ms"]]
             return raw, beside, dense_ms / beside[0]
 
