@@ -25,23 +25,29 @@ def _onnx(tmp_path, cout: int):
     return path, shape
 
 
-class SlowWindow(Device):
-    """A real ONNX Runtime device on which one measurement (the `slow`-th) lands in a slow window."""
+class Slowed(Device):
+    """A real ONNX Runtime device whose k-th measurement (from 1), of the file NAME, is slowed by
+    `factor(k, name)`: a slow window or phase of a shared host, where the test wants it."""
 
-    def __init__(self, spec, slow: int) -> None:
+    def __init__(self, spec, factor) -> None:
         super().__init__(spec)
-        self.slow, self.order = slow, []
+        self.factor, self.order = factor, []
 
     def _measure_local(self, onnx_path, input_shape, protocol):
         m = super()._measure_local(onnx_path, input_shape, protocol)
         self.order.append(Path(onnx_path).name)
-        return replace(m, median_ms=m.median_ms * 5) if len(self.order) == self.slow else m
+        return replace(m, median_ms=m.median_ms * self.factor(len(self.order), self.order[-1]))
+
+
+def slow_window(spec, slow: int) -> Slowed:
+    """One measurement, the `slow`-th, lands in a slow window (5x)."""
+    return Slowed(spec, lambda k, name: 5.0 if k == slow else 1.0)
 
 
 def test_models_are_measured_in_turn_and_each_keeps_its_quietest_window(tmp_path):
     spec = Device.load("cpu-onnxruntime").spec
     items = [_onnx(tmp_path, 8), _onnx(tmp_path, 64)]
-    dev = SlowWindow(spec, slow=3)  # the second round's first model
+    dev = slow_window(spec, slow=3)  # the second round's first model
     a, b = measure_interleaved(dev, items, repeats=3, protocol=QUICK)
     assert dev.order == ["conv8.onnx", "conv64.onnx"] * 3
     assert len(a.extra["rounds_ms"]) == 3 and a.extra["rounds_ms"][1] == max(a.extra["rounds_ms"])
@@ -50,11 +56,11 @@ def test_models_are_measured_in_turn_and_each_keeps_its_quietest_window(tmp_path
     assert spread(a.extra["rounds_ms"]) > 1.0  # the slow round is kept on record
     assert "over 3 rounds" not in noisy_rounds(a.extra["rounds_ms"]) and " / " in noisy_rounds(a.extra["rounds_ms"])
     # the median round, where asked for: the slow window still decides nothing with three rounds
-    dev = SlowWindow(spec, slow=3)
+    dev = slow_window(spec, slow=3)
     a_med, _ = measure_interleaved(dev, items, repeats=3, protocol=QUICK, statistic="median")
     assert a_med.median_ms == sorted(a_med.extra["rounds_ms"])[1] < max(a_med.extra["rounds_ms"])
     # measured once, the slow window is the figure
-    once = SlowWindow(spec, slow=1)
+    once = slow_window(spec, slow=1)
     (single,) = measure_interleaved(once, items[:1], repeats=1, protocol=QUICK)
     assert single.median_ms > 2 * a.median_ms and spread(single.extra["rounds_ms"]) == 0
     for d in (dev, once):
@@ -66,21 +72,14 @@ def test_a_slow_phase_that_spans_most_rounds_does_not_decide_the_ratio(tmp_path)
     alike) for all but two rounds: each model's quietest round is a fast one, so the ratio is
     the fast phase's; the median round would give the slow phase's."""
 
-    class SlowPhase(Device):
-        def __init__(self, spec) -> None:
-            super().__init__(spec)
-            self.calls = 0
-
-        def _measure_local(self, onnx_path, input_shape, protocol):
-            m = super()._measure_local(onnx_path, input_shape, protocol)
-            self.calls += 1
-            if (self.calls - 1) // 2 in (3, 6):  # rounds 3 and 6 are fast
-                return m
-            return replace(m, median_ms=m.median_ms * (2.3 if "conv8" in str(onnx_path) else 2.0))
+    def slow_phase(k: int, name: str) -> float:
+        if (k - 1) // 2 in (3, 6):  # rounds 3 and 6 are fast
+            return 1.0
+        return 2.3 if "conv8" in name else 2.0
 
     spec = Device.load("cpu-onnxruntime").spec
     items = [_onnx(tmp_path, 8), _onnx(tmp_path, 64)]
-    dev = SlowPhase(spec)
+    dev = Slowed(spec, slow_phase)
     small, big = measure_interleaved(dev, items, repeats=8, protocol=QUICK)
     assert small.median_ms in (small.extra["rounds_ms"][3], small.extra["rounds_ms"][6])
     assert big.median_ms in (big.extra["rounds_ms"][3], big.extra["rounds_ms"][6])
@@ -107,25 +106,18 @@ def test_a_comparison_settles_out_of_a_slow_phase(tmp_path):
     measures over it: this host had slow phases of minutes. Here the first 15 rounds are 4x slow
     (4x: the host's own noise on a 0.01 ms model is up to ~1.5x)."""
 
-    class SlowStart(Device):
-        def __init__(self, spec) -> None:
-            super().__init__(spec)
-            self.calls = 0
-
-        def _measure_local(self, onnx_path, input_shape, protocol):
-            m = super()._measure_local(onnx_path, input_shape, protocol)
-            self.calls += 1
-            return replace(m, median_ms=m.median_ms * 4) if self.calls <= 2 * 15 else m
+    def slow_start(k: int, name: str) -> float:
+        return 4.0 if k <= 2 * 15 else 1.0
 
     spec = Device.load("cpu-onnxruntime").spec
     items = [_onnx(tmp_path, 8), _onnx(tmp_path, 64)]
     plain = Device(spec)
     quiet = measure_interleaved(plain, items, protocol=QUICK)[0].median_ms
     plain.close()
-    dev = SlowStart(spec)
+    dev = Slowed(spec, slow_start)
     stuck, _ = measure_interleaved(dev, items, repeats=15, protocol=QUICK)
     assert stuck.median_ms > 2 * quiet  # a count given: no settling, the slow phase is the figure
-    dev = SlowStart(spec)
+    dev = Slowed(spec, slow_start)
     settled, _ = measure_interleaved(dev, items, protocol=QUICK, settle=(0, quiet))
     assert len(settled.extra["rounds_ms"]) >= 30 and settled.median_ms < stuck.median_ms / 2
     dev.close()
