@@ -318,8 +318,9 @@ def test_measured_check_refers_candidates_to_the_dense_model_beside_them(tiny_ru
         "measure_top": 2,
     }
     lines: list[str] = []
-    # 50 %, as above (at 60 % the first candidates met 80 % now and then: nothing to tighten)
-    optimistic = str(_optimistic_table(tiny_run, tmp_path / "optimistic.json", 0.5))
+    # 60 % (stop 14's; tonight 2 of 3 runs passed, the third met 80 % in its first round). At 50 %,
+    # 2 of 3 too: fresh-clone CI had candidates a few channels narrower than dense fit the budget
+    optimistic = str(_optimistic_table(tiny_run, tmp_path / "optimistic.json", 0.6))
     res = prune(
         tmp_path / "share",
         budget="80%",
