@@ -142,3 +142,9 @@ def noisy_rounds(rounds_ms: Sequence[float]) -> str:
         return " / ".join(f"{t:.4g}" for t in rounds_ms) + " ms"
     ranked = sorted(rounds_ms)
     return f"{ranked[0]:.4g}-{ranked[-1]:.4g} ms over {len(ranked)} rounds (median {ranked[len(ranked) // 2]:.4g})"
+
+
+def noise_warning(label: str, rounds_ms: Sequence[float]) -> str:
+    """The line to log when a model's rounds disagree (see `noisy_rounds`), else ""."""
+    rounds = noisy_rounds(rounds_ms)
+    return f"the {label} model measured {rounds}: the device is noisy; its quietest round counts" if rounds else ""

@@ -210,7 +210,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
     dense_ms = store.get("dense_ms")
     with tempfile.TemporaryDirectory(prefix="edgeprune-prune-") as tmp:
         from edgeprune.export import export_onnx
-        from edgeprune.latency.interleave import ROUNDS, measure_interleaved, noisy_rounds
+        from edgeprune.latency.interleave import ROUNDS, measure_interleaved, noise_warning
 
         def measure(plans: list, settle: float | None = None) -> list[dict]:
             """PLANS exported and measured in turn, each keeping its quietest window (interleave.py);
@@ -247,8 +247,8 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
         if dense_ms is None:
             log(f"measuring the dense {ckpt.model} on {device.name} ...")
             dense = measure([s.full_counts()])[0]  # the budget and the anchor hang on it
-            if rounds := noisy_rounds(dense["extra"]["rounds_ms"]):
-                log(f"the dense model measured {rounds}: the device is noisy; its quietest round counts")
+            if warning := noise_warning("dense", dense["extra"]["rounds_ms"]):
+                log(warning)
             dense_ms = dense["median_ms"]
             store.set("dense_ms", dense_ms)
         budget_ms = parse_budget(cfg.budget, dense_ms)

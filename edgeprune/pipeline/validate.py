@@ -43,7 +43,7 @@ def validate(
     from edgeprune.checkpoint import load_checkpoint
     from edgeprune.devices import Device
     from edgeprune.export import export_onnx, simplify_and_check
-    from edgeprune.latency.interleave import ROUNDS, measure_interleaved, noisy_rounds
+    from edgeprune.latency.interleave import ROUNDS, measure_interleaved, noise_warning
     from edgeprune.pruning.sparse import magnitude_sparsify, weight_count
     from edgeprune.zoo import resolve_weights
 
@@ -81,8 +81,8 @@ def validate(
         measured_all = measure_interleaved(dev, items, repeats=repeats)
         m_pruned, m_dense = measured_all[:2]
         for label, m in zip(("shipped", "dense", "sparse"), measured_all):
-            if rounds := noisy_rounds(m.extra["rounds_ms"]):
-                log(f"the {label} model measured {rounds}: the device is noisy; its quietest round counts")
+            if warning := noise_warning(label, m.extra["rounds_ms"]):
+                log(warning)
         sparse_row = None
         if sparse:
             m_sparse = measured_all[2]
