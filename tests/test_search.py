@@ -15,7 +15,7 @@ import torch
 from edgeprune.errors import EdgepruneError
 from edgeprune.latency.layers import ModelLayers
 from edgeprune.latency.predictor import Predictor
-from edgeprune.latency.table import LatencyTable
+from edgeprune.latency.table import LatencyTable, calibration_key
 from edgeprune.models import build_model
 from edgeprune.pruning import random_counts, space
 from edgeprune.runs import RunStore
@@ -450,3 +450,25 @@ def test_a_refused_budget_leaves_no_run_behind(tiny_run, tmp_path, cli):
         *prune_args(tiny_run, tmp_path / "run", budget_ms="85%", search="uniform", evals=1, measure_top=1), "--json"
     )
     assert r.returncode == 0, r.stderr  # the corrected command just works, no --resume needed
+
+
+def test_a_table_low_at_the_dense_end_still_prunes_a_share_of_dense(tiny_run, tmp_path, cli):
+    """The table's line predicts the dense model at 2/3 of its own measurement of it (as a profile
+    caught in a host's slow phase can): a 92 % budget is not 'nothing to prune' (the dense model
+    measures over it); the search starts at 92 % of the *predicted* dense, so it does not admit
+    plans the table itself rates as slow as the dense model."""
+    t = LatencyTable.load(tiny_run["table"])
+    s = space(build_model("resnet20", in_channels=1), torch.randn(1, 1, 16, 16), step=8)
+    predicted = Predictor(ModelLayers.from_model(s), t).predict()
+    t.meta["calibration_points"][calibration_key(s.full_counts())]["measured_ms"] = 1.5 * predicted
+    t.save(tmp_path / "low.json")
+    run = {**tiny_run, "table": str(tmp_path / "low.json")}
+    args = prune_args(run, tmp_path / "run", budget_ms="92%", search="uniform", evals=1, measure_top=1)
+    r = cli(*args, "--max-rounds", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["search_budget"] == pytest.approx(0.92 * 0.98 * res["dense"]["measured_ms"] / 1.5, rel=1e-6)
+    assert "the search budget starts at the same share of the prediction" in " ".join(r.stderr.split())
+    # where the dense model measures within the budget there is nothing to prune, whatever the table says
+    r = cli(*prune_args(run, tmp_path / "again", budget_ms="120%"))
+    assert r.returncode == 2 and "budget less its 2% margin: nothing to prune" in " ".join(r.stderr.split()), r.stderr
