@@ -101,9 +101,12 @@ def measure_interleaved(
 
     stretch(repeats or ROUNDS)
     if repeats is None:
-        took, span = time.monotonic() - started, ROUNDS * protocol.min_s
-        if 0 < took < span:
-            stretch(min(4 * ROUNDS, math.ceil(ROUNDS * (span - took) / took)))
+        span, cap = ROUNDS * protocol.min_s, 5 * ROUNDS * n
+        # rounds are estimated from those taken so far and then checked: later rounds can run
+        # faster than the first (a slow phase ending), which left stop 15's CI 0.3 s short
+        while 0 < (took := time.monotonic() - started) < span and len(results) < cap:
+            taken = len(results) // n
+            stretch(min(cap // n - taken, max(1, math.ceil(taken * (span - took) / took))))
         if settle is not None:
             i, quiet_ms = settle
             deadline = started + 5 * span
