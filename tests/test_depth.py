@@ -178,7 +178,9 @@ def test_prune_with_depth_meets_a_budget_width_pruning_cannot(tiny_run, tmp_path
     )
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    assert res["met_budget"] and res["chosen"]["measured_ms"] <= res["budget_ms"], (res, r.stderr)
+    assert res["met_budget"] and res["chosen"]["measured_ms"] <= res["budget_ms"], (
+        f"{r.stderr}\nchosen: {res['chosen']}"
+    )
     assert res["chosen"]["removed_blocks"], res["chosen"]
     pruned = load_checkpoint(tmp_path / "d" / "pruned.pt").build()
     assert sum(p.numel() for p in pruned.parameters()) == res["chosen"]["params"]

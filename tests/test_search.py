@@ -211,7 +211,9 @@ def test_prune_meets_budget_on_the_device(tiny_run, tmp_path, cli):
     r = cli(*prune_args(tiny_run, tmp_path / "run", budget_ms="80%", search="random", evals=8, measure_top=3), "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    assert res["met_budget"] and res["chosen"]["measured_ms"] <= res["budget_ms"], (res, r.stderr)
+    assert res["met_budget"] and res["chosen"]["measured_ms"] <= res["budget_ms"], (
+        f"{r.stderr}\nchosen: {res['chosen']}"
+    )
     # 8 in the search's own round; a tightening round (the table's prediction missed) adds its own
     assert res["evals"] >= 8 and res["chosen"]["proxy_accuracy"] > 0
     for f in (
@@ -237,23 +239,38 @@ def test_prune_meets_budget_on_the_device(tiny_run, tmp_path, cli):
     assert r.returncode == 2 and "already holds a pruning run; pass --resume" in r.stderr
 
 
-def _optimistic_table(tiny_run, out: Path, savings: float) -> Path:
-    """The fixture's table, right about the dense model but promising `savings` x the time a plan
-    saves (its calibration line steepened about the dense end; capped so the smallest plan stays
-    at 15 % of dense): wrong in proportion to how far a plan prunes, as a real table is. (Listing
-    every narrowed unit at a fixed share of its time instead made one channel step the whole
-    saving: the search kept choosing near-dense plans, and tightening could not converge.)"""
-    t = LatencyTable.load(tiny_run["table"])
-    s = space(build_model("resnet20", in_channels=1), torch.randn(1, 1, 16, 16), step=8)
-    p = Predictor(ModelLayers.from_model(s), t)
-    dense, smallest = p.predict(), p.predict(s.min_counts())
-    k = min(savings, 0.85 * dense / (dense - smallest))
-    a = k * t.calibration["a"]
-    t.calibration = {**t.calibration, "a": a, "b": dense - a * p.unit_sum()}
-    assert Predictor(p.layers, t).predict() == pytest.approx(dense)
-    assert Predictor(p.layers, t).predict(s.min_counts()) == pytest.approx(dense - k * (dense - smallest))
-    t.save(out)
-    return out
+def _saving_device(monkeypatch, *, saving: float, drift: float = 1.0, pin: dict | None = None) -> None:
+    """The prune's measurements, real, but where pruning saves only `saving` of what it saves on
+    this host: the latency table is optimistic about pruned plans, wrong in proportion to how far
+    a plan prunes (as a real table is). From the second measurement on, everything is also `drift`
+    x slower (a board warming up). The first measurement is the dense model alone (`pin`: set to
+    pin["dense_ms"]); later, the dense model is item 0 of a comparison that settles on it (a share
+    budget's referral). Compressing the savings also compresses this host's noise and the fixture
+    table's own error (a table stretched to promise more let those decide whether a round missed)."""
+    from dataclasses import replace
+
+    import edgeprune.latency.interleave as interleave
+
+    real = getattr(interleave.measure_interleaved, "real", interleave.measure_interleaved)  # not wrapped twice
+    state = {"calls": 0}
+
+    def measured(device, items, **kw):
+        ms = real(device, items, **kw)
+        state["calls"] += 1
+        first = state["calls"] == 1
+        beside = first or kw.get("settle") is not None
+        if first:
+            state["dense_ms"] = ms[0].median_ms
+        dense = ms[0].median_ms if beside else state["dense_ms"]
+        slow = drift if not first else (pin["dense_ms"] / dense if pin else 1.0)
+        out = []
+        for i, m in enumerate(ms):
+            f = slow * (1.0 if i == 0 and beside else (dense - saving * (dense - m.median_ms)) / m.median_ms)
+            out.append(replace(m, median_ms=m.median_ms * f, p90_ms=m.p90_ms * f, mean_ms=m.mean_ms * f))
+        return out
+
+    measured.real = real
+    monkeypatch.setattr(interleave, "measure_interleaved", measured)
 
 
 def _steady_device(tiny_run, tmp_path) -> str:
@@ -267,53 +284,48 @@ def _steady_device(tiny_run, tmp_path) -> str:
     return str(steady)
 
 
-def test_measured_check_tightens_an_optimistic_prediction(tiny_run, tmp_path, cli):
-    """A table right about the dense model but optimistic about pruned ones (it promises ~2x the
-    time a plan saves): the first candidates miss the budget on the device, the search budget is
-    tightened from the measurements, and the plan chosen meets the budget."""
-    _optimistic_table(tiny_run, tmp_path / "optimistic.json", 2.0)
-    run = {**tiny_run, "table": str(tmp_path / "optimistic.json"), "device": _steady_device(tiny_run, tmp_path)}
-    args = prune_args(run, tmp_path / "run", budget_ms="85%", search="random", evals=6, measure_top=2)
-    # no tightening allowed: the optimistic table's candidates miss, and the run says so
-    r = cli(*args, "--max-rounds", "0", "--json")
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
-    assert res["rounds"] == 1 and not res["met_budget"], r.stderr
-    assert res["chosen"]["measured_ms"] > res["budget_ms"] * (1 - 0.02) and "--max-rounds" in r.stderr
+def test_measured_check_tightens_an_optimistic_prediction(tiny_run, tmp_path, monkeypatch):
+    """A table right about the dense model but optimistic about pruned ones (on the device a plan
+    saves half what the table promises): the first candidates miss the budget on the device, the
+    search budget is tightened from the measurements, and the plan chosen meets the budget."""
+    from edgeprune.pipeline import prune
+
+    _saving_device(monkeypatch, saving=0.5)
+    common = {
+        "weights": tiny_run["weights"],
+        "device": _steady_device(tiny_run, tmp_path),
+        "table": tiny_run["table"],
+        "budget": "85%",
+        "search": "random",
+        "evals": 6,
+        "measure_top": 2,
+        "progress": False,
+    }
+    # no tightening allowed: the candidates (~92 % of dense on the device) miss, and the run says so
+    lines: list[str] = []
+    res = prune(tmp_path / "run", max_rounds=0, log=lines.append, **common)
+    assert res["rounds"] == 1 and not res["met_budget"], "\n".join(lines)
+    assert res["chosen"]["measured_ms"] > res["budget_ms"] * (1 - 0.02) and "--max-rounds" in lines[-1]
     # resumed with tightening allowed: the budget is tightened from the measurements until a plan fits
-    r = cli(*args, "--max-rounds", "8", "--resume", "--json")
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
-    assert res["rounds"] >= 2 and res["search_budget"] < res["budget_ms"], r.stderr
-    assert res["met_budget"] and res["chosen"]["measured_ms"] <= res["budget_ms"], r.stderr
-    assert "no candidate met" in r.stderr
+    lines.clear()
+    res = prune(tmp_path / "run", max_rounds=8, resume=True, log=lines.append, **common)
+    assert res["rounds"] >= 2 and res["search_budget"] < res["budget_ms"], "\n".join(lines)
+    assert res["met_budget"] and res["chosen"]["measured_ms"] <= res["budget_ms"], "\n".join(lines)
+    assert any("no candidate met" in line for line in lines)
 
 
 def test_measured_check_refers_candidates_to_the_dense_model_beside_them(tiny_run, tmp_path, monkeypatch):
     """The device slows down 3x after the dense model is first measured (a board warming up, a
     shared machine getting busy; 3x, so that this host's own phases, up to ~1.9x, cannot hide it).
     A budget that is a share of dense is a ratio: the dense model is measured again beside the
-    candidates and they are referred to it, so the search still meets 80 % of dense. Without
+    candidates and they are referred to it, so the search still meets 85 % of dense. Without
     that, every candidate (and the smallest plan, ~56 % of dense x 3) would miss. The table is
-    optimistic, so the first round misses and the smallest plan is measured to bracket the
-    tightening: it too is referred. A budget in milliseconds is absolute: nothing is re-measured
-    or scaled."""
-    from dataclasses import replace
-
-    import edgeprune.latency.interleave as interleave
+    optimistic (a plan saves half what it promises), so the first round misses and the smallest
+    plan is measured to bracket the tightening: it too is referred. A budget in milliseconds is
+    absolute: nothing is re-measured or scaled."""
     from edgeprune.pipeline import prune
 
-    real, calls, pin = interleave.measure_interleaved, [], {}
-
-    def drifting(device, items, **kw):
-        ms = real(device, items, **kw)
-        calls.append(len(items))
-        slow = 1.0 if len(calls) == 1 else 3.0  # the first comparison is the dense reference alone
-        if len(calls) == 1 and pin:  # the dense reference pinned to a value (see the budget in ms below)
-            slow = pin["dense_ms"] / ms[0].median_ms
-        return [replace(m, median_ms=m.median_ms * slow, p90_ms=m.p90_ms * slow, mean_ms=m.mean_ms * slow) for m in ms]
-
-    monkeypatch.setattr(interleave, "measure_interleaved", drifting)
+    _saving_device(monkeypatch, saving=0.5, drift=3.0)
     common = {
         "weights": tiny_run["weights"],
         "device": _steady_device(tiny_run, tmp_path),
@@ -323,15 +335,7 @@ def test_measured_check_refers_candidates_to_the_dense_model_beside_them(tiny_ru
         "measure_top": 2,
     }
     lines: list[str] = []
-    optimistic = str(_optimistic_table(tiny_run, tmp_path / "optimistic.json", 2.0))
-    res = prune(
-        tmp_path / "share",
-        budget="80%",
-        progress=False,
-        log=lines.append,
-        max_rounds=8,
-        **{**common, "table": optimistic},
-    )
+    res = prune(tmp_path / "share", budget="85%", progress=False, log=lines.append, max_rounds=8, **common)
     assert res["met_budget"] and res["chosen"]["measured_ms"] <= res["budget_ms"], "\n".join(lines)
     store = RunStore(tmp_path / "share")
     dense_ms = res["dense"]["measured_ms"]
@@ -341,11 +345,11 @@ def test_measured_check_refers_candidates_to_the_dense_model_beside_them(tiny_ru
     assert any("scaled by" in line for line in lines), lines
     assert res["rounds"] >= 2 and any("no candidate met" in line for line in lines), lines
     smallest = store.get("smallest_plan_ms")  # measured after the first round missed; referred like the candidates
-    assert smallest is not None and smallest < 0.8 * dense_ms, (smallest, dense_ms)
+    assert smallest is not None and smallest < dense_ms, (smallest, dense_ms)  # unreferred: ~3 x 0.8
 
-    calls.clear()
-    pin["dense_ms"] = dense_ms  # this host's phases must not move an absolute budget's dense model
-    res = prune(tmp_path / "ms", budget=str(dense_ms * 0.8), max_rounds=0, progress=False, log=lines.append, **common)
+    # this host's phases must not move an absolute budget's dense model: it is pinned
+    _saving_device(monkeypatch, saving=0.5, drift=3.0, pin={"dense_ms": dense_ms})
+    res = prune(tmp_path / "ms", budget=str(dense_ms * 0.85), max_rounds=0, progress=False, log=lines.append, **common)
     rows = RunStore(tmp_path / "ms").measurements()
     assert rows and all(m["dense_beside_ms"] is None and m["raw_ms"] == m["measured_ms"] for m in rows)
     assert not res["met_budget"]  # 3x slower than at the start, against an absolute budget
