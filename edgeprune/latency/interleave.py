@@ -101,12 +101,11 @@ def measure_interleaved(
 
     stretch(repeats or ROUNDS)
     if repeats is None:
-        span, cap = ROUNDS * protocol.min_s, 5 * ROUNDS * n
+        span, most = ROUNDS * protocol.min_s, 5 * ROUNDS
         # rounds are estimated from those taken so far and then checked: later rounds can run
-        # faster than the first (a slow phase ending), which left stop 15's CI 0.3 s short
-        while 0 < (took := time.monotonic() - started) < span and len(results) < cap:
-            taken = len(results) // n
-            stretch(min(cap // n - taken, max(1, math.ceil(taken * (span - took) / took))))
+        # faster than the first (a slow phase ending), which left a fresh-clone run 0.3 s short
+        while 0 < (took := time.monotonic() - started) < span and (taken := len(results) // n) < most:
+            stretch(min(most - taken, max(1, math.ceil(taken * (span - took) / took))))
         if settle is not None:
             i, quiet_ms = settle
             deadline = started + 5 * span
