@@ -373,10 +373,18 @@ def prune_cmd(
     margin: Annotated[
         float | None, typer.Option(help="Share under the budget the chosen plan must measure (default 0.02).")
     ] = None,
+    loosen: Annotated[
+        float | None,
+        typer.Option(
+            help="Where the chosen plan measures more than this share under the target, search one more round "
+            "at a looser budget (default 0.05; 0: never)."
+        ),
+    ] = None,
     max_rounds: Annotated[
         int | None,
         typer.Option(
-            help="Budget tightenings after measured misses before giving up (default 4; may grow on --resume)."
+            help="Search rounds after the first (budget tightened after measured misses, or loosened once) "
+            "before giving up (default 4; may grow on --resume)."
         ),
     ] = None,
     data_root: Annotated[str | None, typer.Option(help="Folder of the data set files.")] = None,
@@ -416,6 +424,7 @@ def prune_cmd(
         "proxy_steps": proxy_steps,
         "measure_top": measure_top,
         "margin": margin,
+        "loosen": loosen,
         "max_rounds": max_rounds,
         "data_root": data_root,
     }

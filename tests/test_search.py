@@ -1,6 +1,7 @@
 """Search under a budget: repair, budget errors, searchers, the loop's store and resume, prune runs."""
 
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -314,6 +315,48 @@ def test_measured_check_tightens_an_optimistic_prediction(tiny_run, tmp_path, mo
     assert any("no candidate met" in line for line in lines)
 
 
+def test_measured_check_loosens_a_pessimistic_prediction(tiny_run, tmp_path, monkeypatch):
+    """On this device pruning saves 1.6x what the table promises, so the first round's plans
+    measure well under the target: the budget left over is the user's accuracy. With a round to
+    spare (here granted on resume), the search budget is loosened once from the measured plans and
+    the search goes on; what it keeps still measures in."""
+    from edgeprune.pipeline import prune
+
+    _saving_device(monkeypatch, saving=1.6)
+    common = {
+        "weights": tiny_run["weights"],
+        "device": _steady_device(tiny_run, tmp_path),
+        "table": tiny_run["table"],
+        "budget": "80%",
+        "search": "random",
+        "evals": 6,
+        "measure_top": 2,
+        "progress": False,
+    }
+    lines: list[str] = []
+    first = prune(tmp_path / "run", max_rounds=0, log=lines.append, **common)  # no round to spare
+    assert first["met_budget"] and first["rounds"] == 1 and not first["loosened"], "\n".join(lines)
+    assert first["chosen"]["measured_ms"] < first["target_ms"] * 0.95, "\n".join(lines)  # the setup holds
+    shutil.copytree(tmp_path / "run", tmp_path / "keep")
+    lines.clear()
+    res = prune(tmp_path / "run", max_rounds=2, resume=True, log=lines.append, **common)
+    assert res["loosened"] and res["rounds"] == 2 and res["search_budget"] > first["search_budget"], "\n".join(lines)
+    assert any("more evaluations to spend the rest on accuracy" in line for line in lines), lines
+    assert res["met_budget"] and res["chosen"]["measured_ms"] <= res["target_ms"], "\n".join(lines)
+    assert res["chosen"]["proxy_accuracy"] >= first["chosen"]["proxy_accuracy"]
+    rows = RunStore(tmp_path / "run").measurements()
+    looser = [m["measured_ms"] for m in rows if m["round"] == 1]
+    assert looser and max(looser) > max(m["measured_ms"] for m in rows if m["round"] == 0), rows  # nearer the target
+    # where the looser round's plans measure over the target (here the device now saves little),
+    # the plan that measured in stands: loosening never loses a plan that met the budget
+    _saving_device(monkeypatch, saving=0.3)
+    lines.clear()
+    res = prune(tmp_path / "keep", max_rounds=2, resume=True, log=lines.append, **common)
+    assert res["loosened"] and res["met_budget"], "\n".join(lines)
+    assert res["chosen"]["plan_hash"] == first["chosen"]["plan_hash"], "\n".join(lines)
+    assert any("keeping the round-0 plan" in line for line in lines), lines
+
+
 def test_measured_check_refers_candidates_to_the_dense_model_beside_them(tiny_run, tmp_path, monkeypatch):
     """The device slows down 3x after the dense model is first measured (a board warming up, a
     shared machine getting busy; 3x, so that this host's own phases, up to ~1.9x, cannot hide it).
@@ -381,6 +424,8 @@ def test_prune_errors_are_one_line(tiny_run, tmp_path, cli):
     assert r.returncode == 2 and "nothing to prune" in r.stderr
     r = cli(*prune_args(tiny_run, tmp_path / "c", budget_ms="50%", search="annealing"))
     assert r.returncode == 2 and "unknown search 'annealing'" in r.stderr
+    r = cli(*prune_args(tiny_run, tmp_path / "f", budget_ms="80%"), "--loosen", "5")
+    assert r.returncode == 2 and "--loosen must be in [0, 1)" in r.stderr and "Traceback" not in r.stderr
     r = cli(*prune_args(tiny_run, tmp_path / "e", budget_ms="80%", proxy_steps=-1))
     assert r.returncode == 2 and "--proxy-steps must be 0 or more" in r.stderr and "Traceback" not in r.stderr
     r = cli("prune", "--out", str(tmp_path / "d"), "--resume")
@@ -447,6 +492,18 @@ def test_tightening_follows_the_measured_plans():
     slope, icept = np.polyfit(*np.array(rounds).T, 1)
     assert third == pytest.approx(0.995 * (0.25 - icept) / slope)
     assert third < 0.995 * 0.36 * 0.25 / 0.31 and third > 0.995 * (0.12 + 0.04 * 0.24 / 0.10)  # inside the bracket
+
+
+def test_loosening_interpolates_toward_the_target():
+    from edgeprune.pipeline.prune import _loosened
+
+    # the costliest plan in (0.6 -> 0.20 ms) and the next point over (dense, 1.0 -> 0.50 ms)
+    points = [(1.0, 0.50), (0.6, 0.20), (0.5, 0.18)]
+    assert _loosened(0.6, 0.30, points) == pytest.approx(0.995 * (0.6 + 0.10 * 0.4 / 0.30))
+    # a plan that measured over between them bounds the step instead of the dense model
+    assert _loosened(0.6, 0.30, [*points, (0.7, 0.34)]) == pytest.approx(0.995 * (0.6 + 0.10 * 0.1 / 0.14))
+    assert _loosened(0.73, 0.30, points) is None  # less than 1 % looser: not worth a round
+    assert _loosened(0.6, 0.15, points) is None  # nothing measured in
 
 
 def test_a_refused_budget_leaves_no_run_behind(tiny_run, tmp_path, cli):
