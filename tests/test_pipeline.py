@@ -108,6 +108,19 @@ def test_report_is_written_with_its_images(pipeline_run):
         assert f"]({image})" in md and (run / image).stat().st_size > 5000
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "Validation on the device" in html
+    # a run whose search budget was loosened says so where it counts its rounds
+    from edgeprune.report import write_report
+
+    saved = (run / "results.json").read_text()
+    loosened = json.loads(saved)["loosened"]  # whether this run's own search loosened its budget
+    assert ("loosened search budget" in md) == loosened
+    try:
+        (run / "results.json").write_text(json.dumps({**json.loads(saved), "loosened": not loosened}))
+        write_report(run)
+        assert ("the last at a loosened search budget" in (run / "report.md").read_text()) != loosened
+    finally:  # later tests see the run as it was
+        (run / "results.json").write_text(saved)
+        write_report(run)
 
 
 def test_validation_flags_a_model_over_budget(pipeline_run, cli):

@@ -216,7 +216,12 @@ def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
         doc.para(
             f"{results['search']}: {results['evals']} evaluations ({results['seconds_per_eval'] or 0:.2f} s each), "
             f"99 % of the best proxy accuracy after {results['evals_to_99pct']}; {results['rounds']} round(s) of "
-            "hardware-in-the-loop measurement."
+            "hardware-in-the-loop measurement"
+            + (
+                " (the last at a loosened search budget: the first plans measured well under the target)."
+                if results.get("loosened")
+                else "."
+            )
             + (f" Residual blocks removed whole: {', '.join(c['removed_blocks'])}." if c.get("removed_blocks") else "")
         )
         points = []
