@@ -123,6 +123,35 @@ def test_a_comparison_settles_out_of_a_slow_phase(tmp_path):
     dev.close()
 
 
+def test_a_pruned_model_measuring_slower_than_its_parent_is_measured_on(tmp_path):
+    """A slow phase that hits only the pruned model's windows for the first 15 rounds (3x: what
+    fresh-clone CI saw was a plan ~35 % faster than dense measuring 9 % slower): told that it is
+    pruned from the other, the comparison measures on until the pruned model is no slower. A
+    pruned model that is slower in every round is believed, once the deadline is spent."""
+
+    def slow_pruned(k: int, name: str) -> float:
+        return 3.0 if k <= 2 * 15 and "conv8" in name else 1.0
+
+    spec = Device.load("cpu-onnxruntime").spec
+    items = [_onnx(tmp_path, 64), _onnx(tmp_path, 8)]  # the parent (64 channels) and a model pruned from it
+    dev = Slowed(spec, slow_pruned)
+    _, stuck = measure_interleaved(dev, items, protocol=QUICK)
+    assert len(stuck.extra["rounds_ms"]) == 15  # 15 rounds span QUICK's 0.3 s: no reason to go on
+    dev.close()
+    dev = Slowed(spec, slow_pruned)
+    parent, child = measure_interleaved(dev, items, protocol=QUICK, pruned=(0, [1]))
+    assert len(child.extra["rounds_ms"]) >= 30 and child.median_ms < stuck.median_ms / 2
+    assert child.median_ms <= parent.median_ms * 1.03
+    dev.close()
+    # always slower (a runtime's slower kernel for odd channel counts): measured on to the deadline, kept
+    dev = Slowed(spec, lambda k, name: 3.0 if "conv8" in name else 1.0)
+    started = time.monotonic()
+    parent, child = measure_interleaved(dev, items, protocol=QUICK, pruned=(0, [1]))
+    assert child.median_ms > parent.median_ms and time.monotonic() - started < 5 * 15 * QUICK.min_s + 5
+    assert len(child.extra["rounds_ms"]) > 15
+    dev.close()
+
+
 def test_a_round_is_a_short_window_of_the_protocol():
     full = Protocol(warmup_runs=10, warmup_s=0.3, min_runs=50, min_s=1.0, precision=0.01, max_s=3.0, retries=2)
     w = window(full)

@@ -33,6 +33,7 @@ from edgeprune.latency.measurement import Measurement, Protocol
 STATISTICS = ("quietest", "median")
 ROUNDS = 15  # windows per whole model: ~0.2 s each, so a comparison of 3 models spans ~10 s
 SETTLE = 0.1  # a known model measuring more than this over its quiet time: the device is in a slow phase
+PRUNED_OVER = 0.03  # a model pruned from another measuring more than this over it: a slow phase hit it alone
 
 
 def window(protocol: Protocol) -> Protocol:
@@ -59,6 +60,7 @@ def measure_interleaved(
     protocol: Protocol | None = None,
     statistic: str = "quietest",
     settle: tuple[int, float] | None = None,
+    pruned: tuple[int, Sequence[int]] | None = None,
     on_result=None,
 ) -> list[Measurement]:
     """Measure ITEMS (path, input shape) in turn, `repeats` rounds of one `window` each; per item,
@@ -106,11 +108,21 @@ def measure_interleaved(
         # faster than the first (a slow phase ending), which left a fresh-clone run 0.3 s short
         while 0 < (took := time.monotonic() - started) < span and (taken := len(results) // n) < most:
             stretch(min(most - taken, max(1, math.ceil(taken * (span - took) / took))))
-        if settle is not None:
-            i, quiet_ms = settle
-            deadline = started + 5 * span
-            while min(m.median_ms for m in results[i::n]) > quiet_ms * (1 + SETTLE) and time.monotonic() < deadline:
-                stretch(ROUNDS)
+        deadline = started + 5 * span
+
+        def quietest(i: int) -> float:
+            return min(m.median_ms for m in results[i::n])
+
+        def unsettled() -> bool:
+            if settle is not None and quietest(settle[0]) > settle[1] * (1 + SETTLE):
+                return True
+            if pruned is not None:
+                parent = quietest(pruned[0])
+                return any(quietest(j) > parent * (1 + PRUNED_OVER) for j in pruned[1])
+            return False
+
+        while unsettled() and time.monotonic() < deadline:
+            stretch(ROUNDS)
     repeats = len(results) // n
     chosen = []
     for i in range(n):

@@ -239,16 +239,18 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
     dense_ms = store.get("dense_ms")
     with tempfile.TemporaryDirectory(prefix="edgeprune-prune-") as tmp:
         from edgeprune.export import export_onnx
-        from edgeprune.latency.interleave import ROUNDS, measure_interleaved, noise_warning
+        from edgeprune.latency.interleave import PRUNED_OVER, ROUNDS, measure_interleaved, noise_warning
 
         def measure(plans: list, settle: float | None = None) -> list[dict]:
             """PLANS exported and measured in turn, each keeping its quietest window (interleave.py);
-            `settle`: the first plan's quiet time (measure on while it is slower: a slow phase)."""
+            `settle`: the first plan's quiet time (the dense model's: measure on while it is slower,
+            or while a plan pruned from it measures slower than it, a slow phase either way)."""
             items = []
             for i, counts in enumerate(plans):
                 pruned = s.plan([int(c) for c in counts], criterion=cfg.criterion).apply(model)
                 items.append((export_onnx(pruned, shape, Path(tmp) / f"m{i}.onnx"), shape))
-            return [m.to_dict() for m in measure_interleaved(device, items, settle=settle and (0, settle))]
+            beside = {"settle": (0, settle), "pruned": (0, range(1, len(items)))} if settle else {}
+            return [m.to_dict() for m in measure_interleaved(device, items, **beside)]
 
         def referred(plans: list) -> tuple[list[dict], list[float], float]:
             """Measure PLANS; for a budget that is a share of dense, beside the dense model.
@@ -395,6 +397,13 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
                 store.add_measurement(row)
                 measured[tuple(r["counts"])] = row
             log_referral(beside, refer, "these candidates")
+            slower = [m["median_ms"] for m in raw if beside and m["median_ms"] > beside[0] * (1 + PRUNED_OVER)]
+            if slower:
+                log(
+                    f"{len(slower)} of these candidates measure slower than the dense model beside them "
+                    f"({', '.join(f'{ms:.4g}' for ms in slower)} vs {beside[0]:.4g} ms) even after measuring on: "
+                    f"{device.name} may run their channel counts on slower kernels than the dense model's"
+                )
             by_counts = {tuple(r["counts"]): r for r in loop.rows}
             ok = [(by_counts[k], m) for k, m in measured.items() if m["measured_ms"] <= target_ms]
             if todo:
