@@ -308,6 +308,21 @@ def test_in_context_profile_records_the_per_copy_cost(tmp_path):
             model=model, model_id="resnet20", input_shape=(1, 1, 8, 8), device=CountingDevice(),
             out=tmp_path / "t.json", step=16, copies=1, progress=False, log=lambda s: None,
         )  # fmt: skip
+    # more calibration plans on the same table: only the new ones are measured (the first 3 stay)
+    seen: list[str] = []
+
+    class Watched(CountingDevice):
+        def measure_many(self, items, protocol=None, **kw):
+            seen.extend(os.path.basename(p) for p, _ in items)
+            return super().measure_many(items, protocol, **kw)
+
+    again = profile(
+        model=model, model_id="resnet20", input_shape=(1, 1, 8, 8), device=Watched(),
+        out=tmp_path / "t.json", step=16, calibrate=4, progress=False, log=lambda s: None,
+    )  # fmt: skip
+    more = again.meta["calibration_points"]
+    assert len(more) == 5 and list(more)[:3] == list(points) and again.calibration["n"] == 5
+    assert len(set(seen)) == 2 and again.entries == table.entries  # two new whole models, no unit again
 
 
 def test_in_context_units_on_openvino():

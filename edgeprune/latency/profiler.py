@@ -146,7 +146,7 @@ def profile(
     out: str | os.PathLike,
     step: int | str | None = None,
     copies: int | None = None,
-    calibrate: int = 8,
+    calibrate: int = 24,
     batch: int = 16,
     seed: int = 0,
     progress: bool = True,

@@ -12,7 +12,7 @@ A config (YAML; every key but `weights` and `device` optional):
     weights: zoo:resnet20-fashion-mnist
     device: cpu-onnxruntime
     table: latency_tables/cpu-onnxruntime/resnet20.json   # profiled first when missing
-    profile: {step: 16, calibrate: 8}
+    profile: {step: 16, calibrate: 24}
     prune: {budget: 50%, search: bocr, evals: 40}          # any `edgeprune prune` setting
     finetune: {epochs: 2, lr: 0.05}                        # epochs: 0 skips finetuning
     export: {formats: [onnx, openvino]}
@@ -134,7 +134,7 @@ def run_pipeline(
             device=device,
             out=table,
             step=opts.get("step"),
-            calibrate=opts.get("calibrate", 8),
+            calibrate=opts.get("calibrate", 24),
             progress=progress,
             log=log,
         )
