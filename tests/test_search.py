@@ -336,8 +336,8 @@ def test_measured_check_loosens_a_pessimistic_prediction(tiny_run, tmp_path, mon
     lines: list[str] = []
     # no round to spare. A slow phase of a shared host while round 0 is measured can make its plans
     # miss (fresh-clone CI once measured them 9 % slower than the dense model beside them, where they
-    # are ~35 % faster). The comparison now measures on while that lasts, but only for ~15 s more
-    # (interleave.PRUNED_OVER), and this host has had slow phases of minutes: the user's remedy is a
+    # are ~35 % faster). The comparison now measures on while that lasts (interleave.PRUNED_OVER), but
+    # only for ~15 s more here, and this host has had slow phases of minutes: the user's remedy is a
     # round to spare, which would loosen here, so a new run is started instead, twice at most
     for attempt in range(3):
         run = tmp_path / f"run{attempt}"
