@@ -199,6 +199,13 @@ def profile(
         int,
         typer.Option(help="Random whole-model plans measured to calibrate (raised on a table: only the new ones)."),
     ] = 24,
+    recalibrate: Annotated[
+        bool,
+        typer.Option(
+            help="Measure the dense model and --calibrate plans anew, together, and refit the table's line on "
+            "them alone (units kept): after the device drifted, in minutes instead of a whole profile."
+        ),
+    ] = False,
     copies: Annotated[
         int | None,
         typer.Option(
@@ -234,6 +241,7 @@ def profile(
         step=step_value,
         copies=copies,
         calibrate=calibrate,
+        recalibrate=recalibrate,
         log=log,
     )
     summary = {
@@ -252,7 +260,8 @@ def profile(
         cal = table.calibration
         out.print(
             f"wrote {target}: {len(table.entries)} entries at step {table.step}, "
-            f"calibration a={cal['a']:.3f} b={cal['b']:.4f} ms on {cal['n']} whole models"
+            f"calibration a={cal['a']:.3f} b={cal['b']:.4f} ms on {cal['n']} whole models "
+            f"(median miss {cal.get('fit_median_abs_err') or 0:.1%})"
         )
 
 

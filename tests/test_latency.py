@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -325,6 +326,60 @@ def test_in_context_profile_records_the_per_copy_cost(tmp_path):
     assert len(set(seen)) == 2 and again.entries == table.entries  # two new whole models, no unit again
 
 
+def test_recalibrate_fits_a_new_line_on_the_kept_units(tmp_path):
+    """`recalibrate`: on a device that drifted (here 20 % slower) the dense model and the plans are
+    all measured anew and the line is fitted on them alone; no unit is measured again and the line
+    it replaces is kept. A table that does not exist is refused rather than profiled."""
+    model = build_model("resnet20", in_channels=1)
+    kw = dict(model=model, model_id="resnet20", input_shape=(1, 1, 8, 8), step=16, progress=False, log=lambda s: None)
+    with pytest.raises(EdgepruneError, match="t.json does not exist: profile it first"):
+        profile(device=CountingDevice(), out=tmp_path / "t.json", calibrate=2, recalibrate=True, **kw)
+    first = profile(device=CountingDevice(), out=tmp_path / "t.json", calibrate=2, **kw)
+    old_points = dict(first.meta["calibration_points"])
+    seen: list[str] = []
+
+    class Drifted(CountingDevice):
+        def measure_many(self, items, protocol=None, **kw):
+            seen.extend(os.path.basename(p) for p, _ in items)
+            return [replace(m, median_ms=1.2 * m.median_ms) for m in super().measure_many(items, protocol, **kw)]
+
+    again = profile(device=Drifted(), out=tmp_path / "t.json", calibrate=3, recalibrate=True, **kw)
+    points = again.meta["calibration_points"]
+    assert len(points) == 4 and len(set(seen)) == 4 and again.entries == first.entries  # whole models only
+    assert list(points)[:3] == list(old_points)  # the same plans first (same seed), measured now
+    for key, old in old_points.items():
+        assert points[key]["measured_ms"] == pytest.approx(1.2 * old["measured_ms"])
+    assert again.calibration["n"] == 4 and again.calibration["a"] == pytest.approx(1.2 * first.calibration["a"])
+    [previous] = again.meta["previous_calibrations"]
+    assert previous["points"] == old_points and previous["calibration"] == first.calibration
+
+
+def test_profile_warns_when_the_calibration_points_scatter(tmp_path):
+    """A line that misses its own whole-model points by more than CALIBRATION_SCATTER was fitted on
+    a busy device: the profile says so and how to refit it. Points on their line: no warning."""
+    from edgeprune.latency.profiler import CALIBRATION_SCATTER
+
+    class Busy(CountingDevice):
+        """Every other whole model lands in a slow phase (1.3x)."""
+
+        def measure_many(self, items, protocol=None, **kw):
+            out = super().measure_many(items, protocol, **kw)
+            slow = [os.path.basename(p) in ("m1.onnx", "m3.onnx") for p, _ in items]
+            return [replace(m, median_ms=m.median_ms * (1.3 if s else 1)) for m, s in zip(out, slow)]
+
+    model = build_model("resnet20", in_channels=1)
+    kw = dict(model=model, model_id="resnet20", input_shape=(1, 1, 8, 8), step=16, calibrate=3, progress=False)
+    quiet: list[str] = []
+    profile(device=CountingDevice(), out=tmp_path / "quiet.json", log=quiet.append, **kw)
+    assert not any("warning" in line for line in quiet)
+    busy: list[str] = []
+    table = profile(device=Busy(), out=tmp_path / "busy.json", log=busy.append, **kw)
+    assert table.calibration["fit_median_abs_err"] > CALIBRATION_SCATTER
+    [warning] = [line for line in busy if line.startswith("warning:")]
+    assert "misses its own 4 whole-model measurements" in warning and "--recalibrate" in warning
+    assert "--copies 4" not in warning  # its units are in context already
+
+
 def test_in_context_units_on_openvino():
     """On the real runtime: a conv costs something in context, and a residual add next to nothing
     compared with what it costs alone (OpenVINO fuses it; alone it pays the call and reorders).
@@ -429,6 +484,14 @@ def test_profile_resumes_after_interruption(cli, tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["predicted_ms"] > 0
     r = cli(*args, "--copies", "4")
     assert r.returncode == 2 and "units measured with 1 copy, not 4); choose another --out" in r.stderr
+    # refit on the dense model and the same plans measured anew, together; the old line is kept
+    r = cli(*args, "--recalibrate", "--json")
+    assert r.returncode == 0, r.stderr
+    refit = LatencyTable.load(out)
+    assert refit.calibration["n"] == 3 and refit.entries == table.entries
+    assert refit.meta["previous_calibrations"][0]["calibration"] == table.calibration
+    r = cli("profile", "--model", "resnet20", "--out", str(tmp_path / "none.json"), "--recalibrate")
+    assert r.returncode == 2 and "none.json does not exist: profile it first" in r.stderr
 
 
 def test_anchor_carries_only_the_drift_since_the_profile():

@@ -295,7 +295,9 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
                 log(
                     f"the device measures the dense model {dense_ms:.4g} ms, {abs(predictor.scale - 1):.0%} "
                     f"{'slower' if predictor.scale > 1 else 'faster'} than when the table was profiled: predictions "
-                    f"are scaled by {predictor.scale:.3f} (re-profile if this persists)"
+                    f"are scaled by {predictor.scale:.3f} (if this persists, refit the table: edgeprune profile "
+                    f"--model {ckpt.model} --device {device.name} --input-shape "
+                    f"{','.join(map(str, table.input_shape))} --step {table.step} --out {table_path} --recalibrate)"
                 )
         dense_macs = s.macs()
         if cfg.cost == "latency":
