@@ -209,9 +209,17 @@ def prune_args(run, out, **extra):
 
 
 def test_prune_meets_budget_on_the_device(tiny_run, tmp_path, cli):
-    r = cli(*prune_args(tiny_run, tmp_path / "run", budget_ms="80%", search="random", evals=8, measure_top=3), "--json")
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
+    # a slow phase of this shared host that outlasts the comparison's deadline drives a 0.2 ms model's
+    # ratios toward 1 (2026-11-29: dense 0.29-0.34 ms over the start's 15 rounds, quiet 0.21; the
+    # smallest plan then measured 89 % of dense beside it): where the run itself reported the device
+    # noisy and missed, a new run is started, twice at most; a quiet device's miss fails at once
+    for attempt in range(3):
+        run = tmp_path / f"run{attempt}"
+        r = cli(*prune_args(tiny_run, run, budget_ms="80%", search="random", evals=8, measure_top=3), "--json")
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout)
+        if res["met_budget"] or "the device is noisy" not in r.stderr:
+            break
     assert res["met_budget"] and res["chosen"]["measured_ms"] <= res["budget_ms"], (
         f"{r.stderr}\nchosen: {res['chosen']}"
     )
@@ -226,17 +234,17 @@ def test_prune_meets_budget_on_the_device(tiny_run, tmp_path, cli):
         "results.json",
         "config.json",
     ):
-        assert (tmp_path / "run" / f).stat().st_size > 0
+        assert (run / f).stat().st_size > 0
     from edgeprune.checkpoint import load_checkpoint
 
-    pruned = load_checkpoint(tmp_path / "run" / "pruned.pt").build()
+    pruned = load_checkpoint(run / "pruned.pt").build()
     assert sum(p.numel() for p in pruned.parameters()) == res["chosen"]["params"]
     # the store holds every evaluation and the measured candidates
-    db = sqlite3.connect(tmp_path / "run" / "evals.sqlite")
+    db = sqlite3.connect(run / "evals.sqlite")
     assert db.execute("SELECT COUNT(*) FROM evals WHERE duplicate = 0 AND round = 0").fetchone()[0] == 8
     assert db.execute("SELECT COUNT(*) FROM evals WHERE duplicate = 0").fetchone()[0] == res["evals"]
     assert db.execute("SELECT COUNT(*) FROM measurements").fetchone()[0] >= 1
-    r = cli(*prune_args(tiny_run, tmp_path / "run", budget_ms="80%"))
+    r = cli(*prune_args(tiny_run, run, budget_ms="80%"))
     assert r.returncode == 2 and "already holds a pruning run; pass --resume" in r.stderr
 
 
