@@ -36,7 +36,7 @@ UNIT_PROTOCOL = Protocol(
 UNIT_ROUNDS = 4  # short windows per unit (the windows replace the precision rule: see measure_configs)
 STEP_CANDIDATES = (32, 16, 8, 4, 2)
 # A calibration line that misses its own whole-model points by more than this (median) was most
-# likely fitted on a busy device: the shipped tables' lines miss theirs by 0.2-3.9 % (one 6.5 %),
+# likely fitted on a busy device: the shipped tables' lines miss theirs by 0.5-3.9 % (one 6.5 %),
 # eight lines fitted on a busy morning of this VM by 2.8-11.7 %.
 CALIBRATION_SCATTER = 0.05
 
@@ -253,12 +253,13 @@ def profile(
             f"warning: the calibration line misses its own {cal['n']} whole-model measurements by a median "
             f"{cal['fit_median_abs_err']:.1%} (a quiet device: under {CALIBRATION_SCATTER:.0%}): {device.name} was "
             "probably busy or throttling while they were measured; run this again with --recalibrate when "
-            "it is quiet"
+            "it is quiet. If the miss stays, "
             + (
-                " (if the miss stays, units measured alone do not add up to whole models on this runtime: "
-                "profile them in context, --copies 4, into a new table)"
+                "units measured alone do not add up to whole models on this runtime: profile them in context "
+                "(--copies 4) into a new table"
                 if table.unit_copies == 1
-                else ""
+                else "the runtime runs these whole models on other kernels or layouts than their units: the table "
+                "ranks plans roughly, and prune's measured check holds the budget"
             )
         )
     table.meta["model_protocol"] = device.spec.protocol.to_dict()
