@@ -6,7 +6,8 @@ For each (model, device profile): N random plans (each group's keep-count unifor
 allowed counts) are exported, measured on the device with the profile's protocol, and predicted
 by the shipped latency table (latency_tables/DEVICE/MODEL.json) as calibrated at profile time,
 by the same table re-anchored on the dense model measured now (scaled by dense now / dense at
-profile time), and by dense-ms x MACs-ratio. --json keeps every plan's figures.
+profile time), and by dense-ms x MACs-ratio. --json keeps every plan's figures (rewritten after
+every pair, so a run stopped part way keeps the pairs it finished).
 
     python bench/predictor_accuracy.py --pairs mobilenet_v2:cpu-openvino --against runs/reprofile
 
@@ -99,9 +100,9 @@ def main() -> None:
                 **{k: r[k] for k in ("against", "against_anchored") if k in r},
             }
         )
-    if args.json_path:
-        with open(args.json_path, "w") as fh:
-            json.dump(results, fh, indent=2)
+        if args.json_path:  # after every pair: a long run stopped part way keeps what it measured
+            with open(args.json_path, "w") as fh:
+                json.dump(results, fh, indent=2)
 
 
 def _load_against(path: str, device: Device, step: int) -> LatencyTable:
