@@ -73,15 +73,23 @@ def tiny_run(tmp_path_factory):
         "protocol: {warmup_runs: 3, warmup_s: 0.01, min_runs: 20, min_s: 0.05, max_cv: 0.5}\n"
     )
     table = d / "table.json"
-    profile(
-        model=build_model("resnet20", in_channels=1),
-        model_id="resnet20",
-        input_shape=(1, 1, 16, 16),
-        device=Device.load(dev),
-        out=table,
-        step=8,
-        calibrate=4,
-        progress=False,
-        log=lambda s: None,
-    )
+    # a slow phase of this shared host while the 5 calibration models are measured bends the line
+    # (fresh-clone CI: it predicted dense 30 % under its own dense point, and the runs that use the
+    # table refused their budget): where the profile warns so, refit it, as its warning says, twice at most
+    for attempt in range(3):
+        lines: list[str] = []
+        profile(
+            model=build_model("resnet20", in_channels=1),
+            model_id="resnet20",
+            input_shape=(1, 1, 16, 16),
+            device=Device.load(dev),
+            out=table,
+            step=8,
+            calibrate=4,
+            recalibrate=attempt > 0,
+            progress=False,
+            log=lines.append,
+        )
+        if not any(line.startswith("warning: the calibration line") for line in lines):
+            break
     return {"weights": str(ckpt), "device": str(dev), "table": str(table)}
