@@ -310,14 +310,21 @@ def test_measured_check_tightens_an_optimistic_prediction(tiny_run, tmp_path, mo
         "measure_top": 2,
         "progress": False,
     }
-    # no tightening allowed: the candidates (~92 % of dense on the device) miss, and the run says so
-    lines: list[str] = []
-    res = prune(tmp_path / "run", max_rounds=0, log=lines.append, **common)
-    assert res["rounds"] == 1 and not res["met_budget"], "\n".join(lines)
-    assert res["chosen"]["measured_ms"] > res["budget_ms"] * (1 - 0.02) and "--max-rounds" in lines[-1]
-    # resumed with tightening allowed: the budget is tightened from the measurements until a plan fits
-    lines.clear()
-    res = prune(tmp_path / "run", max_rounds=8, resume=True, log=lines.append, **common)
+    # the resumed run measures round 0's candidates again; a slow phase of this host that moves their
+    # ratio to dense (fresh-clone CI: dense 26 % slower than at the profile) can let one meet the budget
+    # there, and then nothing is tightened: where that happens a new run is started, twice at most
+    for attempt in range(3):
+        run = tmp_path / f"run{attempt}"
+        # no tightening allowed: the candidates (~92 % of dense on the device) miss, and the run says so
+        lines: list[str] = []
+        res = prune(run, max_rounds=0, log=lines.append, **common)
+        assert res["rounds"] == 1 and not res["met_budget"], "\n".join(lines)
+        assert res["chosen"]["measured_ms"] > res["budget_ms"] * (1 - 0.02) and "--max-rounds" in lines[-1]
+        # resumed with tightening allowed: the budget is tightened from the measurements until a plan fits
+        lines.clear()
+        res = prune(run, max_rounds=8, resume=True, log=lines.append, **common)
+        if not (res["rounds"] == 1 and res["met_budget"]):
+            break
     assert res["rounds"] >= 2 and res["search_budget"] < res["budget_ms"], "\n".join(lines)
     assert res["met_budget"] and res["chosen"]["measured_ms"] <= res["budget_ms"], "\n".join(lines)
     assert any("no candidate met" in line for line in lines)
