@@ -331,10 +331,12 @@ def test_recalibrate_fits_a_new_line_on_the_kept_units(tmp_path):
     all measured anew and the line is fitted on them alone; no unit is measured again and the line
     it replaces is kept. A table that does not exist is refused rather than profiled."""
     model = build_model("resnet20", in_channels=1)
-    kw = dict(model=model, model_id="resnet20", input_shape=(1, 1, 8, 8), step=16, progress=False, log=lambda s: None)
+    common = dict(
+        model=model, model_id="resnet20", input_shape=(1, 1, 8, 8), step=16, progress=False, log=lambda s: None
+    )
     with pytest.raises(EdgepruneError, match="t.json does not exist: profile it first"):
-        profile(device=CountingDevice(), out=tmp_path / "t.json", calibrate=2, recalibrate=True, **kw)
-    first = profile(device=CountingDevice(), out=tmp_path / "t.json", calibrate=2, **kw)
+        profile(device=CountingDevice(), out=tmp_path / "t.json", calibrate=2, recalibrate=True, **common)
+    first = profile(device=CountingDevice(), out=tmp_path / "t.json", calibrate=2, **common)
     old_points = dict(first.meta["calibration_points"])
     seen: list[str] = []
 
@@ -343,7 +345,7 @@ def test_recalibrate_fits_a_new_line_on_the_kept_units(tmp_path):
             seen.extend(os.path.basename(p) for p, _ in items)
             return [replace(m, median_ms=1.2 * m.median_ms) for m in super().measure_many(items, protocol, **kw)]
 
-    again = profile(device=Drifted(), out=tmp_path / "t.json", calibrate=3, recalibrate=True, **kw)
+    again = profile(device=Drifted(), out=tmp_path / "t.json", calibrate=3, recalibrate=True, **common)
     points = again.meta["calibration_points"]
     assert len(points) == 4 and len(set(seen)) == 4 and again.entries == first.entries  # whole models only
     assert list(points)[:3] == list(old_points)  # the same plans first (same seed), measured now
@@ -368,12 +370,12 @@ def test_profile_warns_when_the_calibration_points_scatter(tmp_path):
             return [replace(m, median_ms=m.median_ms * (1.3 if s else 1)) for m, s in zip(out, slow)]
 
     model = build_model("resnet20", in_channels=1)
-    kw = dict(model=model, model_id="resnet20", input_shape=(1, 1, 8, 8), step=16, calibrate=3, progress=False)
+    common = dict(model=model, model_id="resnet20", input_shape=(1, 1, 8, 8), step=16, calibrate=3, progress=False)
     quiet: list[str] = []
-    profile(device=CountingDevice(), out=tmp_path / "quiet.json", log=quiet.append, **kw)
+    profile(device=CountingDevice(), out=tmp_path / "quiet.json", log=quiet.append, **common)
     assert not any("warning" in line for line in quiet)
     busy: list[str] = []
-    table = profile(device=Busy(), out=tmp_path / "busy.json", log=busy.append, **kw)
+    table = profile(device=Busy(), out=tmp_path / "busy.json", log=busy.append, **common)
     assert table.calibration["fit_median_abs_err"] > CALIBRATION_SCATTER
     [warning] = [line for line in busy if line.startswith("warning:")]
     assert "misses its own 4 whole-model measurements" in warning and "--recalibrate" in warning
