@@ -377,9 +377,39 @@ def test_profile_warns_when_the_calibration_points_scatter(tmp_path):
     busy: list[str] = []
     table = profile(device=Busy(), out=tmp_path / "busy.json", log=busy.append, **common)
     assert table.calibration["fit_median_abs_err"] > CALIBRATION_SCATTER
-    [warning] = [line for line in busy if line.startswith("warning:")]
+    [warning] = [line for line in busy if line.startswith("warning:") and "misses its own" in line]
     assert "misses its own 4 whole-model measurements" in warning and "--recalibrate" in warning
     assert "--copies 4" not in warning and "other kernels or layouts" in warning  # its units are in context
+
+
+def test_profile_warns_when_the_line_misses_the_dense_model(tmp_path):
+    """The line fits three plans and the dense model caught in a slow phase (1.4x) lies off it: the
+    median miss hides one outlier, but prune refers every prediction to that one point, so the
+    profile names it. The quiet profile above it gave no such warning."""
+    from edgeprune.latency.profiler import DENSE_MISS
+
+    class SlowDense(CountingDevice):
+        def measure_many(self, items, protocol=None, **kw):
+            out = super().measure_many(items, protocol, **kw)
+            dense = [os.path.basename(p) == "m0.onnx" for p, _ in items]
+            return [replace(m, median_ms=m.median_ms * (1.4 if d else 1)) for m, d in zip(out, dense)]
+
+    lines: list[str] = []
+    table = profile(
+        device=SlowDense(),
+        model=build_model("resnet20", in_channels=1),
+        model_id="resnet20",
+        input_shape=(1, 1, 8, 8),
+        out=tmp_path / "t.json",
+        step=16,
+        calibrate=3,
+        progress=False,
+        log=lines.append,
+    )
+    assert table.calibration["fit_median_abs_err"] < 0.01  # three of the four points are on the line
+    [warning] = [line for line in lines if line.startswith("warning:")]
+    assert f"{1 - 1 / 1.4:.0%} under its own measurement" in warning and "--recalibrate" in warning
+    assert 1 - 1 / 1.4 > DENSE_MISS
 
 
 def test_in_context_units_on_openvino():

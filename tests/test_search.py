@@ -472,7 +472,7 @@ def test_short_training_proxy_scores_what_a_few_distilled_steps_recover(tiny_run
 
 def test_prune_errors_are_one_line(tiny_run, tmp_path, cli):
     r = cli(*prune_args(tiny_run, tmp_path / "a", budget_ms="0.0001"))
-    assert r.returncode == 2 and "below the smallest cost" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "is out of reach" in r.stderr and "Traceback" not in r.stderr
     r = cli(*prune_args(tiny_run, tmp_path / "b", budget_ms="150%"))
     assert r.returncode == 2 and "nothing to prune" in r.stderr
     r = cli(*prune_args(tiny_run, tmp_path / "c", budget_ms="50%", search="annealing"))
@@ -561,12 +561,51 @@ def test_loosening_interpolates_toward_the_target():
 
 def test_a_refused_budget_leaves_no_run_behind(tiny_run, tmp_path, cli):
     r = cli(*prune_args(tiny_run, tmp_path / "run", budget_ms="0.0001"))
-    assert r.returncode == 2 and "below the smallest cost" in r.stderr
+    assert r.returncode == 2 and "is out of reach" in r.stderr
     assert not (tmp_path / "run" / "config.json").exists()
     r = cli(
         *prune_args(tiny_run, tmp_path / "run", budget_ms="85%", search="uniform", evals=1, measure_top=1), "--json"
     )
     assert r.returncode == 0, r.stderr  # the corrected command just works, no --resume needed
+
+
+def test_a_table_that_rates_every_plan_over_the_budget_is_held_against_the_device(tiny_run, tmp_path, cli):
+    """A line fitted while the device was busy can come out flat: here it rates the smallest plan at
+    95 % of the dense model, which measures ~56 %. A 75 % budget is not refused on the table's word:
+    the smallest plan is measured, meets the target, and the search budget is mapped through it and
+    the dense model. A budget the smallest plan measures over is refused, with that measurement."""
+    t = LatencyTable.load(tiny_run["table"])
+    s = space(build_model("resnet20", in_channels=1), torch.randn(1, 1, 16, 16), step=8)
+    predictor = Predictor(ModelLayers.from_model(s), t)
+    probe = BudgetProblem.create(s, predictor.compiled().unit_sum, 0.0, check=False)
+    smallest_counts, smallest_sum = probe.smallest()
+    dense_sum, dense_line = predictor.unit_sum(), predictor.predict()
+    a = 0.05 * dense_line / (dense_sum - smallest_sum)
+    # the same at the dense end; a line this wrong misses its own points, which prune repeats
+    t.calibration = {**t.calibration, "a": a, "b": dense_line - a * dense_sum, "fit_median_abs_err": 0.08}
+    t.save(tmp_path / "flat.json")
+    run = {**tiny_run, "table": str(tmp_path / "flat.json")}
+    args = prune_args(run, tmp_path / "run", budget_ms="75%", search="uniform", evals=1, measure_top=1)
+    r = cli(*args, "--max-rounds", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    res, log = json.loads(r.stdout), " ".join(r.stderr.split())
+    assert "the table rates even the smallest plan of the space over the budget" in log
+    assert "the table's line is off at this end" in log and "--recalibrate" in log
+    assert "misses its own whole-model measurements by a median 8.0%" in log
+    smallest_ms, dense_ms, target = res["smallest_plan_ms"], res["dense"]["measured_ms"], res["target_ms"]
+    assert smallest_ms <= target
+    # the budget interpolated between the two measured ends, in the table's (anchored) units
+    cost_small, cost_dense = res["anchor"] * (a * smallest_sum + t.calibration["b"]), res["anchor"] * dense_line
+    mapped = cost_small + (target - smallest_ms) * (cost_dense - cost_small) / (dense_ms - smallest_ms)
+    assert res["search_budget"] == pytest.approx(max(cost_small, 0.995 * mapped), rel=1e-6)
+    assert cost_small <= res["search_budget"] < cost_dense
+    # a budget under what the smallest plan measures: refused on that measurement, no run left behind
+    r = cli(*prune_args(run, tmp_path / "low", budget_ms="30%"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "is out of reach on fast-ort: the smallest plan this search space reaches measures" in " ".join(
+        r.stderr.split()
+    )
+    assert not (tmp_path / "low" / "config.json").exists()
 
 
 def test_a_table_low_at_the_dense_end_still_prunes_a_share_of_dense(tiny_run, tmp_path, cli):

@@ -181,6 +181,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
     from edgeprune.devices import Device
     from edgeprune.latency.layers import ModelLayers
     from edgeprune.latency.predictor import Predictor, anchor_scale
+    from edgeprune.latency.profiler import CALIBRATION_SCATTER
     from edgeprune.latency.table import LatencyTable
     from edgeprune.pruning import acp_widths, space
     from edgeprune.report import convergence_plot, scatter_plot
@@ -287,6 +288,19 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
         target_ms = budget_ms * (1 - cfg.margin)  # what candidates must measure, leaving room for noise
 
         predictor = LatencyCost(Predictor(ModelLayers.from_model(s), table).compiled()) if table else None
+        refit = (
+            f"edgeprune profile --model {ckpt.model} --device {device.name} --input-shape "
+            f"{','.join(map(str, table.input_shape))} --step {table.step} --out {table_path} --recalibrate"
+            if table
+            else ""
+        )
+        if table and cfg.cost == "latency" and (table.calibration.get("fit_median_abs_err") or 0) > CALIBRATION_SCATTER:
+            log(
+                f"warning: the table's calibration line misses its own whole-model measurements by a median "
+                f"{table.calibration['fit_median_abs_err']:.1%} (a quiet device: under {CALIBRATION_SCATTER:.0%}): its "
+                f"predictions are rough and the measured check has more to correct; refit it when {device.name} "
+                f"is quiet: {refit}"
+            )
         if predictor is not None and cfg.anchor:
             # the table's calibration dates from its profile; the machine may have drifted since
             predicted = float(predictor(np.asarray([s.full_counts()]))[0])
@@ -295,9 +309,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
                 log(
                     f"the device measures the dense model {dense_ms:.4g} ms, {abs(predictor.scale - 1):.0%} "
                     f"{'slower' if predictor.scale > 1 else 'faster'} than when the table was profiled: predictions "
-                    f"are scaled by {predictor.scale:.3f} (if this persists, refit the table: edgeprune profile "
-                    f"--model {ckpt.model} --device {device.name} --input-shape "
-                    f"{','.join(map(str, table.input_shape))} --step {table.step} --out {table_path} --recalibrate)"
+                    f"are scaled by {predictor.scale:.3f} (if this persists, refit the table: {refit})"
                 )
         dense_macs = s.macs()
         if cfg.cost == "latency":
@@ -322,8 +334,42 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
             budget = cfg.flops_target if cfg.flops_target else target_ms / dense_ms
             dense_cost = float(cost(np.asarray([s.full_counts()]))[0])
         problem = BudgetProblem.create(
-            s, cost, store.get("search_budget", budget), max_keep=cfg.max_keep, fix=cfg.fix, unit=unit
+            s, cost, store.get("search_budget", budget), max_keep=cfg.max_keep, fix=cfg.fix, unit=unit, check=False
         )
+        smallest_counts, smallest_cost = problem.smallest()
+        if cfg.cost == "latency" and store.get("search_budget") is None and budget < smallest_cost:
+            # the table rates every plan over the budget. A line fitted while the device was busy can
+            # be wrong at this end (too flat, or low at the dense end), so the refusal rests on the
+            # device: the smallest plan is measured, and where it meets the target after all, the
+            # budget is mapped through it and the dense model, the two ends the device has measured
+            if store.get("smallest_plan_ms") is None:
+                log(
+                    f"the table rates even the smallest plan of the space over the budget ({smallest_cost:.4g} > "
+                    f"{budget:.4g} {unit}): measuring it on {device.name} ..."
+                )
+                raw, beside, refer = referred([smallest_counts])
+                log_referral(beside, refer, "the smallest plan")
+                store.set("smallest_plan_ms", raw[0]["median_ms"] * refer)
+            smallest_ms = store.get("smallest_plan_ms")
+            if smallest_ms > target_ms or smallest_cost >= dense_cost:
+                raise EdgepruneError(
+                    f"budget {budget_ms:.4g} ms is out of reach on {device.name}: the smallest plan this search space "
+                    f"reaches measures {smallest_ms:.4g} ms there, over the budget less its {cfg.margin:.0%} margin "
+                    f"({target_ms:.4g} ms); {problem.widen_hint()}"
+                    if smallest_ms > target_ms
+                    else f"the table rates the smallest plan of the space ({smallest_cost:.4g} {unit}) as slow as the "
+                    f"dense model ({dense_cost:.4g}), but it measures {smallest_ms:.4g} ms against {dense_ms:.4g}: the "
+                    f"table's calibration line is unusable; refit it when {device.name} is quiet: {refit}"
+                )
+            mapped = smallest_cost + (target_ms - smallest_ms) * (dense_cost - smallest_cost) / (dense_ms - smallest_ms)
+            budget = max(smallest_cost, 0.995 * mapped)
+            log(
+                f"the smallest plan measures {smallest_ms:.4g} ms on {device.name}, within the {target_ms:.4g} ms "
+                f"target: the table's line is off at this end. The search budget is set between the smallest plan "
+                f"and the dense model as measured, {budget:.4g} {unit}; the measured check corrects the rest "
+                f"(refit the table when {device.name} is quiet: {refit})"
+            )
+        problem.set_budget(store.get("search_budget", budget))
         write_json(out / CONFIG, asdict(cfg))  # the budget is reachable: from here on, a run to resume
         evaluator = ProxyEvaluator(
             s,
@@ -449,12 +495,12 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
                 continue
             if stage >= cfg.max_rounds or not measured:
                 break
-            smallest = problem.cost_of(np.zeros((1, problem.dim)))[0]
+            smallest = smallest_cost
             # bracket the budget from below once (the key changed when this measurement began to be
             # referred to the dense model: a run resumed from before measures it again)
             if store.get("smallest_plan_ms") is None:
                 log(f"measuring the smallest plan of the space on {device.name} ...")
-                raw, beside, refer = referred([problem.counts(np.zeros((1, problem.dim)))[0]])
+                raw, beside, refer = referred([smallest_counts])
                 log_referral(beside, refer, "the smallest plan")
                 store.set("smallest_plan_ms", raw[0]["median_ms"] * refer)
             if store.get("smallest_plan_ms") > target_ms:
@@ -537,6 +583,8 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
         "margin": cfg.margin,
         "target_ms": target_ms,
         "search_budget": problem.budget,
+        # measured where a round missed, or where the table rated every plan over the budget
+        "smallest_plan_ms": store.get("smallest_plan_ms"),
         "loosened": store.get("loosened_from") is not None,
         "table": None
         if table is None

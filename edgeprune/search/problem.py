@@ -52,11 +52,13 @@ class BudgetProblem:
         max_keep: float = 1.0,
         fix: Sequence[str] = (),
         unit: str = "",
+        check: bool = True,
     ) -> BudgetProblem:
         """The problem, after checking that the budget lies between the smallest plan and the dense model.
 
         `fix` holds glob patterns of group roots (layer names) held at full width; `max_keep`
-        caps every group's keep ratio."""
+        caps every group's keep ratio. `check=False` defers the budget's check to `set_budget`
+        (a caller that may first hold a predicted out-of-reach budget against the device)."""
         for pattern in fix:
             if not any(fnmatch.fnmatchcase(g.root, pattern) for g in space.groups):
                 roots = ", ".join(g.root for g in space.groups[:4])
@@ -72,18 +74,24 @@ class BudgetProblem:
         hi = np.maximum(lo, min(1.0, max_keep))
         allowed = [np.asarray(g.allowed) for g in space.groups]
         problem = cls(space, cost, float(budget), variables, lo, hi, unit, allowed)
-        problem.set_budget(budget)
+        if check:
+            problem.set_budget(budget)
         return problem
+
+    def smallest(self) -> tuple[np.ndarray, float]:
+        """The smallest plan the search can reach (every free group at its minimum) and its cost."""
+        counts = self.counts(np.zeros((1, self.dim)))
+        return counts[0], float(self.cost(counts)[0])
 
     def set_budget(self, budget: float) -> None:
         """Change the budget (e.g. tightened after measuring), refusing one no plan can meet."""
         unit = self.unit
-        smallest = float(self.cost_of(np.zeros((1, self.dim)))[0])
+        smallest = self.smallest()[1]
         dense = float(self.cost(np.asarray([self.space.full_counts()]))[0])
         if budget < smallest:
             raise EdgepruneError(
                 f"budget {budget:.4g} {unit} is below the smallest cost this search space reaches "
-                f"({smallest:.4g} {unit}, every free group at its minimum keep-count); {self._widen_hint()}"
+                f"({smallest:.4g} {unit}, every free group at its minimum keep-count); {self.widen_hint()}"
             )
         if budget >= dense:
             raise EdgepruneError(
@@ -92,7 +100,7 @@ class BudgetProblem:
             )
         self.budget = float(budget)
 
-    def _widen_hint(self) -> str:
+    def widen_hint(self) -> str:
         """What would let a smaller plan exist: --min-keep only where it is what stops the groups."""
         from edgeprune.pruning.space import allowed_counts
 
