@@ -262,8 +262,9 @@ def profile(
                 "units measured alone do not add up to whole models on this runtime: profile them in context "
                 "(--copies 4) into a new table"
                 if table.unit_copies == 1
-                else "the runtime runs these whole models on other kernels or layouts than their units: the table "
-                "ranks plans roughly, and prune's measured check holds the budget"
+                else "whole models do not add up from their units on this runtime (other kernels or layouts, or "
+                "weights that no longer fit the cache): the table ranks plans roughly, and prune's measured check "
+                "holds the budget"
             )
         )
     dense_point = points.get(calibration_key(s.full_counts()))
