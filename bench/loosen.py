@@ -37,6 +37,8 @@ def pessimistic_table(model: str, device: str, promise: float, out: Path) -> Pat
     dense = Predictor(ModelLayers.from_model(s), table).predict()
     a, b = table.calibration["a"], table.calibration["b"]
     table.calibration = {**table.calibration, "a": promise * a, "b": promise * b + (1 - promise) * dense}
+    if table.calibration.get("c"):  # a weights term scales with the rest
+        table.calibration["c"] *= promise
     assert abs(Predictor(ModelLayers.from_model(s), table).predict() - dense) < 1e-9 * max(1.0, dense)
     table.save(out)
     return out

@@ -254,13 +254,15 @@ def profile(
         "calibration": table.calibration,
         "profile_seconds": table.meta.get("profile_seconds"),
     }
+    from edgeprune.latency.calibration import describe as describe_calibration
+
     if json_out:
         _print_json(summary)
     else:
         cal = table.calibration
         out.print(
             f"wrote {target}: {len(table.entries)} entries at step {table.step}, "
-            f"calibration a={cal['a']:.3f} b={cal['b']:.4f} ms on {cal['n']} whole models "
+            f"{describe_calibration(cal)} on {cal['n']} whole models "
             f"(median miss {cal.get('fit_median_abs_err') or 0:.1%})"
         )
 

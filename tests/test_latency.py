@@ -199,6 +199,29 @@ def test_layer_configs_follow_the_plan():
     assert {c.key for c in layers.configs(counts)} <= keys
 
 
+def test_calibration_takes_a_weights_term_only_where_it_clearly_predicts_better():
+    """Whole models that slow down once their weights pass a knee (a cache they outgrow, as ORT
+    mobilenet_v2_cifar does here) get the weights term, its knee near the true one; a device where
+    time follows the unit sum alone keeps the line, as does a profile with too few points."""
+    from edgeprune.latency.calibration import WEIGHTS_MIN_POINTS, fit_calibration, value
+
+    rng = np.random.default_rng(0)
+    w = rng.uniform(0.1, 2.2, 25)  # millions of weights
+    x = 0.1 * w + rng.uniform(0.0, 0.08, 25)  # unit sums grow with the weights, loosely
+    noise = rng.normal(1.0, 0.005, 25)
+    cached = (0.6 * x + 0.2 * np.maximum(0.0, w - 0.6) + 0.01) * noise
+    cal = fit_calibration(x, cached, w)
+    assert cal["c"] > 0 and cal["left_out_err"]["weights"] <= 0.5 * cal["left_out_err"]["line"], cal
+    assert 0.3 <= cal["knee_mparams"] <= 0.9 and cal["fit_median_abs_err"] < 0.02  # knees on a grid
+    dense = value(cal, [0.1 * 2.2 + 0.04], [2.2])[0]
+    assert dense == pytest.approx(0.6 * 0.26 + 0.2 * 1.6 + 0.01, rel=0.05)
+    plain = fit_calibration(x, (0.6 * x + 0.03) * noise, w)
+    assert "c" not in plain and plain["a"] == pytest.approx(0.6, rel=0.05)
+    few = fit_calibration(x[: WEIGHTS_MIN_POINTS - 1], cached[: WEIGHTS_MIN_POINTS - 1], w[: WEIGHTS_MIN_POINTS - 1])
+    assert "c" not in few and "left_out_err" not in few
+    assert "c" not in fit_calibration(x, cached)  # no weights given: the line
+
+
 def test_predictor_is_calibrated_table_sum():
     model = build_model("resnet20", in_channels=1)
     s = space(model, torch.randn(1, 1, 28, 28), step=16)
@@ -219,6 +242,16 @@ def test_predictor_is_calibrated_table_sum():
     table.meta["unit_copies"] = 4
     assert p.predict(counts) == pytest.approx(2.0 * by_hand + 0.5)
     assert p.compiled().predict(np.array([counts]))[0] == pytest.approx(p.predict(counts))
+    # a weights term adds c ms per million weights over the knee, in both predictors
+    plans = np.array([counts, s.full_counts(), random_counts(s, np.random.default_rng(1))])
+    mparams = [s.params(c) / 1e6 for c in plans]
+    knee = float(np.median(mparams))
+    table.calibration = {"a": 2.0, "b": 0.5, "c": 3.0, "knee_mparams": knee, "n": 25}
+    dense = s.full_counts()
+    assert p.predict(dense) == pytest.approx(2.0 * p.unit_sum(dense) + 0.5 + 3.0 * (mparams[1] - knee))
+    expected = [2.0 * p.unit_sum(c) + 0.5 + 3.0 * max(0.0, m - knee) for c, m in zip(plans, mparams)]
+    assert p.compiled().predict(plans) == pytest.approx(expected)
+    assert [p.predict(c) for c in plans] == pytest.approx(expected)
     del table.entries[layers.configs(counts)[0].key]
     with pytest.raises(EdgepruneError, match="lacks 1 of"):
         p.predict(counts)

@@ -1,21 +1,23 @@
 """Plan -> predicted milliseconds: table look-ups, summed, then calibrated on whole models.
 
-predicted = a * sum(table[unit] - overhead for unit in plan) + b, where `overhead` is the cost of
-one call of an empty model on the device (every isolated single-unit measurement pays it once; a
-whole model pays it once in all; zero for tables measured in context, see `unit_model`'s copies)
-and (a, b) are fitted (robustly) on
-a few whole-model measurements of random plans (the part no table covers: input/output copies,
-layout reorders between units, fusion across units, per-inference overhead).
+predicted = calibration(sum(table[unit] - overhead for unit in plan)), where `overhead` is the
+cost of one call of an empty model on the device (every isolated single-unit measurement pays it
+once; a whole model pays it once in all; zero for tables measured in context, see `unit_model`'s
+copies) and the calibration (calibration.py: a robust line, with a weights term where a whole
+model's weights outgrow the cache its units ran in) is fitted on whole-model measurements of
+random plans (the part no table covers: input/output copies, layout reorders between units,
+fusion across units, per-inference overhead).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.latency.calibration import fit_calibration, value
 from edgeprune.latency.layers import ModelLayers
 from edgeprune.latency.table import LatencyTable, calibration_key
 
@@ -37,8 +39,10 @@ class Predictor:
         return float(sum(max(0.0, self.table.entries[c.key]["median_ms"] - overhead) for c in configs))
 
     def predict(self, counts: Sequence[int] | None = None) -> float:
-        cal = self.table.calibration
-        return cal["a"] * self.unit_sum(counts) + cal["b"]
+        counts = self.layers.space.full_counts() if counts is None else counts
+        return float(
+            value(self.table.calibration, [self.unit_sum(counts)], [self.layers.space.params(counts) / 1e6])[0]
+        )
 
     def compiled(self) -> CompiledPredictor:
         """The same prediction, vectorised over many plans at once (what a search's repair uses)."""
@@ -47,27 +51,12 @@ class Predictor:
     def breakdown(self, counts: Sequence[int] | None = None) -> list[tuple[str, float]]:
         return [(c.key, self.table.entries[c.key]["median_ms"]) for c in self.layers.configs(counts)]
 
-    def fit_calibration(self, sums: Sequence[float], measured: Sequence[float]) -> dict:
-        """(a, b) from unit sums and measured whole-model ms, robust to a disturbed measurement:
-        Theil-Sen slope (median of pairwise slopes), intercept the median residual; the offset
-        alone (a = 1) when the slope is implausible, a ratio when the points do not spread."""
-        from scipy.stats import theilslopes
-
-        x, y = np.asarray(sums, float), np.asarray(measured, float)
-        if len(x) == 0:
-            cal = {"a": 1.0, "b": 0.0, "n": 0}
-        elif len(x) < 3 or np.ptp(x) < 1e-9:
-            cal = {"a": float(np.median(y / x)), "b": 0.0, "n": len(x)}
-        else:
-            a = float(theilslopes(y, x)[0])
-            if not 0.25 <= a <= 4.0:  # the plans' spread is lost in the noise: fit the offset alone
-                cal = {"a": 1.0, "b": float(np.median(y - x)), "n": len(x)}
-            else:
-                cal = {"a": a, "b": float(np.median(y - a * x)), "n": len(x)}
-        residual = (cal["a"] * x + cal["b"] - y) / y if len(x) else np.array([])
-        cal["fit_median_abs_err"] = float(np.median(np.abs(residual))) if len(x) else None
-        self.table.calibration = cal
-        return cal
+    def fit_calibration(self, sums: Sequence[float], measured: Sequence[float], plans=None) -> dict:
+        """Fit the table's calibration on whole models (unit sums, measured ms; with `plans`, their
+        keep-counts, which lets calibration.py try its weights term) and keep it in the table."""
+        mparams = None if plans is None else [self.layers.space.params(c) / 1e6 for c in plans]
+        self.table.calibration = fit_calibration(sums, measured, mparams)
+        return self.table.calibration
 
 
 def anchor_scale(table: LatencyTable, dense_counts: Sequence[int], dense_ms: float, dense_predicted_ms: float) -> float:
@@ -94,6 +83,8 @@ class CompiledPredictor:
     constant_ms: float  # units no group changes
     a: float
     b: float
+    calibration: dict  # the table's (its weights term, where it has one, needs each plan's weights)
+    params_many: Callable[[np.ndarray], np.ndarray]  # (N, G) keep-counts -> (N,) parameters
 
     @classmethod
     def build(cls, predictor: Predictor) -> CompiledPredictor:
@@ -125,7 +116,7 @@ class CompiledPredictor:
             )
         cal = predictor.table.calibration
         allowed = [np.asarray(g.allowed) for g in layers.space.groups]
-        return cls(allowed, units, constant, float(cal["a"]), float(cal["b"]))
+        return cls(allowed, units, constant, float(cal["a"]), float(cal["b"]), cal, layers.space.cost.params_many)
 
     def indices(self, counts) -> np.ndarray:
         """(N, G) keep-counts -> (N, G) positions in each group's allowed counts."""
@@ -144,7 +135,9 @@ class CompiledPredictor:
 
     def predict(self, counts) -> np.ndarray:
         """Predicted ms of each row of `counts` (N x G keep-counts)."""
-        return self.a * self.unit_sum(counts) + self.b
+        if not self.calibration.get("c"):
+            return self.a * self.unit_sum(counts) + self.b
+        return value(self.calibration, self.unit_sum(counts), self.params_many(counts) / 1e6)
 
 
 def error_stats(predicted: Sequence[float], measured: Sequence[float]) -> dict:

@@ -250,8 +250,9 @@ def profile(
             for counts, m in zip(todo, measured):
                 points[calibration_key(counts)] = {"sum_ms": predictor.unit_sum(counts), "measured_ms": m.median_ms}
             table.save(out)
-    sums = [predictor.unit_sum([int(v) for v in key.split(",")]) for key in points]
-    cal = predictor.fit_calibration(sums, [p["measured_ms"] for p in points.values()])
+    fitted = [[int(v) for v in key.split(",")] for key in points]
+    sums = [predictor.unit_sum(counts) for counts in fitted]
+    cal = predictor.fit_calibration(sums, [p["measured_ms"] for p in points.values()], fitted)
     if (cal.get("fit_median_abs_err") or 0) > CALIBRATION_SCATTER:
         log(
             f"warning: the calibration line misses its own {cal['n']} whole-model measurements by a median "
@@ -269,7 +270,7 @@ def profile(
         )
     dense_point = points.get(calibration_key(s.full_counts()))
     if dense_point and cal.get("n", 0) >= 3:
-        line = cal["a"] * dense_point["sum_ms"] + cal["b"]
+        line = predictor.predict(s.full_counts())
         miss = line / dense_point["measured_ms"] - 1
         if abs(miss) > DENSE_MISS:
             log(

@@ -138,14 +138,18 @@ class CostModel:
     def macs(self, counts: Sequence[int]) -> int:
         return int(self.macs_many(counts)[0])
 
-    def params(self, counts: Sequence[int]) -> int:
+    def params_many(self, counts) -> np.ndarray:
+        """Parameters of each plan (N x G keep-counts), vectorised (a latency calibration's weights term)."""
+        counts = np.atleast_2d(counts)
         out, inp, groups = self._shapes(counts)
         weights = np.where(self.kind == 2, out, out * (inp / groups) * self.kernel)
         norm_affine = (self.kind == 2) & (weights > 0)
         weights = np.where(norm_affine, out * np.where(self.has_bias, 2, 1), weights)
         bias = np.where((self.kind != 2) & self.has_bias, out, 0)
-        alive = self._alive(counts)
-        return int(round((weights * alive).sum() + (bias * alive).sum())) + self.other_params
+        return np.round(((weights + bias) * self._alive(counts)).sum(-1)) + self.other_params
+
+    def params(self, counts: Sequence[int]) -> int:
+        return int(self.params_many(counts)[0])
 
 
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
