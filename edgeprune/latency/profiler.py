@@ -255,7 +255,7 @@ def profile(
     cal = predictor.fit_calibration(sums, [p["measured_ms"] for p in points.values()], fitted)
     if (cal.get("fit_median_abs_err") or 0) > CALIBRATION_SCATTER:
         log(
-            f"warning: the calibration line misses its own {cal['n']} whole-model measurements by a median "
+            f"warning: the calibration misses its own {cal['n']} whole-model measurements by a median "
             f"{cal['fit_median_abs_err']:.1%} (a quiet device: under {CALIBRATION_SCATTER:.0%}): {device.name} was "
             "probably busy or throttling while they were measured; run this again with --recalibrate when "
             "it is quiet. If the miss stays, "
@@ -274,7 +274,7 @@ def profile(
         miss = line / dense_point["measured_ms"] - 1
         if abs(miss) > DENSE_MISS:
             log(
-                f"warning: the calibration line puts the dense model at {line:.4g} ms, {abs(miss):.0%} "
+                f"warning: the calibration puts the dense model at {line:.4g} ms, {abs(miss):.0%} "
                 f"{'over' if miss > 0 else 'under'} its own measurement ({dense_point['measured_ms']:.4g} ms): prune "
                 "refers every prediction to that measurement, so if it was caught in a slow or fast phase they all "
                 "move with it; run this again with --recalibrate when the device is quiet"

@@ -296,7 +296,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
         )
         if table and cfg.cost == "latency" and (table.calibration.get("fit_median_abs_err") or 0) > CALIBRATION_SCATTER:
             log(
-                f"warning: the table's calibration line misses its own whole-model measurements by a median "
+                f"warning: the table's calibration misses its own whole-model measurements by a median "
                 f"{table.calibration['fit_median_abs_err']:.1%} (a quiet device: under {CALIBRATION_SCATTER:.0%}): its "
                 f"predictions are rough and the measured check has more to correct; refit it when {device.name} "
                 f"is quiet: {refit}"
@@ -359,7 +359,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
                     if smallest_ms > target_ms
                     else f"the table rates the smallest plan of the space ({smallest_cost:.4g} {unit}) as slow as the "
                     f"dense model ({dense_cost:.4g}), but it measures {smallest_ms:.4g} ms against {dense_ms:.4g}: the "
-                    f"table's calibration line is unusable; refit it when {device.name} is quiet: {refit}"
+                    f"table's calibration is unusable; refit it when {device.name} is quiet: {refit}"
                 )
             mapped = smallest_cost + (target_ms - smallest_ms) * (dense_cost - smallest_cost) / (dense_ms - smallest_ms)
             budget = max(smallest_cost, 0.995 * mapped)
