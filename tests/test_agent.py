@@ -233,12 +233,12 @@ def test_profile_through_agent_matches_local(agent, tmp_path):
     from edgeprune.models import build_model
 
     spec = {"name": "remote-cpu", "backend": "onnxruntime", "options": {"threads": 1}, "agent": agent.url,
-            "token_file": str(agent.token_file), "channel_step": 16}  # fmt: skip
+            "token_file": str(agent.token_file), "channel_step": 32}  # fmt: skip
     (tmp_path / "remote.yaml").write_text(yaml.safe_dump(spec))
     remote = Device.load(tmp_path / "remote.yaml")
     local = Device.load("cpu-onnxruntime")
     model = build_model("resnet20", in_channels=1)
-    kw = {"model": model, "model_id": "resnet20", "input_shape": (1, 1, 28, 28), "step": 16, "calibrate": 0,
+    kw = {"model": model, "model_id": "resnet20", "input_shape": (1, 1, 28, 28), "step": 32, "calibrate": 0,
           "progress": False, "log": lambda s: None}  # fmt: skip
     t_remote = profile(device=remote, out=tmp_path / "remote.json", **kw)
     t_local = profile(device=local, out=tmp_path / "local.json", **kw)

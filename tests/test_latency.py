@@ -526,7 +526,7 @@ def test_profile_resumes_after_interruption(cli, tmp_path):
         "--calibrate",
         "2",
         "--step",
-        "16",
+        "32",  # 27 configurations: the kill lands after the first batch of 16, the resume measures the rest
     ]
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgeprune", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -544,7 +544,8 @@ def test_profile_resumes_after_interruption(cli, tmp_path):
     summary = json.loads(r.stdout)
     table = LatencyTable.load(out)
     assert summary["entries"] == len(table.entries) == table.meta["configurations"]
-    assert table.calibration["n"] == 3 and table.calibration["a"] > 0
+    points = len(table.meta["calibration_points"])  # the dense model and 2 plans, fewer where they coincide
+    assert table.calibration["n"] == points >= 2 and table.calibration["a"] > 0
     r = cli("predict", "--model", "resnet20", "--table", str(out), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["predicted_ms"] > 0
     r = cli(*args, "--copies", "4")
@@ -553,7 +554,7 @@ def test_profile_resumes_after_interruption(cli, tmp_path):
     r = cli(*args, "--recalibrate", "--json")
     assert r.returncode == 0, r.stderr
     refit = LatencyTable.load(out)
-    assert refit.calibration["n"] == 3 and refit.entries == table.entries
+    assert refit.calibration["n"] == points and refit.entries == table.entries
     assert refit.meta["previous_calibrations"][0]["calibration"] == table.calibration
     r = cli("profile", "--model", "resnet20", "--out", str(tmp_path / "none.json"), "--recalibrate")
     assert r.returncode == 2 and "none.json does not exist: profile it first" in r.stderr
