@@ -353,11 +353,13 @@ def test_measured_check_loosens_a_pessimistic_prediction(tiny_run, tmp_path, mon
     # miss (fresh-clone CI once measured them 9 % slower than the dense model beside them, where they
     # are ~35 % faster). The comparison now measures on while that lasts (interleave.PRUNED_OVER), but
     # only for ~15 s more here, and this host has had slow phases of minutes: the user's remedy is a
-    # round to spare, which would loosen here, so a new run is started instead, twice at most
+    # round to spare, which would loosen here, so a new run is started instead, twice at most. The same
+    # where a slow phase caught the start's dense measurement (fresh-clone CI: 0.33-0.43 ms over its 16
+    # rounds, 0.24 beside the candidates) and the plans, referred to it, came out only just in
     for attempt in range(3):
         run = tmp_path / f"run{attempt}"
         first = prune(run, max_rounds=0, log=lines.append, **common)
-        if first["met_budget"]:
+        if first["met_budget"] and first["chosen"]["measured_ms"] < first["target_ms"] * 0.95:
             break
     assert first["met_budget"] and first["rounds"] == 1 and not first["loosened"], "\n".join(lines)
     assert first["chosen"]["measured_ms"] < first["target_ms"] * 0.95, "\n".join(lines)  # the setup holds
