@@ -304,7 +304,10 @@ def test_measured_check_tightens_an_optimistic_prediction(tiny_run, tmp_path, mo
         "weights": tiny_run["weights"],
         "device": _steady_device(tiny_run, tmp_path),
         "table": tiny_run["table"],
-        "budget": "85%",
+        # 88 %: on this device the smallest plan measures ~78 % of dense (it saves half of its ~44 %),
+        # and at 85 % a noisy host left so little room that 7 rounds closed in without meeting it
+        # (fresh-clone CI: the last candidates 0.1946 ms against a 0.1936 ms target)
+        "budget": "88%",
         "search": "random",
         "evals": 6,
         "measure_top": 2,
@@ -315,7 +318,7 @@ def test_measured_check_tightens_an_optimistic_prediction(tiny_run, tmp_path, mo
     # there, and then nothing is tightened: where that happens a new run is started, twice at most
     for attempt in range(3):
         run = tmp_path / f"run{attempt}"
-        # no tightening allowed: the candidates (~92 % of dense on the device) miss, and the run says so
+        # no tightening allowed: the candidates (~93 % of dense on the device) miss, and the run says so
         lines: list[str] = []
         res = prune(run, max_rounds=0, log=lines.append, **common)
         assert res["rounds"] == 1 and not res["met_budget"], "\n".join(lines)
