@@ -202,8 +202,8 @@ def profile(
     recalibrate: Annotated[
         bool,
         typer.Option(
-            help="Measure the dense model and --calibrate plans anew, together, and refit the table's line on "
-            "them alone (units kept): after the device drifted, in minutes instead of a whole profile."
+            help="Measure the dense model and --calibrate plans anew, together, and refit the table's calibration "
+            "on them alone (units kept): after the device drifted, in minutes instead of a whole profile."
         ),
     ] = False,
     copies: Annotated[

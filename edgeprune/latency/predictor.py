@@ -81,8 +81,6 @@ class CompiledPredictor:
     allowed: list[np.ndarray]  # per group, its allowed keep-counts (ascending)
     units: list[tuple[tuple[int, ...], np.ndarray]]  # (groups the unit depends on, ms over their counts)
     constant_ms: float  # units no group changes
-    a: float
-    b: float
     calibration: dict  # the table's (its weights term, where it has one, needs each plan's weights)
     params_many: Callable[[np.ndarray], np.ndarray]  # (N, G) keep-counts -> (N,) parameters
 
@@ -116,7 +114,7 @@ class CompiledPredictor:
             )
         cal = predictor.table.calibration
         allowed = [np.asarray(g.allowed) for g in layers.space.groups]
-        return cls(allowed, units, constant, float(cal["a"]), float(cal["b"]), cal, layers.space.cost.params_many)
+        return cls(allowed, units, constant, dict(cal), layers.space.cost.params_many)
 
     def indices(self, counts) -> np.ndarray:
         """(N, G) keep-counts -> (N, G) positions in each group's allowed counts."""
@@ -135,9 +133,8 @@ class CompiledPredictor:
 
     def predict(self, counts) -> np.ndarray:
         """Predicted ms of each row of `counts` (N x G keep-counts)."""
-        if not self.calibration.get("c"):
-            return self.a * self.unit_sum(counts) + self.b
-        return value(self.calibration, self.unit_sum(counts), self.params_many(counts) / 1e6)
+        mparams = self.params_many(counts) / 1e6 if self.calibration.get("c") else None  # only where it counts
+        return value(self.calibration, self.unit_sum(counts), mparams)
 
 
 def error_stats(predicted: Sequence[float], measured: Sequence[float]) -> dict:

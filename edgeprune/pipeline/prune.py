@@ -85,6 +85,13 @@ def parse_budget(text: str | float, dense_ms: float) -> float:
     return value
 
 
+def _cost_at(target_ms: float, lower: tuple[float, float], upper: tuple[float, float]) -> float:
+    """The cost at which the line through two measured (cost, ms) points reaches `target_ms` (the
+    lower point's cost where the two do not rise)."""
+    (x0, y0), (x1, y1) = lower, upper
+    return x0 + (target_ms - y0) * (x1 - x0) / (y1 - y0) if y1 > y0 else x0
+
+
 def _tightened(current: float, target_ms: float, points: list[tuple[float, float]], rounds: list) -> float:
     """The search budget (in cost units) at which plans should measure just under `target_ms`.
 
@@ -105,8 +112,7 @@ def _tightened(current: float, target_ms: float, points: list[tuple[float, float
         x, y = pts[0]
         interpolated = x * target_ms / y
     else:
-        (x0, y0), (x1, y1) = below[-1], (above[0] if above else below[-1])
-        interpolated = x0 + (target_ms - y0) * (x1 - x0) / (y1 - y0) if y1 > y0 else x0
+        interpolated = _cost_at(target_ms, below[-1], above[0] if above else below[-1])
     cost, measured = rounds[-1]
     scaled = cost * target_ms / measured
     lo, hi = sorted((interpolated, scaled))
@@ -133,12 +139,10 @@ def _loosened(current: float, target_ms: float, points: list[tuple[float, float]
     below = [p for p in pts if p[1] <= target_ms]
     if not below:
         return None
-    x0, y0 = below[-1]
-    above = [p for p in pts if p[1] > target_ms and p[0] > x0]
+    above = [p for p in pts if p[1] > target_ms and p[0] > below[-1][0]]
     if not above:
         return None
-    x1, y1 = above[0]
-    estimate = 0.995 * (x0 + (target_ms - y0) * (x1 - x0) / (y1 - y0))
+    estimate = 0.995 * _cost_at(target_ms, below[-1], above[0])
     return estimate if estimate > current * 1.01 else None
 
 
@@ -337,31 +341,39 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
             s, cost, store.get("search_budget", budget), max_keep=cfg.max_keep, fix=cfg.fix, unit=unit, check=False
         )
         smallest_counts, smallest_cost = problem.smallest()
+
+        def smallest_plan_ms(why: str) -> float:
+            """The smallest plan measured (referred like the candidates), once per run: it brackets
+            a tightening from below, and holds a table's 'out of reach' against the device."""
+            if store.get("smallest_plan_ms") is None:
+                log(f"{why}measuring the smallest plan of the space on {device.name} ...")
+                raw, beside, refer = referred([smallest_counts])
+                log_referral(beside, refer, "the smallest plan")
+                store.set("smallest_plan_ms", raw[0]["median_ms"] * refer)
+            return store.get("smallest_plan_ms")
+
         if cfg.cost == "latency" and store.get("search_budget") is None and budget < smallest_cost:
             # the table rates every plan over the budget. A line fitted while the device was busy can
             # be wrong at this end (too flat, or low at the dense end), so the refusal rests on the
             # device: the smallest plan is measured, and where it meets the target after all, the
             # budget is mapped through it and the dense model, the two ends the device has measured
-            if store.get("smallest_plan_ms") is None:
-                log(
-                    f"the table rates even the smallest plan of the space over the budget ({smallest_cost:.4g} > "
-                    f"{budget:.4g} {unit}): measuring it on {device.name} ..."
-                )
-                raw, beside, refer = referred([smallest_counts])
-                log_referral(beside, refer, "the smallest plan")
-                store.set("smallest_plan_ms", raw[0]["median_ms"] * refer)
-            smallest_ms = store.get("smallest_plan_ms")
-            if smallest_ms > target_ms or smallest_cost >= dense_cost:
+            smallest_ms = smallest_plan_ms(
+                f"the table rates even the smallest plan of the space over the budget ({smallest_cost:.4g} > "
+                f"{budget:.4g} {unit}): "
+            )
+            if smallest_ms > target_ms:
                 raise EdgepruneError(
                     f"budget {budget_ms:.4g} ms is out of reach on {device.name}: the smallest plan this search space "
                     f"reaches measures {smallest_ms:.4g} ms there, over the budget less its {cfg.margin:.0%} margin "
                     f"({target_ms:.4g} ms); {problem.widen_hint()}"
-                    if smallest_ms > target_ms
-                    else f"the table rates the smallest plan of the space ({smallest_cost:.4g} {unit}) as slow as the "
+                )
+            if smallest_cost >= dense_cost:
+                raise EdgepruneError(
+                    f"the table rates the smallest plan of the space ({smallest_cost:.4g} {unit}) as slow as the "
                     f"dense model ({dense_cost:.4g}), but it measures {smallest_ms:.4g} ms against {dense_ms:.4g}: the "
                     f"table's calibration is unusable; refit it when {device.name} is quiet: {refit}"
                 )
-            mapped = smallest_cost + (target_ms - smallest_ms) * (dense_cost - smallest_cost) / (dense_ms - smallest_ms)
+            mapped = _cost_at(target_ms, (smallest_cost, smallest_ms), (dense_cost, dense_ms))
             budget = max(smallest_cost, 0.995 * mapped)
             log(
                 f"the smallest plan measures {smallest_ms:.4g} ms on {device.name}, within the {target_ms:.4g} ms "
@@ -495,21 +507,16 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
                 continue
             if stage >= cfg.max_rounds or not measured:
                 break
-            smallest = smallest_cost
             # bracket the budget from below once (the key changed when this measurement began to be
             # referred to the dense model: a run resumed from before measures it again)
-            if store.get("smallest_plan_ms") is None:
-                log(f"measuring the smallest plan of the space on {device.name} ...")
-                raw, beside, refer = referred([smallest_counts])
-                log_referral(beside, refer, "the smallest plan")
-                store.set("smallest_plan_ms", raw[0]["median_ms"] * refer)
-            if store.get("smallest_plan_ms") > target_ms:
+            smallest_ms = smallest_plan_ms("")
+            if smallest_ms > target_ms:
                 log(
-                    f"even the smallest plan of the space measures {store.get('smallest_plan_ms'):.4g} ms on "
+                    f"even the smallest plan of the space measures {smallest_ms:.4g} ms on "
                     f"{device.name}, over the {target_ms:.4g} ms target (budget less the margin)"
                 )
                 break
-            points = [(dense_cost, dense_ms), (float(smallest), store.get("smallest_plan_ms"))]
+            points = [(dense_cost, dense_ms), (smallest_cost, smallest_ms)]
             points += [(by_counts[k]["cost"], m["measured_ms"]) for k, m in measured.items() if k in by_counts]
             per_round: dict[int, tuple[float, float]] = {}  # each round's most favourable candidate
             for k, m in measured.items():
@@ -520,7 +527,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
                         per_round[m["round"]] = c
             rounds = [per_round[r] for r in sorted(per_round)]
             new_budget = _tightened(problem.budget, target_ms, points, rounds)
-            new_budget = max(new_budget, float(smallest))
+            new_budget = max(new_budget, smallest_cost)
             if new_budget >= problem.budget:
                 break  # already at the smallest plan the space allows
             log(
