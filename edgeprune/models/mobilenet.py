@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.mobilenetv2 import InvertedResidual
 
 
 def _conv_bn(inp: int, oup: int, kernel: int, stride: int, groups: int = 1, act: type = nn.ReLU6):
@@ -47,6 +46,8 @@ class MobileNetV2Cifar(nn.Module):
     CFG = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, dropout: float = 0.2) -> None:
+        from torchvision.models.mobilenetv2 import InvertedResidual  # here: torchvision takes ~2 s to import
+
         super().__init__()
         c = 32
         layers: list[nn.Module] = [_conv_bn(in_channels, c, 3, 1)]
