@@ -23,8 +23,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+# not wrapped: a path or a command in a log stays whole, ready to copy (a terminal wraps it for the eye)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _threads(threads: int | None) -> None:
@@ -125,10 +126,10 @@ def devices(json_out: Annotated[bool, typer.Option("--json", help="Print as JSON
         _print_json({"profiles": rows, "runtimes_here": runtimes})
         return
     table = Table(title="device profiles")
-    for col in ("name", "backend", "options", "agent", "usable here"):
-        table.add_column(col)
+    for col in ("name", "backend", "options", "agent", "usable here"):  # names whole; options, agents folded
+        table.add_column(col, no_wrap=col not in ("options", "agent"), overflow="fold")
     for r in rows:
-        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
+        opts = "\n".join(f"{k}={v}" for k, v in r["options"].items())
         table.add_row(r["name"], r["backend"], opts, r["agent"] or "-", r["usable"])
     out.print(table)
     out.print("runtimes here: " + ", ".join(f"{n} {'yes' if ok else 'no'}" for n, ok in runtimes.items()))
@@ -623,10 +624,11 @@ def run(
     t.add_row("pruned", f"{s['pruned_test_accuracy']:.2%}", f"{s['measured_ms']:.4g}", f"{s['speedup']:.2f}x")
     out.print(t)
     verdict = "[green]within[/green]" if s["meets_budget"] else "[red]OVER[/red]"
-    out.print(
-        f"measured {s['measured_ms']:.4g} ms: {verdict} the {s['budget_ms']:.4g} ms budget; predicted "
-        f"{s['predicted_ms']:.4g} ms ({s['prediction_error_pct']:+.1f} % error)"
-    )
+    predicted = ""  # none where the search's constraint was FLOPs
+    if s["predicted_ms"] is not None:
+        carried = ", carried to the dense model as it measures now" if s["prediction_carried"] else ""
+        predicted = f"; predicted {s['predicted_ms']:.4g} ms ({s['prediction_error_pct']:+.1f} % error{carried})"
+    out.print(f"measured {s['measured_ms']:.4g} ms: {verdict} the {s['budget_ms']:.4g} ms budget{predicted}")
     out.print(f"ONNX: {s['onnx']}\nreport: {s['report']}\n({s['seconds']:.0f} s)")
 
 
@@ -655,7 +657,7 @@ def agent_serve(
         cache=cache,
         max_mb=max_mb,
         job_timeout_s=job_timeout,
-        log=lambda s: out.print(s, highlight=False, soft_wrap=True),
+        log=lambda s: out.print(s, highlight=False),
     )
 
 
@@ -663,7 +665,7 @@ def main() -> None:
     try:
         app()
     except EdgepruneError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {e}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")

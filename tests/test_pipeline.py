@@ -87,6 +87,33 @@ def test_run_chains_every_stage(pipeline_run):
     from edgeprune.pruning.sparse import weight_count
 
     assert sp["nonzero_weights"] == weight_count(params) and sp["measured"]["median_ms"] > 0
+    # the search's prediction is carried to the dense model as it measures now: its error is the table's
+    res = json.loads((run / "results.json").read_text())
+    now, then = v["dense_measured"]["median_ms"], res["dense"]["measured_ms"]
+    assert v["predicted_at_search_ms"] == res["chosen"]["predicted_ms"] and v["dense_at_search_ms"] == then
+    assert v["predicted_ms"] == pytest.approx(res["chosen"]["predicted_ms"] * now / then)
+    measured = v["measured"]["median_ms"]
+    assert v["prediction_error_pct"] == pytest.approx((v["predicted_ms"] - measured) / measured * 100)
+    assert s["predicted_ms"] == v["predicted_ms"] and s["prediction_carried"] == (now != then)
+
+
+def test_the_validation_table_gives_the_search_s_prediction_where_the_device_drifted():
+    from edgeprune.report.report import validation_rows
+
+    def ms(v):
+        return {"median_ms": v, "extra": {}}
+
+    val = {"budget_ms": 1.2, "measured": ms(1.0), "meets_budget": True, "predicted_ms": 1.1,
+           "prediction_error_pct": 10.0, "predicted_at_search_ms": 1.0, "dense_at_search_ms": 2.0,
+           "prediction_error_at_search_pct": 0.0, "dense_measured": ms(2.2), "speedup": 2.2,
+           "test_accuracy": 0.9, "dense_test_accuracy": 0.91, "accuracy_delta_points": -1.0, "claim": None,
+           "unstructured_sparse": None}  # fmt: skip
+    row = next(r for r in validation_rows(val) if r[0] == "predicted by the table")
+    assert row[1] == "1.1 ms" and row[2] == (
+        "error +10.0 % (1 ms at the search, error +0.0 %; the dense model measured 2 ms then, 2.2 ms now)"
+    )
+    steady = {**val, "predicted_ms": 1.0, "prediction_error_pct": 0.0, "dense_measured": ms(2.0)}
+    assert next(r for r in validation_rows(steady) if r[0] == "predicted by the table")[2] == "error +0.0 %"
 
 
 def test_exports_pass_parity_in_both_runtimes(pipeline_run):
@@ -185,9 +212,11 @@ def test_run_resumes_after_a_stage_is_interrupted(tiny_run, tmp_path, cli):
     assert state["stages"] == {"profile": "done", "prune": "done"}
     searched = json.loads((tmp_path / "run" / "results.json").read_text())
     assert searched["evals"] >= 6  # more when a budget tightening round ran
-    r = cli("run", str(tmp_path / "c.yaml"), "--json")
+    r = cli("run", str(tmp_path / "c.yaml"))
     assert r.returncode == 0, r.stderr
-    assert "[prune] done before: skipped" in r.stderr
+    assert "[prune] done before: skipped" in r.stdout
+    said = " ".join(r.stdout.split())  # the summary a user reads
+    assert "% error" in said and f"ONNX: {tmp_path / 'export' / 'model.onnx'}" in said, said
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == searched  # not searched again
     fine = json.loads((tmp_path / "run" / "finetune.json").read_text())
     assert len(fine["history"]) == 9 and not resume_file.exists()

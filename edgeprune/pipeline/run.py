@@ -226,6 +226,8 @@ def _summary(run: Path, seconds: float) -> dict:
         "meets_budget": val["meets_budget"] if val else None,
         "predicted_ms": val["predicted_ms"] if val else None,
         "prediction_error_pct": val["prediction_error_pct"] if val else None,
+        # the search's prediction, carried by the dense model's ratio now / then (validate.py)
+        "prediction_carried": bool(val and val["predicted_ms"] != val.get("predicted_at_search_ms")),
         "speedup": val["speedup"] if val else None,
         "onnx": manifest["formats"]["onnx"]["path"] if manifest else None,
         "report": str(run / "report.html"),
