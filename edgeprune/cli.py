@@ -592,6 +592,7 @@ def validate_cmd(
     for row in validation_rows(v):
         t.add_row(*row)
     out.print(t)
+    out.print(f"report: {v['report']}")
     if not v["meets_budget"]:
         raise typer.Exit(1)
 

@@ -84,6 +84,14 @@ def test_bad_pipeline_config(cli, tmp_path):
     assert "unknown config section(s) ['prunning']" in _one_line_error(cli("run", str(tmp_path / "c.yaml")))
     (tmp_path / "d.yaml").write_text("weights: [unclosed\n")
     assert "not valid YAML" in _one_line_error(cli("run", str(tmp_path / "d.yaml")))
+    # a misspelt setting of a late stage is refused before the first stage starts, not minutes later
+    (tmp_path / "e.yaml").write_text(
+        f"weights: zoo:resnet20-fashion-mnist\ndevice: cpu-onnxruntime\nout: {tmp_path / 'run'}\n"
+        "finetune: {epochs: 1}\nvalidate: {claim: 3.87}\n"
+    )
+    said = _one_line_error(cli("run", str(tmp_path / "e.yaml")))
+    assert "unknown validate setting(s) ['claim'] in the config; known: claim_speedup, device" in said
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_cli_json(cli, tmp_path):

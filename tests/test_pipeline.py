@@ -162,6 +162,8 @@ def test_validation_flags_a_model_over_budget(pipeline_run, cli):
     r = cli("validate", str(run), "--no-sparse", "--json")
     assert r.returncode == 1 and json.loads(r.stdout)["meets_budget"] is False
     v = json.loads(r.stdout)  # the shipped and dense models measured in turn, 15 rounds or more; the quietest counts
+    # validation run by hand ends with the run's report rewritten with it
+    assert v["report"] == str(run / "report.html") and "The shipped model MISSES" in (run / "report.md").read_text()
     assert v["repeats"] >= 15
     for m in (v["measured"], v["dense_measured"]):
         assert len(m["extra"]["rounds_ms"]) == v["repeats"] and m["median_ms"] == min(m["extra"]["rounds_ms"])

@@ -21,6 +21,7 @@ A config (YAML; every key but `weights` and `device` optional):
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from pathlib import Path
@@ -64,10 +65,38 @@ def check_config(cfg: dict) -> dict:
     missing = [k for k in ("weights", "device") if not cfg.get(k)]
     if missing:
         raise EdgepruneError(f"the config needs {' and '.join(missing)}")
+    known = stage_settings()
     for stage in STAGES:
         if cfg.get(stage) is not None and not isinstance(cfg[stage], dict):
             raise EdgepruneError(f"config section {stage!r} must be a mapping, got {cfg[stage]!r}")
+        unknown = set(cfg.get(stage) or {}) - known[stage]
+        if unknown:  # here, not minutes later when the stage starts
+            raise EdgepruneError(
+                f"unknown {stage} setting(s) {sorted(unknown)} in the config; known: {', '.join(sorted(known[stage]))}"
+            )
     return cfg
+
+
+def stage_settings() -> dict[str, set[str]]:
+    """What each config section may set: the keyword arguments of its stage's function (those
+    the pipeline sets itself left out)."""
+    from edgeprune.pipeline.export import export_run
+    from edgeprune.pipeline.finetune import finetune
+    from edgeprune.pipeline.prune import PruneConfig
+    from edgeprune.pipeline.validate import validate
+
+    def keywords(fn, *own: str) -> set[str]:
+        params = inspect.signature(fn).parameters.values()
+        return {p.name for p in params if p.kind is p.KEYWORD_ONLY} - {"progress", "log", *own}
+
+    return {
+        "profile": {"step", "calibrate"},
+        "prune": PruneConfig.names() - {"weights", "device", "table", "data", "data_root"},
+        "finetune": keywords(finetune),
+        "export": keywords(export_run),
+        "validate": keywords(validate, "report"),
+        "report": set(),
+    }
 
 
 def run_pipeline(
@@ -82,7 +111,7 @@ def run_pipeline(
     from edgeprune.devices import Device
     from edgeprune.pipeline.export import export_run
     from edgeprune.pipeline.finetune import finetune
-    from edgeprune.pipeline.prune import PruneConfig, prune
+    from edgeprune.pipeline.prune import prune
     from edgeprune.pipeline.validate import validate
     from edgeprune.report import write_report
     from edgeprune.runs import RunStore
@@ -105,9 +134,6 @@ def run_pipeline(
     state["config"] = cfg
     table = Path(cfg.get("table") or Path("latency_tables") / device.name / f"{ckpt.model}.json")
     prune_settings = dict(cfg.get("prune") or {})
-    unknown = set(prune_settings) - PruneConfig.names()
-    if unknown:
-        raise EdgepruneError(f"unknown prune setting(s) {sorted(unknown)} in the config")
     started = time.monotonic()
 
     def stage(name: str, fn) -> None:
@@ -169,6 +195,7 @@ def run_pipeline(
         validate(
             run,
             device=(cfg.get("validate") or {}).get("device"),
+            report=False,  # the report stage writes it
             log=log,
             **{k: v for k, v in (cfg.get("validate") or {}).items() if k != "device"},
         )

@@ -35,11 +35,13 @@ def validate(
     claim_speedup: float | None = None,
     sparse: bool = True,
     repeats: int | None = None,
+    report: bool = True,
     log=print,
 ) -> dict:
     """Measure the shipped model beside its dense parent (and an unstructured-sparse one), in turn,
     `repeats` rounds (default: at least 15, spanning 15 x the protocol's min_s; see
-    edgeprune/latency/interleave.py), and write RUN/validation.json."""
+    edgeprune/latency/interleave.py), and write RUN/validation.json; `report`: then (re)write the
+    run's report.md and report.html with it (the stages run by hand end with a report too)."""
     from edgeprune.checkpoint import load_checkpoint
     from edgeprune.devices import Device
     from edgeprune.export import export_onnx, simplify_and_check
@@ -111,7 +113,7 @@ def validate(
     fmt = "openvino" if shipped.suffix == ".xml" else "onnx"
     acc = manifest["accuracy"].get(f"{fmt}_test", manifest["accuracy"]["pytorch_test"])
     dense_acc = dense_ckpt.meta.get("test_accuracy")
-    report = {
+    result = {
         "run_dir": str(run),
         "device": dev.name,
         "fingerprint": dev.fingerprint(),
@@ -139,11 +141,17 @@ def validate(
         "seconds": round(time.monotonic() - started, 1),
     }
     if claim_speedup is not None:
-        report["claim"] = {
+        result["claim"] = {
             "claimed_speedup": claim_speedup,
-            "measured_speedup": report["speedup"],
-            "share_of_claim": report["speedup"] / claim_speedup,
-            "holds": report["speedup"] >= claim_speedup,
+            "measured_speedup": result["speedup"],
+            "share_of_claim": result["speedup"] / claim_speedup,
+            "holds": result["speedup"] >= claim_speedup,
         }
-    write_json(run / "validation.json", report)
-    return report
+    if report:
+        result["report"] = str(run / "report.html")
+    write_json(run / "validation.json", result)
+    if report:
+        from edgeprune.report import write_report
+
+        write_report(run)
+    return result
