@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from edgeprune.errors import EdgepruneError, choices_error
-from edgeprune.training.progress import progress_bar
+from edgeprune.progress import progress_bar
 
 FORMATS = ("onnx", "openvino", "tensorrt")
 

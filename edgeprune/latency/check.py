@@ -20,7 +20,7 @@ from edgeprune.latency.interleave import ROUNDS, measure_interleaved
 from edgeprune.latency.layers import ModelLayers
 from edgeprune.latency.predictor import Predictor, anchor_scale, error_stats
 from edgeprune.latency.table import LatencyTable
-from edgeprune.training.progress import progress_bar
+from edgeprune.progress import progress_bar
 
 
 def predictor_for(model: nn.Module, input_shape, table: LatencyTable, *, depth: bool = False):

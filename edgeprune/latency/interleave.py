@@ -24,11 +24,13 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.latency.measurement import Measurement, Protocol
+from edgeprune.progress import progress_bar
 
 STATISTICS = ("quietest", "median")
 ROUNDS = 15  # windows per whole model: ~0.2 s each, so a comparison of 3 models spans ~10 s
@@ -137,6 +139,21 @@ def measure_interleaved(
             )
         )
     return chosen
+
+
+@contextmanager
+def rounds_progress(description: str, n: int, *, rounds: int = ROUNDS, enabled: bool = True) -> Iterator:
+    """A progress display (a bar, or periodic lines in a log) of the rounds a comparison of N models
+    takes; yields the `on_result` to give measure_interleaved. `rounds`: those it takes at least
+    (a comparison may measure on past them: the count then grows with it)."""
+    with progress_bar(enabled=enabled) as bar:
+        task = bar.add_task(description, total=rounds, status="rounds")
+
+        def on_result(j: int, m: Measurement) -> None:
+            done = (j + 1) // n
+            bar.update(task, completed=done, total=max(done, rounds))
+
+        yield on_result
 
 
 NOISY = 0.05  # rounds that disagree by more than this are shown beside the figure

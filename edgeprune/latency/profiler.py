@@ -27,7 +27,7 @@ from edgeprune.latency.layers import LayerConfig, ModelLayers, unit_model
 from edgeprune.latency.measurement import Measurement, Protocol
 from edgeprune.latency.predictor import Predictor
 from edgeprune.latency.table import LatencyTable, calibration_key, fingerprint_diff
-from edgeprune.training.progress import progress_bar
+from edgeprune.progress import progress_bar
 
 # Single units are fast and many: a lighter protocol than whole models (stored in the table).
 UNIT_PROTOCOL = Protocol(

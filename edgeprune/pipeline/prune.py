@@ -244,7 +244,13 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
     dense_ms = store.get("dense_ms")
     with tempfile.TemporaryDirectory(prefix="edgeprune-prune-") as tmp:
         from edgeprune.export import export_onnx
-        from edgeprune.latency.interleave import PRUNED_OVER, ROUNDS, measure_interleaved, noise_warning
+        from edgeprune.latency.interleave import (
+            PRUNED_OVER,
+            ROUNDS,
+            measure_interleaved,
+            noise_warning,
+            rounds_progress,
+        )
 
         def measure(plans: list, settle: float | None = None) -> list[dict]:
             """PLANS exported and measured in turn, each keeping its quietest window (interleave.py);
@@ -255,7 +261,10 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
                 pruned = s.plan([int(c) for c in counts], criterion=cfg.criterion).apply(model)
                 items.append((export_onnx(pruned, shape, Path(tmp) / f"m{i}.onnx"), shape))
             beside = {"settle": (0, settle), "pruned": (0, range(1, len(items)))} if settle else {}
-            return [m.to_dict() for m in measure_interleaved(device, items, **beside)]
+            with rounds_progress(
+                f"measuring {len(items)} models on {device.name}", len(items), enabled=progress
+            ) as shown:
+                return [m.to_dict() for m in measure_interleaved(device, items, on_result=shown, **beside)]
 
         def referred(plans: list) -> tuple[list[dict], list[float], float]:
             """Measure PLANS; for a budget that is a share of dense, beside the dense model.

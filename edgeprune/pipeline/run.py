@@ -94,7 +94,7 @@ def stage_settings() -> dict[str, set[str]]:
         "prune": PruneConfig.names() - {"weights", "device", "table", "data", "data_root"},
         "finetune": keywords(finetune),
         "export": keywords(export_run),
-        "validate": keywords(validate, "report"),
+        "validate": keywords(validate, "report"),  # progress and log: the pipeline's
         "report": set(),
     }
 
@@ -196,6 +196,7 @@ def run_pipeline(
             run,
             device=(cfg.get("validate") or {}).get("device"),
             report=False,  # the report stage writes it
+            progress=progress,
             log=log,
             **{k: v for k, v in (cfg.get("validate") or {}).items() if k != "device"},
         )

@@ -36,6 +36,7 @@ def validate(
     sparse: bool = True,
     repeats: int | None = None,
     report: bool = True,
+    progress: bool = True,
     log=print,
 ) -> dict:
     """Measure the shipped model beside its dense parent (and an unstructured-sparse one), in turn,
@@ -45,7 +46,7 @@ def validate(
     from edgeprune.checkpoint import load_checkpoint
     from edgeprune.devices import Device
     from edgeprune.export import export_onnx, simplify_and_check
-    from edgeprune.latency.interleave import ROUNDS, measure_interleaved, noise_warning
+    from edgeprune.latency.interleave import ROUNDS, measure_interleaved, noise_warning, rounds_progress
     from edgeprune.pruning.sparse import magnitude_sparsify, weight_count
     from edgeprune.zoo import resolve_weights
 
@@ -82,7 +83,9 @@ def validate(
         log(f"measuring {len(items)} models in turn, in short windows, {rounds} ...")
         # the shipped model measuring slower than its dense parent is measured on (a slow phase
         # that spared the dense model's windows) before it is believed
-        measured_all = measure_interleaved(dev, items, repeats=repeats, pruned=(1, [0]))
+        shown = rounds_progress(f"measuring on {dev.name}", len(items), rounds=repeats or ROUNDS, enabled=progress)
+        with shown as on_result:
+            measured_all = measure_interleaved(dev, items, repeats=repeats, pruned=(1, [0]), on_result=on_result)
         m_pruned, m_dense = measured_all[:2]
         for label, m in zip(("shipped", "dense", "sparse"), measured_all):
             if warning := noise_warning(label, m.extra["rounds_ms"]):

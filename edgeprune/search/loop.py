@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from edgeprune.progress import progress_bar
 from edgeprune.runs import RunStore
 from edgeprune.search.base import Evaluation, Searcher
 from edgeprune.search.problem import BudgetProblem
-from edgeprune.training.progress import progress_bar
 
 MAX_IDLE_PROPOSALS = 50  # proposals in a row that find no new plan: the space near the budget is exhausted
 

@@ -21,8 +21,8 @@ from edgeprune.checkpoint import Checkpoint, atomic_torch_save, save_checkpoint
 from edgeprune.data import Dataset, load_dataset
 from edgeprune.errors import EdgepruneError
 from edgeprune.models import build_model
+from edgeprune.progress import progress_bar
 from edgeprune.training.evaluate import accuracy
-from edgeprune.training.progress import progress_bar
 
 
 @dataclass(frozen=True)
