@@ -255,7 +255,7 @@ def _summary(run: Path, seconds: float) -> dict:
         "predicted_ms": val["predicted_ms"] if val else None,
         "prediction_error_pct": val["prediction_error_pct"] if val else None,
         # the search's prediction, carried by the dense model's ratio now / then (validate.py)
-        "prediction_carried": bool(val and val["predicted_ms"] != val.get("predicted_at_search_ms")),
+        "prediction_carried": bool(val) and val.get("predicted_at_search_ms") not in (None, val["predicted_ms"]),
         "speedup": val["speedup"] if val else None,
         "onnx": manifest["formats"]["onnx"]["path"] if manifest else None,
         "report": str(run / "report.html"),

@@ -107,7 +107,7 @@ def validate(
         budget = float(share[:-1]) / 100 * m_dense.median_ms
     # the search's prediction was carried to the device by the dense model measured then (prune's
     # anchor); carried on to the dense model measured now, its error is the table's own, not the
-    # device's drift since the search (this host: ~10 % between a search and its validation)
+    # device's drift since the search (this host: dense 6-9 % off between a search and its validation)
     predicted_then = results["chosen"].get("predicted_ms")
     dense_then = results.get("dense", {}).get("measured_ms")
     carried = m_dense.median_ms / dense_then if dense_then else 1.0

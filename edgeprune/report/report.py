@@ -162,7 +162,8 @@ def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
     val = _load(run / "validation.json")
     doc = _Doc()
     model = results["model"] if results else config.get("weights", "?")
-    doc.heading(f"edgeprune run: {model} on {config.get('device', '?')}", 1)
+    device = results["device"] if results else config.get("device", "?")  # the profile's name, not its path
+    doc.heading(f"edgeprune run: {model} on {device}", 1)
     if val:
         verdict = "meets" if val["meets_budget"] else "MISSES"
         doc.para(
