@@ -315,7 +315,8 @@ def test_measured_check_tightens_an_optimistic_prediction(tiny_run, tmp_path, mo
     }
     # the resumed run measures round 0's candidates again; a slow phase of this host that moves their
     # ratio to dense (fresh-clone CI: dense 26 % slower than at the profile) can let one meet the budget
-    # there, and then nothing is tightened: where that happens a new run is started, twice at most
+    # there, and then nothing is tightened (another fresh-clone CI: a second round with no tightening,
+    # so a loosening one: they met it by over 5 %): where that happens a new run is started, twice at most
     for attempt in range(3):
         run = tmp_path / f"run{attempt}"
         # no tightening allowed: the candidates (~93 % of dense on the device) miss, and the run says so
@@ -326,11 +327,11 @@ def test_measured_check_tightens_an_optimistic_prediction(tiny_run, tmp_path, mo
         # resumed with tightening allowed: the budget is tightened from the measurements until a plan fits
         lines.clear()
         res = prune(run, max_rounds=8, resume=True, log=lines.append, **common)
-        if not (res["rounds"] == 1 and res["met_budget"]):
+        if any("no candidate met" in line for line in lines) or not res["met_budget"]:
             break
+    assert any("no candidate met" in line for line in lines), "\n".join(lines)
     assert res["rounds"] >= 2 and res["search_budget"] < res["budget_ms"], "\n".join(lines)
     assert res["met_budget"] and res["chosen"]["measured_ms"] <= res["budget_ms"], "\n".join(lines)
-    assert any("no candidate met" in line for line in lines)
 
 
 def test_measured_check_loosens_a_pessimistic_prediction(tiny_run, tmp_path, monkeypatch):
