@@ -16,11 +16,10 @@ import torch
 from torch import nn
 
 from edgeprune.devices import Device
-from edgeprune.latency.interleave import ROUNDS, measure_interleaved
+from edgeprune.latency.interleave import measure_interleaved, rounds_progress
 from edgeprune.latency.layers import ModelLayers
 from edgeprune.latency.predictor import Predictor, anchor_scale, error_stats
 from edgeprune.latency.table import LatencyTable
-from edgeprune.progress import progress_bar
 
 
 def predictor_for(model: nn.Module, input_shape, table: LatencyTable, *, depth: bool = False):
@@ -51,13 +50,13 @@ def check_predictor(
     dense_predicted = predictor.predict()
     rng = np.random.default_rng(seed)
     plans = [random_counts(s, rng, mode=mode) for _ in range(n)]
-    with tempfile.TemporaryDirectory() as d, progress_bar(enabled=progress) as bar:
+    with tempfile.TemporaryDirectory() as d:
         # the dense model (the anchor: dense *now*) and the plans in turn, each its quietest window
         items = [(export_onnx(model, input_shape, Path(d) / "dense.onnx"), input_shape)]
         for i, counts in enumerate(plans):
             items.append((export_onnx(s.plan(counts).apply(model), input_shape, Path(d) / f"p{i}.onnx"), input_shape))
-        task = bar.add_task(f"check on {device.name}", total=len(items) * ROUNDS, status="")
-        dense, *ms = measure_interleaved(device, items, on_result=lambda j, m: bar.update(task, advance=1))
+        with rounds_progress(f"check on {device.name}", len(items), enabled=progress) as shown:
+            dense, *ms = measure_interleaved(device, items, on_result=shown)
     dense_ms = dense.median_ms
     rows = [
         {

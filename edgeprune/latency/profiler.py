@@ -22,7 +22,7 @@ from torch import nn
 
 from edgeprune.devices import Device
 from edgeprune.errors import EdgepruneError
-from edgeprune.latency.interleave import ROUNDS, measure_interleaved
+from edgeprune.latency.interleave import ROUNDS, measure_interleaved, rounds_progress
 from edgeprune.latency.layers import LayerConfig, ModelLayers, unit_model
 from edgeprune.latency.measurement import Measurement, Protocol
 from edgeprune.latency.predictor import Predictor
@@ -237,16 +237,16 @@ def profile(
     plans = [s.full_counts()] + [random_counts(s, rng, mode="near-uniform") for _ in range(calibrate)]
     predictor = Predictor(layers, table)
     todo = [counts for counts in plans if calibration_key(counts) not in points]
-    with progress_bar(enabled=progress) as bar, tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d:
         # in turn, the quietest of many short windows each: the line is fitted across plans, so a
         # slow phase that caught some of them and not the others would bend it
-        task = bar.add_task("calibrate on whole models", total=len(todo) * ROUNDS, status="")
         paths = [
             (export_onnx(s.plan(counts).apply(model), input_shape, Path(d) / f"m{i}.onnx"), input_shape)
             for i, counts in enumerate(todo)
         ]
         if paths:
-            measured = measure_interleaved(device, paths, on_result=lambda j, m: bar.update(task, advance=1))
+            with rounds_progress("calibrate on whole models", len(paths), enabled=progress) as shown:
+                measured = measure_interleaved(device, paths, on_result=shown)
             for counts, m in zip(todo, measured):
                 points[calibration_key(counts)] = {"sum_ms": predictor.unit_sum(counts), "measured_ms": m.median_ms}
             table.save(out)

@@ -83,9 +83,10 @@ def validate(
         log(f"measuring {len(items)} models in turn, in short windows, {rounds} ...")
         # the shipped model measuring slower than its dense parent is measured on (a slow phase
         # that spared the dense model's windows) before it is believed
-        shown = rounds_progress(f"measuring on {dev.name}", len(items), rounds=repeats or ROUNDS, enabled=progress)
-        with shown as on_result:
-            measured_all = measure_interleaved(dev, items, repeats=repeats, pruned=(1, [0]), on_result=on_result)
+        with rounds_progress(
+            f"measuring on {dev.name}", len(items), rounds=repeats or ROUNDS, enabled=progress
+        ) as shown:
+            measured_all = measure_interleaved(dev, items, repeats=repeats, pruned=(1, [0]), on_result=shown)
         m_pruned, m_dense = measured_all[:2]
         for label, m in zip(("shipped", "dense", "sparse"), measured_all):
             if warning := noise_warning(label, m.extra["rounds_ms"]):
