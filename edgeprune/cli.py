@@ -575,8 +575,8 @@ def validate_cmd(
 ) -> None:
     """Measure the shipped model and its dense parent on the device: budget, prediction, speedup, accuracy.
 
-    Rewrites the run's report.md / report.html with the result. Exits with status 1 when the shipped
-    model is over the budget (for scripts and CI)."""
+    Rewrites the run's report.md / report.html with the result.
+    Exits with status 1 when the shipped model is over the budget (for scripts and CI)."""
     from edgeprune.pipeline import validate
 
     v = validate(
