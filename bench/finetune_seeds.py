@@ -8,7 +8,10 @@ that recipe and seed (ship.py finetunes with seed 0), its own finetune is kept i
 gives each run's test accuracy per seed, mean and standard deviation, and each run's mean minus
 the first run's. The copies are separate processes, so a GPU host can finetune them all at once
 (--jobs; --train-device cuda). --first-seed adds seeds to a study done elsewhere (e.g. seed 0 on a
-GPU host).
+GPU host). Jobs start seed by seed (every run's first seed, then every run's second, ...), so a
+study cut short still has each run at its first seeds. --stop-after S (a leased machine's time
+limit) interrupts the finetunes still running after S seconds: each saves its position, and the
+same command resumes them; the table then lists the seeds finished so far.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -54,6 +58,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--train-device", default="cpu")
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--stop-after", type=float, default=None, help="seconds; interrupt what still runs then")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-seeds"))
     ap.add_argument("--one", nargs=2, metavar=("RUN", "SEED"), help=argparse.SUPPRESS)  # a child's job
     args = ap.parse_args()
@@ -74,8 +79,8 @@ def main() -> None:
         raise SystemExit("--seeds must be at least 1 and --first-seed at least 0")
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     jobs = []
-    for run in args.runs:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: a study cut short has every run at its first seeds
+        for run in args.runs:
             copy = args.out / f"{run.name}-s{seed}"
             if (copy / "finetune.json").is_file():
                 continue
@@ -98,29 +103,53 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     procs: list[tuple[Path, subprocess.Popen]] = []
     t0 = time.monotonic()
+
+    def out_of_time() -> bool:
+        return args.stop_after is not None and time.monotonic() - t0 > args.stop_after
+
     for copy, seed in jobs:
-        while sum(p.poll() is None for _, p in procs) >= args.jobs:
+        while sum(p.poll() is None for _, p in procs) >= args.jobs and not out_of_time():
             time.sleep(1)
-        log = open(copy / "finetune.log", "w")  # noqa: SIM115 - the child process owns it
+        if out_of_time():
+            break
+        log = open(copy / "finetune.log", "a")  # noqa: SIM115 - the child process owns it
         cmd = [sys.executable, __file__, *common, "--one", str(copy), str(seed)]
         procs.append((copy, subprocess.Popen(cmd, stdout=log, stderr=log, env=env)))
-    failed = [str(c) for c, p in procs if p.wait() != 0]
+    while any(p.poll() is None for _, p in procs) and not out_of_time():
+        time.sleep(1)
+    stopped = [c for c, p in procs if p.poll() is None]
+    for _, p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)  # fit saves its position on KeyboardInterrupt
+    for _, p in procs:
+        p.wait()
+    failed = [str(c) for c, p in procs if p.returncode != 0 and c not in stopped]
     if failed:
         raise SystemExit(f"finetune failed for {failed}; see their finetune.log")
-    if jobs:
+    left = len(jobs) - (len(procs) - len(stopped))
+    if left:
+        print(
+            f"stopped after {args.stop_after:.0f} s: {left} of {len(jobs)} finetunes not finished "
+            f"({len(stopped)} interrupted, their positions saved); the same command resumes them",
+            flush=True,
+        )
+    if jobs and not left:
         print(f"{len(jobs)} finetunes in {time.monotonic() - t0:.0f} s", flush=True)
     print(f"{'run':<50}" + "".join(f"{'seed ' + str(s):>9}" for s in seeds) + f"{'mean':>9}{'sd':>7}{'vs first':>10}")
     first = None
     for run in args.runs:
-        accs = [
-            json.loads((args.out / f"{run.name}-s{s}" / "finetune.json").read_text())["test_accuracy"] * 100
-            for s in seeds
-        ]
-        mean = statistics.mean(accs)
-        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        first = mean if first is None else first
+        done = [args.out / f"{run.name}-s{s}" / "finetune.json" for s in seeds]
+        accs = [json.loads(f.read_text())["test_accuracy"] * 100 if f.is_file() else None for f in done]
+        have = [a for a in accs if a is not None]
         label = f"{run.parent.name}/{run.name}"
-        print(f"{label:<50}" + "".join(f"{a:>8.2f}%" for a in accs) + f"{mean:>8.2f}%{sd:>7.2f}{mean - first:>+9.2f}p")
+        cells = "".join(f"{a:>8.2f}%" if a is not None else f"{'-':>9}" for a in accs)
+        if not have:
+            print(f"{label:<50}{cells}")
+            continue
+        mean = statistics.mean(have)
+        sd = statistics.stdev(have) if len(have) > 1 else 0.0
+        first = mean if first is None else first
+        print(f"{label:<50}{cells}{mean:>8.2f}%{sd:>7.2f}{mean - first:>+9.2f}p")
     print(f"finetune: {args.epochs} epochs on {args.train_device}, lr {args.lr}; accuracy = test split (PyTorch)")
 
 

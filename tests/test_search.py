@@ -316,7 +316,10 @@ def test_measured_check_tightens_an_optimistic_prediction(tiny_run, tmp_path, mo
     # the resumed run measures round 0's candidates again; a slow phase of this host that moves their
     # ratio to dense (fresh-clone CI: dense 26 % slower than at the profile) can let one meet the budget
     # there, and then nothing is tightened (another fresh-clone CI: a second round with no tightening,
-    # so a loosening one: they met it by over 5 %): where that happens a new run is started, twice at most
+    # so a loosening one: they met it by over 5 %): where that happens a new run is started, twice at most.
+    # The same where the run tightened but a slow phase then put even the smallest plan over the target
+    # (fresh-clone CI: the start's dense 0.319 ms, 0.238 beside the smallest plan, which measured 91 % of
+    # it where it is ~78 %): a run that did not both tighten and meet the budget is not what is tested
     for attempt in range(3):
         run = tmp_path / f"run{attempt}"
         # no tightening allowed: the candidates (~93 % of dense on the device) miss, and the run says so
@@ -327,7 +330,7 @@ def test_measured_check_tightens_an_optimistic_prediction(tiny_run, tmp_path, mo
         # resumed with tightening allowed: the budget is tightened from the measurements until a plan fits
         lines.clear()
         res = prune(run, max_rounds=8, resume=True, log=lines.append, **common)
-        if any("no candidate met" in line for line in lines) or not res["met_budget"]:
+        if any("no candidate met" in line for line in lines) and res["met_budget"]:
             break
     assert any("no candidate met" in line for line in lines), "\n".join(lines)
     assert res["rounds"] >= 2 and res["search_budget"] < res["budget_ms"], "\n".join(lines)
@@ -480,8 +483,16 @@ def test_short_training_proxy_scores_what_a_few_distilled_steps_recover(tiny_run
 def test_prune_errors_are_one_line(tiny_run, tmp_path, cli):
     r = cli(*prune_args(tiny_run, tmp_path / "a", budget_ms="0.0001"))
     assert r.returncode == 2 and "is out of reach" in r.stderr and "Traceback" not in r.stderr
-    r = cli(*prune_args(tiny_run, tmp_path / "b", budget_ms="150%"))
+    # a table profiled on another device setup: one warning line that says what to do, no Python warning
+    other = json.loads(Path(tiny_run["table"]).read_text())
+    other["fingerprint"]["cpu"] = "another CPU"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    r = cli(*prune_args({**tiny_run, "table": str(tmp_path / "other.json")}, tmp_path / "b", budget_ms="150%"))
     assert r.returncode == 2 and "nothing to prune" in r.stderr
+    warned = [line for line in r.stdout.splitlines() if "profiled on another device setup" in line]
+    assert len(warned) == 1 and "cpu: another CPU !=" in warned[0], r.stdout
+    assert f"edgeprune profile --weights {tiny_run['weights']} --device {tiny_run['device']}" in warned[0]
+    assert "UserWarning" not in r.stdout + r.stderr, r.stderr
     r = cli(*prune_args(tiny_run, tmp_path / "c", budget_ms="50%", search="annealing"))
     assert r.returncode == 2 and "unknown search 'annealing'" in r.stderr
     r = cli(*prune_args(tiny_run, tmp_path / "f", budget_ms="80%"), "--loosen", "5")

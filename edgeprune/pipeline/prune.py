@@ -186,7 +186,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
     from edgeprune.latency.layers import ModelLayers
     from edgeprune.latency.predictor import Predictor, anchor_scale
     from edgeprune.latency.profiler import CALIBRATION_SCATTER
-    from edgeprune.latency.table import LatencyTable
+    from edgeprune.latency.table import LatencyTable, fingerprint_diff
     from edgeprune.pruning import acp_widths, space
     from edgeprune.report import convergence_plot, scatter_plot
     from edgeprune.search import (
@@ -228,7 +228,14 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
     table_path = Path(cfg.table or Path("latency_tables") / device.name / f"{ckpt.model}.json")
     table = None
     if cfg.cost == "latency" or table_path.is_file():
-        table = LatencyTable.load(table_path, fingerprint=device.fingerprint())
+        table = LatencyTable.load(table_path)
+        if other := fingerprint_diff(table.fingerprint, device.fingerprint()):
+            # the measured check holds the search to this device either way; the table only guides it
+            log(
+                f"warning: {table_path} was profiled on another device setup ({other}): its predictions may be "
+                f"off, and the measured check has more to correct; a table of this device predicts better: "
+                f"edgeprune profile --weights {cfg.weights} --device {cfg.device}"
+            )
         if table.model not in (None, ckpt.model) or (table.input_shape and list(table.input_shape) != list(shape)):
             raise EdgepruneError(
                 f"{table_path} was profiled for {table.model} at {table.input_shape}, "
