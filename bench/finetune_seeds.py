@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--train-device", default="cpu")
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads per finetune (default: cores / jobs)")
     ap.add_argument("--stop-after", type=float, default=None, help="seconds; interrupt what still runs then")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-seeds"))
     ap.add_argument("--one", nargs=2, metavar=("RUN", "SEED"), help=argparse.SUPPRESS)  # a child's job
@@ -99,7 +100,7 @@ def main() -> None:
     common = ["--epochs", str(args.epochs), "--lr", str(args.lr), "--train-device", args.train_device]
     # each child gets its share of the cores: 9 children on a 16-core H100 host, each with torch's
     # default thread count, had not finished after 380 s where one alone takes ~115 s
-    threads = str(max(1, (os.cpu_count() or 1) // max(1, min(args.jobs, len(jobs) or 1))))
+    threads = str(args.threads or max(1, (os.cpu_count() or 1) // max(1, min(args.jobs, len(jobs) or 1))))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     procs: list[tuple[Path, subprocess.Popen]] = []
     t0 = time.monotonic()
