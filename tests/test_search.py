@@ -376,7 +376,11 @@ def test_measured_check_loosens_a_pessimistic_prediction(tiny_run, tmp_path, mon
     assert res["loosened"] and res["rounds"] == 2 and res["search_budget"] > first["search_budget"], "\n".join(lines)
     assert any("more evaluations to spend the rest on accuracy" in line for line in lines), lines
     assert res["met_budget"] and res["chosen"]["measured_ms"] <= res["target_ms"], "\n".join(lines)
-    assert res["chosen"]["proxy_accuracy"] >= first["chosen"]["proxy_accuracy"]
+    # a better plan, or one the proxy cannot tell from the first round's that spends more of the budget
+    if any("within the proxy's resolution" in line for line in lines):
+        assert res["chosen"]["measured_ms"] > first["chosen"]["measured_ms"], "\n".join(lines)
+    else:
+        assert res["chosen"]["proxy_accuracy"] >= first["chosen"]["proxy_accuracy"], "\n".join(lines)
     rows = RunStore(run).measurements()
     looser = [m["predicted_ms"] for m in rows if m["round"] == 1]  # nearer the target (as predicted: the
     # measurements of plans this close are at the mercy of the host's phases)
@@ -575,6 +579,31 @@ def test_loosening_interpolates_toward_the_target():
     assert _loosened(0.6, 0.30, [*points, (0.7, 0.34)]) == pytest.approx(0.995 * (0.6 + 0.10 * 0.1 / 0.14))
     assert _loosened(0.73, 0.30, points) is None  # less than 1 % looser: not worth a round
     assert _loosened(0.6, 0.15, points) is None  # nothing measured in
+
+
+def test_after_loosening_a_plan_within_the_proxy_s_resolution_spends_the_budget():
+    """The loosened round's plans compete with the best of many more evaluations. Where the proxy
+    cannot tell the two apart, the looser plan is kept: it has more channels in the same budget.
+    (bench/README: on three loosened runs the earlier plans won by 0.25-1.05 points on 2,000 images;
+    finetuned 30 epochs, the looser plans were +0.22, -0.01 and (resnet56, 21 epochs) +0.37 points.)"""
+    from edgeprune.pipeline.prune import _after_loosening
+    from edgeprune.search.proxy import resolution
+
+    assert resolution(0.5, 10_000) == pytest.approx(0.01)
+    assert resolution(0.818, 2000) == pytest.approx(2 * (0.818 * 0.182 / 2000) ** 0.5)
+    earlier = ({"score": 0.818}, {"round": 0, "measured_ms": 0.219})
+    looser = ({"score": 0.8075}, {"round": 1, "measured_ms": 0.262})
+    worse = ({"score": 0.79}, {"round": 1, "measured_ms": 0.265})
+    lines: list[str] = []
+    assert _after_loosening(earlier, [earlier, worse, looser], 1, 2000, 0.276, lines.append) is looser
+    assert "within the proxy's resolution (1.7% on 2000 held-out images)" in lines[-1]
+    # told apart: 2.8 points is more than the resolution on 2000 images, or 1.05 points on 20000
+    assert _after_loosening(earlier, [earlier, worse], 1, 2000, 0.276, lines.append) is earlier
+    assert "scored lower" in lines[-1]
+    assert _after_loosening(earlier, [earlier, looser], 1, 20_000, 0.276, lines.append) is earlier
+    # nothing of the looser round measured within the target
+    assert _after_loosening(earlier, [earlier], 1, 2000, 0.276, lines.append) is earlier
+    assert "measured over 0.276 ms" in lines[-1]
 
 
 def test_a_table_that_rates_every_plan_over_the_budget_is_held_against_the_device(tiny_run, tmp_path, cli):

@@ -127,6 +127,40 @@ def _tightened(current: float, target_ms: float, points: list[tuple[float, float
     return min(estimate * 0.995, current * 0.99)
 
 
+def _after_loosening(chosen, ok: list, stage: int, images: int, target_ms: float, log) -> tuple:
+    """The plan to keep where an earlier round's plan outscores the looser round's (`ok`: the
+    (evaluation, measurement) pairs within the target; `chosen`: the best scoring, from before).
+
+    The looser round exists to spend the budget left over on accuracy. Where its best plan scores
+    within the proxy's resolution of the earlier one, the proxy cannot tell them apart, and the
+    earlier one is the best of many more evaluations (the luckiest as much as the best); the looser
+    plan keeps more channels within the same budget, and is kept."""
+    from edgeprune.search.proxy import resolution
+
+    looser = [rm for rm in ok if rm[1]["round"] == stage]
+    if not looser:
+        log(
+            f"the looser round's candidates measured over {target_ms:.4g} ms on the device; keeping the "
+            f"round-{chosen[1]['round']} plan ({chosen[1]['measured_ms']:.4g} ms)"
+        )
+        return chosen
+    best = max(looser, key=lambda rm: (rm[0]["score"], -rm[1]["measured_ms"]))
+    gap, within = chosen[0]["score"] - best[0]["score"], resolution(chosen[0]["score"], images)
+    if gap <= within:
+        log(
+            f"the looser round's best plan scores {best[0]['score']:.2%}, within the proxy's resolution "
+            f"({within:.1%} on {images} held-out images) of the round-{chosen[1]['round']} plan's "
+            f"{chosen[0]['score']:.2%}: keeping the looser plan ({best[1]['measured_ms']:.4g} ms against "
+            f"{chosen[1]['measured_ms']:.4g}), which spends more of the budget"
+        )
+        return best
+    log(
+        f"the looser round's candidates scored lower (best {best[0]['score']:.2%}, {gap:.1%} under, more than "
+        f"the proxy's resolution); keeping the round-{chosen[1]['round']} plan ({chosen[1]['measured_ms']:.4g} ms)"
+    )
+    return chosen
+
+
 def _loosened(current: float, target_ms: float, points: list[tuple[float, float]]) -> float | None:
     """A search budget (in cost units) at which plans should measure just under `target_ms`, where
     the measured plans came out well under it; None where that is not at least 1 % looser.
@@ -492,15 +526,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
                 chosen = max(ok, key=lambda rm: (rm[0]["score"], -rm[1]["measured_ms"]))
                 if store.get("loosened_from") is not None:
                     if chosen[1]["round"] < stage:
-                        why = (
-                            "scored lower"
-                            if any(m["round"] == stage for _, m in ok)
-                            else f"measured over {target_ms:.4g} ms on the device"
-                        )
-                        log(
-                            f"the looser round's candidates {why}; keeping the round-{chosen[1]['round']} plan "
-                            f"({chosen[1]['measured_ms']:.4g} ms)"
-                        )
+                        chosen = _after_loosening(chosen, ok, stage, len(evaluator.y), target_ms, log)
                     break
                 slack = 1 - chosen[1]["measured_ms"] / target_ms
                 if cfg.cost != "latency" or cfg.loosen == 0 or slack < cfg.loosen or stage >= cfg.max_rounds:

@@ -14,6 +14,7 @@ its cost. The training batches and the teacher's targets are also drawn once.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -25,6 +26,13 @@ from edgeprune.pruning.space import PrunableSpace
 from edgeprune.training.distill import DistillConfig, distilled, soft_targets
 from edgeprune.training.evaluate import recalibrate_bn_on
 from edgeprune.training.train import Recipe, sgd
+
+
+def resolution(score: float, images: int, *, z: float = 2.0) -> float:
+    """How far apart two proxy scores near `score` must be to be told apart on `images` held-out
+    images: z binomial standard errors. Closer than this, the search cannot say which plan is the
+    more accurate (and the best of many evaluations is the luckiest as much as the best)."""
+    return z * math.sqrt(max(score * (1 - score), 0.0) / max(images, 1))
 
 
 class ProxyEvaluator:
