@@ -66,6 +66,11 @@ def main() -> None:
     if args.one:
         from edgeprune.pipeline import finetune
 
+        # a job started in the background by a script inherits SIGINT ignored (POSIX), and Python then
+        # leaves it so: on the device machine the --stop-after interrupt reached no child, and the
+        # command ran past its time limit. Here an interrupt raises KeyboardInterrupt, whatever the parent
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
         r = finetune(
             args.one[0], epochs=args.epochs, lr=args.lr, seed=int(args.one[1]), device=args.train_device, progress=False
         )
@@ -122,8 +127,13 @@ def main() -> None:
     for _, p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGINT)  # fit saves its position on KeyboardInterrupt
-    for _, p in procs:
-        p.wait()
+    for c, p in procs:
+        try:
+            p.wait(timeout=60)  # saving a position takes a second; a child stuck past this is ended
+        except subprocess.TimeoutExpired:
+            print(f"{c.name}: no answer to the interrupt in 60 s; ended without saving its position", flush=True)
+            p.kill()
+            p.wait()
     failed = [str(c) for c, p in procs if p.returncode != 0 and c not in stopped]
     if failed:
         raise SystemExit(f"finetune failed for {failed}; see their finetune.log")
