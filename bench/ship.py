@@ -20,6 +20,11 @@ epochs) with the same distillation recipe, exported (ONNX, and OpenVINO IR for t
 row), and validated on the device: measured latency (must meet the budget), test accuracy computed
 by the runtime on the exported file.
 
+Seeds: one finetune's seed moves a pruned resnet20 by a few tenths of a point. Where
+bench/finetune_seeds.py has finetuned a row's runs over seeds (its --out, ship.py's --seeds-dir),
+the row gets a second line: each seed's test accuracy, the means, and ours - uniform with one
+standard error.
+
 Claim check: PR-DARTS reports a pruned MobileNetV2 "3.87x faster". For mobilenet_v2 at 224x224
 the structured plan whose *predicted* speedup is 3.87x (one keep ratio for every group) is
 measured, beside a dense-layout model with the same number of nonzero weights (unstructured
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -135,7 +141,7 @@ def stage_report(args) -> None:
     header = (
         f"{'model':<9}{'device':<16}{'budget':>7}{'budget ms':>10} | {'ours ms':>8}{'ours acc':>9} | "
         f"{'unif ms':>8}{'unif acc':>9} | {'dense acc':>9}{'ours drop':>10}{'ours - unif':>12}{'met':>5}"
-        f"{'finetune':>13}"
+        f"{'finetune':>17}"
     )
     print(header)
     print("-" * len(header))
@@ -155,18 +161,23 @@ def stage_report(args) -> None:
         ours, uni = cells["bocr"], cells["uniform"]
         dense = ours["dense_test_accuracy"]
         met = ours["meets_budget"] and uni["meets_budget"]
-        recipes = {_recipe(run_dir(args, model, device, budget, search)) for search in ("bocr", "uniform")}
-        if len(recipes) > 1:
-            raise SystemExit(f"{model} {device} {budget}: ours and uniform were finetuned differently: {recipes}")
+        fines = [_finetune(run_dir(args, model, device, budget, search)) for search in ("bocr", "uniform")]
+        if len({_recipe(f) for f in fines}) > 1:
+            raise SystemExit(
+                f"{model} {device} {budget}: ours and uniform were finetuned differently: {[_recipe(f) for f in fines]}"
+            )
         print(
             f"{model:<9}{device:<16}{budget:>7}{ours['budget_ms']:>10.4f} | "
             f"{ours['measured']['median_ms']:>8.4f}{ours['test_accuracy'] * 100:>8.2f}% | "
             f"{uni['measured']['median_ms']:>8.4f}{uni['test_accuracy'] * 100:>8.2f}% | "
             f"{dense * 100:>8.2f}%{(dense - ours['test_accuracy']) * 100:>9.2f}p"
             f"{(ours['test_accuracy'] - uni['test_accuracy']) * 100:>+11.2f}p{'yes' if met else 'NO':>5}"
-            f"{recipes.pop():>13}",
+            f"{_label(fines):>17}",
             flush=True,
         )
+        line = _seeds_line(args, model, device, budget)
+        if line:
+            print(f"{'':<32}  {line}")
         if (model, device, budget) in DEPTH:
             removed = {
                 search: json.loads((run_dir(args, model, device, budget, search) / "results.json").read_text())[
@@ -186,9 +197,46 @@ def stage_report(args) -> None:
     )
 
 
-def _recipe(out: Path) -> str:
-    fine = json.loads((out / "finetune.json").read_text())
-    return f"{fine['epochs']} ep {fine['device']}"
+def _finetune(out: Path) -> dict:
+    return json.loads((out / "finetune.json").read_text())
+
+
+def _recipe(fine: dict) -> tuple:
+    """What must match for ours and uniform to be compared: the schedule and the distillation, not
+    the seed nor the device that ran it (a finetune resumed on another device is the same recipe)."""
+    recipe = {k: v for k, v in fine["recipe"].items() if k != "seed"}
+    return json.dumps({**recipe, "distillation": fine["distillation"]}, sort_keys=True)
+
+
+def _label(fines: list[dict]) -> str:
+    return f"{fines[0]['epochs']} ep {'/'.join(sorted({f['device'] for f in fines}))}"
+
+
+def _seeds_line(args, model: str, device: str, budget: str) -> str | None:
+    """The row's finetune repeated over seeds (bench/finetune_seeds.py's copies in --seeds-dir):
+    the test accuracy of ours and uniform per seed, their means and the gap, where both have two or
+    more seeds. One finetune's seed moves a pruned resnet20 by a few tenths of a point, as much as
+    the gaps between plans: the means are what a row's verdict rests on."""
+    accs, recipes = {}, set()
+    for search in ("bocr", "uniform"):
+        run = run_dir(args, model, device, budget, search)
+        copies = sorted(Path(args.seeds_dir).glob(f"{run.name}-s[0-9]*"))
+        fines = [_finetune(d) for d in copies if (d / "finetune.json").is_file()]
+        accs[search] = [f["test_accuracy"] * 100 for f in fines]
+        recipes |= {_recipe(f) for f in fines} | {_recipe(_finetune(run))}
+    if min(len(a) for a in accs.values()) < 2:
+        return None
+    if len(recipes) > 1:
+        return f"seeds in {args.seeds_dir}: not the row's finetune recipe ({sorted(recipes)}); left out"
+    mean = {k: statistics.mean(a) for k, a in accs.items()}
+    sd = {k: statistics.stdev(a) for k, a in accs.items()}
+    cells = {k: " ".join(f"{a:.2f}" for a in accs[k]) for k in accs}
+    se = (sum(sd[k] ** 2 / len(accs[k]) for k in accs)) ** 0.5  # of the gap between the two means
+    return (
+        f"seeds (PyTorch test accuracy): ours {cells['bocr']}, mean {mean['bocr']:.2f} sd {sd['bocr']:.2f}; "
+        f"uniform {cells['uniform']}, mean {mean['uniform']:.2f} sd {sd['uniform']:.2f}; "
+        f"ours - uniform {mean['bocr'] - mean['uniform']:+.2f}p ± {se:.2f} (one standard error)"
+    )
 
 
 def claim_check(args) -> None:
@@ -256,6 +304,9 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="run names to finetune (default: all)")
     ap.add_argument("--rows", nargs="*", help="rows to run as MODEL:DEVICE:BUDGET, e.g. resnet20:cpu-openvino:50%%")
     ap.add_argument("--runs", default="runs/bench-ship")
+    ap.add_argument(
+        "--seeds-dir", default="runs/bench-seeds", help="bench/finetune_seeds.py's copies of the runs, one per seed"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--repeats", type=int, default=None, help="rounds of measuring compared models in turn (default: validate's)"

@@ -303,7 +303,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
                 items.append((export_onnx(pruned, shape, Path(tmp) / f"m{i}.onnx"), shape))
             beside = {"settle": (0, settle), "pruned": (0, range(1, len(items)))} if settle else {}
             with rounds_progress(
-                f"measuring {len(items)} models on {device.name}", len(items), enabled=progress
+                f"measuring {len(items)} model{'s' * (len(items) > 1)} on {device.name}", len(items), enabled=progress
             ) as shown:
                 return [m.to_dict() for m in measure_interleaved(device, items, on_result=shown, **beside)]
 
