@@ -107,6 +107,11 @@ def test_run_chains_every_stage(pipeline_run):
     measured = v["measured"]["median_ms"]
     assert v["prediction_error_pct"] == pytest.approx((v["predicted_ms"] - measured) / measured * 100)
     assert s["predicted_ms"] == v["predicted_ms"] and s["prediction_carried"] == (now != then)
+    # the export's manifest carries the validation (it travels without the run directory)
+    m = json.loads((pipeline_run["dir"] / "export" / "manifest.json").read_text())["validation"]
+    assert m["measured_ms"] == v["measured"]["median_ms"] and m["meets_budget"] == v["meets_budget"]
+    assert m["device"] == v["device"] and m["speedup"] == v["speedup"]
+    assert v["accuracy_images"] is None  # the runtime scored the whole test split, as the dense model was
 
 
 def test_the_validation_table_gives_the_search_s_prediction_where_the_device_drifted():
@@ -133,6 +138,7 @@ def test_exports_pass_parity_in_both_runtimes(pipeline_run):
     for fmt in ("onnx", "openvino"):
         p = manifest["formats"][fmt]["parity"]
         assert p["max_rel_diff"] < 1e-4 and p["top1_agreement"] == 1.0, (fmt, p)
+        assert p["passed"] is True and p["failed"] is None and p["tolerance"]["max_rel_diff"] == 1e-3
         assert p["test_accuracy"] == pytest.approx(manifest["accuracy"]["pytorch_test"], abs=0.01)
         for f in manifest["formats"][fmt]["files"]:
             assert len(f["sha256"]) == 64 and f["bytes"] > 0
@@ -190,6 +196,75 @@ def test_validation_flags_a_model_over_budget(pipeline_run, cli):
     assert r.returncode == 1 and "OVER BUDGET" in r.stdout
 
 
+class _ExportsSomethingElse(torch.nn.Module):
+    """A model with an export-time branch: the graph the exporter records is not what PyTorch runs
+    (the way a custom op's symbolic, or code that checks for export, ships a different model)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        y = self.net(x)
+        return y.flip(1) if torch.onnx.is_in_onnx_export() else y
+
+
+def test_an_export_that_computes_something_else_fails_parity(tiny_run, digits16, tmp_path):
+    from edgeprune.export import export_model, parity_failures
+
+    net = load_checkpoint(tiny_run["weights"]).build().eval()
+    said = []
+    artifacts = export_model(
+        _ExportsSomethingElse(net),
+        input_shape=(1, 1, 16, 16),
+        out_dir=tmp_path,
+        formats=["onnx", "openvino"],
+        data=digits16,
+        accuracy_images=50,
+        log=said.append,
+    )
+    for fmt in ("onnx", "openvino"):
+        p = artifacts[fmt]["parity"]
+        assert p["passed"] is False and "logits differ by" in p["failed"] and "top-1 agrees on" in p["failed"], p
+        assert any(line.startswith(f"{fmt}: FAILS parity with PyTorch") for line in said), said
+    assert [f.split(":")[0] for f in parity_failures(artifacts)] == ["onnx", "openvino"]
+    assert (tmp_path / "model.onnx").is_file()  # kept, for a look
+    # the same model without the branch passes
+    good = export_model(net, input_shape=(1, 1, 16, 16), out_dir=tmp_path / "ok", formats=["onnx"], data=digits16,
+                        accuracy_images=50, log=said.append)  # fmt: skip
+    assert good["onnx"]["parity"]["passed"] and not parity_failures(good)
+
+
+def test_validate_through_the_agent(pipeline_run, tiny_run, tmp_path):
+    """The same run validated on a device reached through `edgeprune agent serve` (on loopback)."""
+    from edgeprune.pipeline import validate
+
+    from .test_agent import AgentProcess
+
+    run = pipeline_run["run"]
+    manifest = pipeline_run["dir"] / "export" / "manifest.json"
+    saved = {p: p.read_text() for p in (run / "validation.json", manifest)}
+    # the run's own device profile (its fast protocol), reached through the agent
+    spec = {**yaml.safe_load(open(tiny_run["device"]).read()), "name": "remote-tiny"}
+    agent = AgentProcess(tmp_path).start()
+    try:
+        (tmp_path / "remote.yaml").write_text(
+            yaml.safe_dump({**spec, "agent": agent.url, "token_file": str(agent.token_file)})
+        )
+        v = validate(run, device=str(tmp_path / "remote.yaml"), sparse=False, report=False, progress=False,
+                     log=lambda s: None)  # fmt: skip
+        assert v["device"] == "remote-tiny" and v["fingerprint"]["runtime"] == "onnxruntime"
+        assert v["artifact"].endswith("model.onnx")  # an agent receives the ONNX file
+        assert v["measured"]["median_ms"] > 0 and v["dense_measured"]["median_ms"] > 0
+        assert isinstance(v["meets_budget"], bool) and v["repeats"] >= 15
+        assert any(agent.cache.rglob("*")), "the agent measured nothing"
+        assert json.loads(manifest.read_text())["validation"]["device"] == "remote-tiny"
+    finally:
+        agent.stop()
+        for p, text in saved.items():  # later tests see the run as it was
+            p.write_text(text)
+
+
 @pytest.mark.skipif(TensorRtBackend.available(), reason="TensorRT is installed here")
 def test_tensorrt_export_says_what_is_missing(pipeline_run, cli):
     r = cli("export", str(pipeline_run["run"]), "--format", "onnx,tensorrt", "--out", str(pipeline_run["dir"] / "x"))
@@ -222,6 +297,9 @@ def test_run_resumes_after_a_stage_is_interrupted(tiny_run, tmp_path, cli):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert resume_file.exists(), "finetuning never started"
+    from edgeprune.training import resume_position
+
+    done, batch = resume_position(resume_file)
     state = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert state["stages"] == {"profile": "done", "prune": "done"}
     searched = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -229,6 +307,8 @@ def test_run_resumes_after_a_stage_is_interrupted(tiny_run, tmp_path, cli):
     r = cli("run", str(tmp_path / "c.yaml"))
     assert r.returncode == 0, r.stderr
     assert "[prune] done before: skipped" in r.stdout
+    # the finetune went on from where it was killed, not from the start
+    assert f"resuming where it was interrupted: {done} of 8 epochs done, then {batch} batches" in r.stdout, r.stdout
     said = " ".join(r.stdout.split())  # the summary a user reads
     assert "% error" in said and f"ONNX: {tmp_path / 'export' / 'model.onnx'}" in said, said
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == searched  # not searched again

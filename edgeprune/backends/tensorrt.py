@@ -7,6 +7,7 @@ Runs on an NVIDIA GPU host or a Jetson (usually through `edgeprune agent serve` 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -79,12 +80,22 @@ class TensorRtBackend(Backend):
             raise EdgepruneError(f"TensorRT could not build an engine for {onnx_path}")
         return bytes(engine)
 
-    def session(self, onnx_path: str | os.PathLike, input_shape: tuple[int, ...]):
+    def session(self, path: str | os.PathLike, input_shape: tuple[int, ...]):
+        """run(x) -> logits: an ONNX file is built into an engine here; a serialized engine (`.engine`,
+        what `export` writes) is loaded as it is, so a parity check runs the very file that ships."""
         trt = self._require()
         import torch
 
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engine = runtime.deserialize_cuda_engine(self.build_engine(onnx_path))
+        if str(path).endswith(".engine"):
+            engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+            if engine is None:
+                raise EdgepruneError(
+                    f"TensorRT {trt.__version__} cannot load {path}: an engine runs only on the TensorRT "
+                    "version and GPU model that built it; export it again on this machine"
+                )
+        else:
+            engine = runtime.deserialize_cuda_engine(self.build_engine(path))
         context = engine.create_execution_context()
         device = torch.device("cuda", self.device_index)
         buffers = {}

@@ -1,8 +1,9 @@
 """Export a run's model (finetuned if it was, else as pruned) and write the manifest.
 
 manifest.json lists every file with its hash, the input shape, the plan, the accuracy (PyTorch
-and each runtime's own on the test split) and the latency figures known so far (predicted and
-measured during the search; `validate` adds the full measurement).
+and each runtime's own on the test split), each file's parity with PyTorch, and the latency
+figures known so far (predicted and measured during the search; `validate` adds its measurement
+on the device under "validation"). A file that fails parity fails the export.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def export_run(
     from edgeprune.backends import TensorRtBackend
     from edgeprune.backends.tensorrt import MISSING
     from edgeprune.data import load_dataset
-    from edgeprune.export import export_model, parse_formats
+    from edgeprune.export import export_model, parity_failures, parse_formats
     from edgeprune.training import accuracy
 
     run = Path(run_dir)
@@ -94,5 +95,14 @@ def export_run(
         "seconds": round(time.monotonic() - started, 1),
     }
     write_json(target / "manifest.json", manifest)
+    failed = parity_failures(artifacts)
+    if failed:  # the files and the manifest stay for a look; the run is not marked exported
+        previous = run / "export.json"
+        if previous.is_file() and Path(json.loads(previous.read_text())["out"]) == target:
+            previous.unlink()  # it named the files just overwritten
+        raise EdgepruneError(
+            f"the export fails parity with PyTorch ({'; '.join(failed)}): the file computes something else "
+            f"than the model, do not ship it; the files and manifest.json are in {target}"
+        )
     write_json(run / "export.json", {"out": str(target), "manifest": str(target / "manifest.json")})
     return manifest

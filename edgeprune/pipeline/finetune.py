@@ -34,7 +34,7 @@ def finetune(
     """Distil the dense model into the run's pruned plan for `epochs` (cosine schedule from `lr`)."""
     from edgeprune.checkpoint import load_checkpoint
     from edgeprune.data import load_dataset
-    from edgeprune.training import DistillConfig, Recipe, accuracy, finetune_checkpoint
+    from edgeprune.training import DistillConfig, Recipe, accuracy, finetune_checkpoint, resume_path, resume_position
     from edgeprune.zoo import resolve_weights
 
     run = Path(run_dir)
@@ -60,6 +60,9 @@ def finetune(
                 )
     started = time.monotonic()
     log(f"finetuning {student.model} ({run}) for {epochs} epochs, distilled from {config['weights']}")
+    if (position := resume_position(resume_path(out))) is not None:
+        done, batch = position
+        log(f"resuming where it was interrupted: {done} of {epochs} epochs done, then {batch} batches of the next")
     best = finetune_checkpoint(
         student=student,
         teacher=teacher,

@@ -62,17 +62,29 @@ class _Doc:
         )
 
 
-EXPORT_HEADER = ["format", "file", "bytes", "max abs diff vs PyTorch", "top-1 agreement", "runtime test accuracy"]
+EXPORT_HEADER = [
+    "format",
+    "file",
+    "bytes",
+    "max abs diff vs PyTorch",
+    "top-1 agreement",
+    "runtime test accuracy",
+    "parity",
+]
 
 
 def export_rows(manifest: dict) -> list[list[str]]:
-    """One row per exported format: file, size, parity against PyTorch, the runtime's test accuracy."""
+    """One row per exported format: file, size, parity against PyTorch (and its verdict), the
+    runtime's test accuracy."""
     rows = []
     for fmt, a in manifest["formats"].items():
         p = a.get("parity", {})
         size = sum(f["bytes"] for f in a["files"])
         diff = f"{p['max_abs_diff']:.2e}" if "max_abs_diff" in p else p.get("error", "")
-        rows.append([fmt, a["path"], f"{size:,}", diff, _pct(p.get("top1_agreement")), _pct(p.get("test_accuracy"))])
+        verdict = "not checked" if "passed" not in p else "passed" if p["passed"] else f"FAILS: {p['failed']}"
+        rows.append(
+            [fmt, a["path"], f"{size:,}", diff, _pct(p.get("top1_agreement")), _pct(p.get("test_accuracy")), verdict]
+        )
     return rows
 
 
@@ -119,7 +131,10 @@ def validation_rows(val: dict) -> list[list[str]]:
         [
             "test accuracy",
             _pct(val["test_accuracy"]),
-            "" if val["accuracy_delta_points"] is None else f"{val['accuracy_delta_points']:+.2f} points vs dense",
+            ""
+            if val["accuracy_delta_points"] is None
+            else f"{val['accuracy_delta_points']:+.2f} points vs dense"
+            + (f" (both on the first {val['accuracy_images']:,} test images)" if val.get("accuracy_images") else ""),
         ],
     ]
     sp = val.get("unstructured_sparse")

@@ -2,7 +2,7 @@
 
 from edgeprune.training.distill import DistillConfig, distillation_loss, finetune_checkpoint
 from edgeprune.training.evaluate import accuracy, recalibrate_bn, recalibrate_bn_on
-from edgeprune.training.train import Recipe, fit, train
+from edgeprune.training.train import Recipe, fit, resume_path, resume_position, train
 
 __all__ = [
     "DistillConfig",
@@ -13,5 +13,7 @@ __all__ = [
     "fit",
     "recalibrate_bn",
     "recalibrate_bn_on",
+    "resume_path",
+    "resume_position",
     "train",
 ]

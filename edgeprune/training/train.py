@@ -52,6 +52,16 @@ def resume_path(out: Path) -> Path:
     return out.with_name(out.name + ".resume")
 
 
+def resume_position(state_file: Path) -> tuple[int, int] | None:
+    """(epoch, batch) where an interrupted training stopped (epochs done, batches of the next), or
+    None where there is no readable resume file (fit then starts over, or says it is damaged)."""
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        return int(state["epoch"]), int(state["batch"])
+    except Exception:  # missing or damaged: fit says which
+        return None
+
+
 def sgd(model: nn.Module, recipe: Recipe) -> torch.optim.SGD:
     """The recipe's SGD, with no weight decay on BN/bias parameters (standard practice, and it keeps
     BN scales usable as a criterion)."""
