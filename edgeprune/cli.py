@@ -97,8 +97,18 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, default=str))
 
 
-def _default_table(device: str, model_id: str) -> Path:
-    return Path("latency_tables") / device / f"{model_id}.json"
+TABLE_HELP = "Latency table (default latency_tables/DEVICE/MODEL.json, or this device setup's own beside it)."
+TABLE_OUT_HELP = (
+    "Table file (default latency_tables/DEVICE/MODEL.json, or DEVICE/SETUP/MODEL.json where that one is "
+    "another device setup's)."
+)
+
+
+def _default_table(device, model_id: str, *, writing: bool = False) -> Path:
+    """latency_tables/DEVICE/MODEL.json, or this device setup's own table beside it (table.py)."""
+    from edgeprune.latency.table import default_table
+
+    return default_table(device.name, model_id, device.fingerprint(), writing=writing)
 
 
 @app.command()
@@ -187,9 +197,7 @@ def measure(
 def profile(
     model: Annotated[str | None, typer.Option(help="Model name (see `edgeprune models`).")] = None,
     device: Annotated[str, typer.Option(help="Device profile name or YAML path.")] = "cpu-onnxruntime",
-    out_path: Annotated[
-        Path | None, typer.Option("--out", help="Table file (default latency_tables/DEVICE/MODEL.json).")
-    ] = None,
+    out_path: Annotated[Path | None, typer.Option("--out", help=TABLE_OUT_HELP)] = None,
     step: Annotated[
         str, typer.Option(help="Channel step: N, auto (detect it), or profile (the device profile's channel_step).")
     ] = "profile",
@@ -231,7 +239,7 @@ def profile(
         step_value = int(step)
     else:
         raise EdgepruneError(f"--step must be a positive number or auto, got {step!r}")
-    target = out_path or _default_table(dev.name, model_id)
+    target = out_path or _default_table(dev, model_id, writing=True)
     log = _log(json_out)
     table = profile_fn(
         model=net,
@@ -271,9 +279,7 @@ def profile(
 @app.command()
 def predict(
     model: Annotated[str | None, typer.Option(help="Model name.")] = None,
-    table_path: Annotated[
-        Path | None, typer.Option("--table", help="Latency table (default latency_tables/DEVICE/MODEL.json).")
-    ] = None,
+    table_path: Annotated[Path | None, typer.Option("--table", help=TABLE_HELP)] = None,
     plan: Annotated[Path | None, typer.Option(help="Plan JSON to predict (default: the dense model).")] = None,
     check: Annotated[int, typer.Option(help="Measure N random plans on --device and report the error.")] = 0,
     device: Annotated[
@@ -294,18 +300,15 @@ def predict(
     from edgeprune.resolve import resolve_model
 
     net, model_id, shape = resolve_model(model, weights=weights, data=data, input_shape=input_shape)
-    dev = Device.load(device) if check or strict else None
-    table = LatencyTable.load(
-        table_path or _default_table(device, model_id),
-        fingerprint=dev.fingerprint() if dev and strict else None,
-        strict=strict,
-    )
+    dev = Device.load(device) if check or strict or table_path is None else None
+    table_path = table_path or _default_table(dev, model_id)
+    table = LatencyTable.load(table_path, fingerprint=dev.fingerprint() if dev and strict else None, strict=strict)
     plan_obj = Plan.load(plan) if plan else None
     s, predictor = predictor_for(net, shape, table, depth=bool(plan_obj and plan_obj.drop))
     counts = s.counts_of(plan_obj) if plan_obj else s.full_counts()
     result = {
         "model": model_id,
-        "table": str(table_path or _default_table(device, model_id)),
+        "table": str(table_path),
         "predicted_ms": predictor.predict(counts),
         "macs": s.macs(counts),
         "params": s.params(counts),
@@ -355,7 +358,7 @@ def prune_cmd(
     ] = None,
     model: Annotated[str | None, typer.Option(help="Model name, checked against the checkpoint.")] = None,
     data: Annotated[str | None, typer.Option(help="Data set (default: the checkpoint's).")] = None,
-    table: Annotated[str | None, typer.Option(help="Latency table (default latency_tables/DEVICE/MODEL.json).")] = None,
+    table: Annotated[str | None, typer.Option(help=TABLE_HELP)] = None,
     search: Annotated[str | None, typer.Option(help="uniform, random, bo, bocr or pso.")] = None,
     evals: Annotated[int | None, typer.Option(help="Distinct plans to score (default 60).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the searcher and of the proxy's batches.")] = None,

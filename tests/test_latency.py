@@ -166,6 +166,52 @@ def test_table_fingerprint_mismatch(tmp_path):
         LatencyTable.load(tmp_path / "t.json", fingerprint=_table().fingerprint)
 
 
+def test_each_device_setup_finds_its_own_table(tmp_path):
+    from edgeprune.latency.table import default_table, setup_name
+
+    mine = {"runtime": "onnxruntime", "version": "1.32.0", "cpu": "AMD EPYC", "threads": 1}
+    other = {**mine, "cpu": "Intel(R) Xeon(R) Processor"}
+    base = tmp_path / "dev" / "m.json"
+    assert default_table("dev", "m", mine, root=tmp_path) == base  # nothing profiled yet: the profile's path
+    base.parent.mkdir()
+    base.write_text(json.dumps({"fingerprint": other}))
+    # the profile's table is another setup's: read, it is the fallback (prune warns); a new one goes beside it
+    assert default_table("dev", "m", mine, root=tmp_path) == base
+    own = default_table("dev", "m", mine, root=tmp_path, writing=True)
+    assert own == tmp_path / "dev" / setup_name(mine) / "m.json" and own.parent.name.startswith("amd-epyc-")
+    own.parent.mkdir()
+    own.write_text(json.dumps({"fingerprint": mine}))
+    assert default_table("dev", "m", mine, root=tmp_path) == own
+    assert default_table("dev", "m", other, root=tmp_path) == base  # the setup it was profiled on keeps it
+    assert default_table("dev", "m", other, root=tmp_path, writing=True) == base
+    assert setup_name({**mine, "version": "1.33.0"}) != setup_name(mine)  # another runtime: another table
+
+
+def test_profiling_a_second_machine_neither_overwrites_nor_is_refused(tiny_run, tmp_path):
+    """What prune's warning tells a user on another machine: `edgeprune profile --weights W --device D`.
+    It writes this setup's own table beside the shipped one, and prune/predict then use it."""
+    dev = yaml.safe_load(open(tiny_run["device"]).read())
+    theirs = json.loads(open(tiny_run["table"]).read())
+    theirs["fingerprint"]["cpu"] = "another CPU"
+    shipped = tmp_path / "latency_tables" / dev["name"] / "resnet20.json"
+    shipped.parent.mkdir(parents=True)
+    shipped.write_text(json.dumps(theirs))
+
+    def cli(*args):  # in tmp_path: its latency_tables/ is the default root
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        return subprocess.run([sys.executable, "-m", "edgeprune", *args], capture_output=True, text=True,
+                              cwd=tmp_path, env=env, timeout=300)  # fmt: skip
+
+    r = cli("profile", "--weights", tiny_run["weights"], "--device", tiny_run["device"], "--step", "32",
+            "--calibrate", "0", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    own = list((shipped.parent).glob("*/resnet20.json"))
+    assert len(own) == 1 and json.loads(shipped.read_text()) == theirs  # beside it; the shipped one untouched
+    r = cli("predict", "--weights", tiny_run["weights"], "--device", tiny_run["device"], "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["table"] == str(own[0].relative_to(tmp_path))
+
+
 @pytest.mark.parametrize("content", ["", "{", '{"schema": 1}', "[1, 2]", '{"entries": {}}'])
 def test_corrupt_table_one_line(tmp_path, content):
     (tmp_path / "t.json").write_text(content)

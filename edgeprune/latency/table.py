@@ -5,8 +5,10 @@ JSON, written atomically (a killed write leaves the previous file intact), loada
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,3 +118,40 @@ def fingerprint_diff(a: dict, b: dict) -> str:
     """The fields that differ, as 'field: A != B' (empty when they match)."""
     diffs = [f"{k}: {a.get(k)} != {b.get(k)}" for k in FINGERPRINT_KEYS if k in a or k in b if a.get(k) != b.get(k)]
     return "; ".join(diffs)
+
+
+def setup_name(fingerprint: dict) -> str:
+    """A folder name for one device setup's tables: its processor, slugged, and a short hash of the
+    whole fingerprint (two setups of one processor, e.g. another runtime version, stay apart)."""
+    what = fingerprint.get("gpu") or fingerprint.get("cpu") or fingerprint.get("runtime") or "device"
+    slug = re.sub(r"[^a-z0-9]+", "-", str(what).lower()).strip("-")[:40] or "device"
+    whole = json.dumps({k: fingerprint.get(k) for k in FINGERPRINT_KEYS}, sort_keys=True, default=str)
+    return f"{slug}-{hashlib.sha256(whole.encode()).hexdigest()[:6]}"
+
+
+def default_table(
+    device_name: str,
+    model_id: str,
+    fingerprint: dict | None = None,
+    *,
+    root: str | os.PathLike = "latency_tables",
+    writing: bool = False,
+) -> Path:
+    """Where the table for `model_id` on this device setup is (`writing`: goes).
+
+    ROOT/DEVICE/MODEL.json is the device profile's table. Where that one was profiled on another
+    setup (another CPU, runtime version, thread count: `fingerprint` differs), this setup's own
+    table lives in ROOT/DEVICE/SETUP/MODEL.json (`setup_name`), so that profiling a second machine
+    neither overwrites the first one's table nor is refused for it, and prune, predict and run find
+    it. Without a table of its own, a setup gets the profile's (prune warns that it is another's)."""
+    base = Path(root) / device_name / f"{model_id}.json"
+    if fingerprint is None or not base.is_file():
+        return base
+    try:
+        theirs = json.loads(base.read_text()).get("fingerprint") or {}
+    except (OSError, ValueError):
+        return base  # LatencyTable.load says what is wrong with it
+    if not fingerprint_diff(theirs, fingerprint):
+        return base
+    own = base.parent / setup_name(fingerprint) / base.name
+    return own if writing or own.is_file() else base

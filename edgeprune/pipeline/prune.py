@@ -45,7 +45,7 @@ class PruneConfig:
     device: str
     budget: str  # milliseconds ("2.5") or a share of the dense model's measured latency ("50%")
     data: str | None = None  # default: the data set the checkpoint was trained on
-    table: str | None = None  # default: latency_tables/DEVICE/MODEL.json
+    table: str | None = None  # default: latency_tables/DEVICE/MODEL.json, or this setup's own (table.py)
     search: str = "bocr"
     evals: int = 60
     seed: int = 0
@@ -220,7 +220,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
     from edgeprune.latency.layers import ModelLayers
     from edgeprune.latency.predictor import Predictor, anchor_scale
     from edgeprune.latency.profiler import CALIBRATION_SCATTER
-    from edgeprune.latency.table import LatencyTable, fingerprint_diff
+    from edgeprune.latency.table import LatencyTable, default_table, fingerprint_diff
     from edgeprune.pruning import acp_widths, space
     from edgeprune.report import convergence_plot, scatter_plot
     from edgeprune.search import (
@@ -259,7 +259,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
     model = ckpt.build()
     shape = (1, *ckpt.input_shape)
     device = Device.load(cfg.device)
-    table_path = Path(cfg.table or Path("latency_tables") / device.name / f"{ckpt.model}.json")
+    table_path = Path(cfg.table or default_table(device.name, ckpt.model, device.fingerprint()))
     table = None
     if cfg.cost == "latency" or table_path.is_file():
         table = LatencyTable.load(table_path)
@@ -268,7 +268,8 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
             log(
                 f"warning: {table_path} was profiled on another device setup ({other}): its predictions may be "
                 f"off, and the measured check has more to correct; a table of this device predicts better: "
-                f"edgeprune profile --weights {cfg.weights} --device {cfg.device}"
+                f"edgeprune profile --weights {cfg.weights} --device {cfg.device} --step {table.step}"
+                + (" (written beside it, where prune finds it)" if cfg.table is None else ", then --table it")
             )
         if table.model not in (None, ckpt.model) or (table.input_shape and list(table.input_shape) != list(shape)):
             raise EdgepruneError(

@@ -109,6 +109,7 @@ def run_pipeline(
     """Run (or resume) every stage of `config` (default: the quickstart); returns a summary."""
     from edgeprune.checkpoint import load_checkpoint
     from edgeprune.devices import Device
+    from edgeprune.latency.table import default_table
     from edgeprune.pipeline.export import export_run
     from edgeprune.pipeline.finetune import finetune
     from edgeprune.pipeline.prune import prune
@@ -132,7 +133,7 @@ def run_pipeline(
     if state.get("config") not in (None, cfg):
         raise EdgepruneError(f"{run} was run with another config; use another name/out, or delete {state_path}")
     state["config"] = cfg
-    table = Path(cfg.get("table") or Path("latency_tables") / device.name / f"{ckpt.model}.json")
+    table = Path(cfg.get("table") or default_table(device.name, ckpt.model, device.fingerprint()))
     prune_settings = dict(cfg.get("prune") or {})
     started = time.monotonic()
 
