@@ -108,7 +108,7 @@ def _default_table(device, model_id: str, *, writing: bool = False) -> Path:
     """latency_tables/DEVICE/MODEL.json, or this device setup's own table beside it (table.py)."""
     from edgeprune.latency.table import default_table
 
-    return default_table(device.name, model_id, device.fingerprint(), writing=writing)
+    return default_table(device.name, model_id, device.fingerprint, writing=writing)
 
 
 @app.command()

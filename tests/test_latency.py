@@ -185,6 +185,18 @@ def test_each_device_setup_finds_its_own_table(tmp_path):
     assert default_table("dev", "m", other, root=tmp_path) == base  # the setup it was profiled on keeps it
     assert default_table("dev", "m", other, root=tmp_path, writing=True) == base
     assert setup_name({**mine, "version": "1.33.0"}) != setup_name(mine)  # another runtime: another table
+    # the device is asked only where the profile's table exists; out of reach, the profile's table it is
+    asked = []
+    assert default_table("dev", "none", lambda: asked.append(1) or mine, root=tmp_path).name == "none.json"
+    assert not asked and default_table("dev", "m", lambda: mine, root=tmp_path) == own
+
+    def unreachable():
+        raise EdgepruneError("no token for the agent")
+
+    assert default_table("dev", "m", unreachable, root=tmp_path) == base
+    for bad in ("[1, 2]", '{"fingerprint": "abc"}', "{", '{"entries": {}}'):  # LatencyTable.load says what is wrong
+        base.write_text(bad)
+        assert default_table("dev", "m", mine, root=tmp_path) == base
 
 
 def test_profiling_a_second_machine_neither_overwrites_nor_is_refused(tiny_run, tmp_path):

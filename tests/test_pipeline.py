@@ -244,7 +244,7 @@ def test_validate_through_the_agent(pipeline_run, tiny_run, tmp_path):
     run = pipeline_run["run"]
     manifest = pipeline_run["dir"] / "export" / "manifest.json"
     saved = {p: p.read_text() for p in (run / "validation.json", manifest)}
-    # the run's own device profile (its fast protocol), reached through the agent
+    # the run's device profile (its fast protocol) with an agent: the agent serves cpu-onnxruntime here
     spec = {**yaml.safe_load(open(tiny_run["device"]).read()), "name": "remote-tiny"}
     agent = AgentProcess(tmp_path).start()
     try:
@@ -257,12 +257,18 @@ def test_validate_through_the_agent(pipeline_run, tiny_run, tmp_path):
         assert v["artifact"].endswith("model.onnx")  # an agent receives the ONNX file
         assert v["measured"]["median_ms"] > 0 and v["dense_measured"]["median_ms"] > 0
         assert isinstance(v["meets_budget"], bool) and v["repeats"] >= 15
-        assert any(agent.cache.rglob("*")), "the agent measured nothing"
+        assert any((agent.cache / "results").glob("*.json")), "the agent measured nothing"
         assert json.loads(manifest.read_text())["validation"]["device"] == "remote-tiny"
     finally:
         agent.stop()
         for p, text in saved.items():  # later tests see the run as it was
             p.write_text(text)
+
+
+def test_export_refuses_a_useless_accuracy_sample(pipeline_run, cli):
+    r = cli("export", str(pipeline_run["run"]), "--accuracy-images", "0", "--out", str(pipeline_run["dir"] / "y"))
+    assert r.returncode == 2 and "--accuracy-images must be at least 1" in r.stderr and "Traceback" not in r.stderr
+    assert not (pipeline_run["dir"] / "y").exists()
 
 
 @pytest.mark.skipif(TensorRtBackend.available(), reason="TensorRT is installed here")

@@ -75,6 +75,8 @@ class TensorRtBackend(Backend):
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_mb << 20)
         if self.precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
+        else:  # TF32 is on by default on Ampere and later: fp32 convolutions would round inputs to 10 bits
+            config.clear_flag(trt.BuilderFlag.TF32)
         engine = builder.build_serialized_network(network, config)
         if engine is None:
             raise EdgepruneError(f"TensorRT could not build an engine for {onnx_path}")

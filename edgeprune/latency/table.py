@@ -10,6 +10,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,7 +123,8 @@ def fingerprint_diff(a: dict, b: dict) -> str:
 
 def setup_name(fingerprint: dict) -> str:
     """A folder name for one device setup's tables: its processor, slugged, and a short hash of the
-    whole fingerprint (two setups of one processor, e.g. another runtime version, stay apart)."""
+    fingerprint's comparable fields (FINGERPRINT_KEYS: two setups of one processor, e.g. another
+    runtime version, stay apart)."""
     what = fingerprint.get("gpu") or fingerprint.get("cpu") or fingerprint.get("runtime") or "device"
     slug = re.sub(r"[^a-z0-9]+", "-", str(what).lower()).strip("-")[:40] or "device"
     whole = json.dumps({k: fingerprint.get(k) for k in FINGERPRINT_KEYS}, sort_keys=True, default=str)
@@ -132,7 +134,7 @@ def setup_name(fingerprint: dict) -> str:
 def default_table(
     device_name: str,
     model_id: str,
-    fingerprint: dict | None = None,
+    fingerprint: dict | Callable[[], dict] | None = None,
     *,
     root: str | os.PathLike = "latency_tables",
     writing: bool = False,
@@ -142,15 +144,24 @@ def default_table(
     ROOT/DEVICE/MODEL.json is the device profile's table. Where that one was profiled on another
     setup (another CPU, runtime version, thread count: `fingerprint` differs), this setup's own
     table lives in ROOT/DEVICE/SETUP/MODEL.json (`setup_name`), so that profiling a second machine
-    neither overwrites the first one's table nor is refused for it, and prune, predict and run find
-    it. Without a table of its own, a setup gets the profile's (prune warns that it is another's)."""
+    neither overwrites the first one's table nor is refused for it, and prune, predict and run use
+    it when it exists. Without one, a setup gets the profile's (prune warns that it is another's).
+    `fingerprint` may be a function: it is called only where the profile's table exists (a device
+    reached through an agent is asked only then), and where it fails the profile's table is it."""
     base = Path(root) / device_name / f"{model_id}.json"
     if fingerprint is None or not base.is_file():
         return base
     try:
-        theirs = json.loads(base.read_text()).get("fingerprint") or {}
-    except (OSError, ValueError):
+        theirs = json.loads(base.read_text())["fingerprint"]
+        if not isinstance(theirs, dict):
+            return base
+    except (OSError, ValueError, KeyError, TypeError):
         return base  # LatencyTable.load says what is wrong with it
+    if callable(fingerprint):
+        try:
+            fingerprint = fingerprint()
+        except Exception:  # the device is out of reach or its runtime missing: whoever measures says so
+            return base
     if not fingerprint_diff(theirs, fingerprint):
         return base
     own = base.parent / setup_name(fingerprint) / base.name

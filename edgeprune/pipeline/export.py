@@ -46,6 +46,8 @@ def export_run(
 
     run = Path(run_dir)
     fmts = parse_formats(formats)
+    if accuracy_images is not None and accuracy_images < 1:
+        raise EdgepruneError(f"--accuracy-images must be at least 1, got {accuracy_images}")
     if "tensorrt" in fmts and not TensorRtBackend.available():
         raise EdgepruneError(MISSING)  # before any work: nothing half-exported
     source, ckpt = run_model_checkpoint(run)
@@ -98,7 +100,11 @@ def export_run(
     failed = parity_failures(artifacts)
     if failed:  # the files and the manifest stay for a look; the run is not marked exported
         previous = run / "export.json"
-        if previous.is_file() and Path(json.loads(previous.read_text())["out"]) == target:
+        try:
+            stale = Path(json.loads(previous.read_text())["out"]).resolve() == target.resolve()
+        except (OSError, ValueError, KeyError, TypeError):
+            stale = previous.is_file()  # unreadable: it cannot name anything valid either
+        if stale:
             previous.unlink()  # it named the files just overwritten
         raise EdgepruneError(
             f"the export fails parity with PyTorch ({'; '.join(failed)}): the file computes something else "

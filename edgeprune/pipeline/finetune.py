@@ -60,7 +60,7 @@ def finetune(
                 )
     started = time.monotonic()
     log(f"finetuning {student.model} ({run}) for {epochs} epochs, distilled from {config['weights']}")
-    if (position := resume_position(resume_path(out))) is not None:
+    if (position := resume_position(resume_path(out), recipe)) is not None:
         done, batch = position
         log(f"resuming where it was interrupted: {done} of {epochs} epochs done, then {batch} batches of the next")
     best = finetune_checkpoint(

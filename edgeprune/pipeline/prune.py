@@ -269,7 +269,7 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
                 f"warning: {table_path} was profiled on another device setup ({other}): its predictions may be "
                 f"off, and the measured check has more to correct; a table of this device predicts better: "
                 f"edgeprune profile --weights {cfg.weights} --device {cfg.device} --step {table.step}"
-                + (" (written beside it, where prune finds it)" if cfg.table is None else ", then --table it")
+                " (written beside it, where a new prune or run finds it)"
             )
         if table.model not in (None, ckpt.model) or (table.input_shape and list(table.input_shape) != list(shape)):
             raise EdgepruneError(
@@ -433,6 +433,8 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
                 f"(refit the table when {device.name} is quiet: {refit})"
             )
         problem.set_budget(store.get("search_budget", budget))
+        if table is not None and cfg.table is None:  # a resume reads the table this run started on, even
+            cfg.table = str(table_path)  # where this setup's own was profiled beside it since
         write_json(out / CONFIG, asdict(cfg))  # the budget is reachable: from here on, a run to resume
         evaluator = ProxyEvaluator(
             s,

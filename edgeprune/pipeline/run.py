@@ -133,7 +133,11 @@ def run_pipeline(
     if state.get("config") not in (None, cfg):
         raise EdgepruneError(f"{run} was run with another config; use another name/out, or delete {state_path}")
     state["config"] = cfg
-    table = Path(cfg.get("table") or default_table(device.name, ckpt.model, device.fingerprint()))
+
+    def table(writing: bool = False) -> Path:
+        """The config's table, else this device setup's (latency/table.py), looked up when needed."""
+        return Path(cfg.get("table") or default_table(device.name, ckpt.model, device.fingerprint, writing=writing))
+
     prune_settings = dict(cfg.get("prune") or {})
     started = time.monotonic()
 
@@ -149,8 +153,8 @@ def run_pipeline(
         write_json(state_path, state)
 
     def do_profile() -> None:
-        if prune_settings.get("cost", "latency") != "latency" or table.is_file() and _complete(table):
-            return
+        if prune_settings.get("cost", "latency") != "latency" or table().is_file() and _complete(table()):
+            return  # an existing table is reused (prune warns where it is another device setup's)
         from edgeprune.latency.profiler import profile
 
         opts = cfg.get("profile") or {}
@@ -159,7 +163,7 @@ def run_pipeline(
             model_id=ckpt.model,
             input_shape=(1, *ckpt.input_shape),
             device=device,
-            out=table,
+            out=table(writing=True),  # beside a half-profiled table of another setup, not into it
             step=opts.get("step"),
             calibrate=opts.get("calibrate", 24),
             progress=progress,
@@ -174,12 +178,12 @@ def run_pipeline(
             "data_root": cfg.get("data_root"),
             **prune_settings,
         }
-        if prune_settings.get("cost", "latency") == "latency" or table.is_file():
-            settings["table"] = str(table)
-        settings.setdefault("budget", "50%")
         resume = (run / "config.json").is_file()
         if resume and (run / "results.json").is_file():
             return
+        if not resume and (prune_settings.get("cost", "latency") == "latency" or table().is_file()):
+            settings["table"] = str(table())  # a resume reads the table its run started on (config.json)
+        settings.setdefault("budget", "50%")
         prune(run, resume=resume, progress=progress, log=log, **({k: v for k, v in settings.items() if v is not None}))
 
     def do_finetune() -> None:

@@ -42,7 +42,8 @@ def validate(
     """Measure the shipped model beside its dense parent (and an unstructured-sparse one), in turn,
     `repeats` rounds (default: at least 15, spanning 15 x the protocol's min_s; see
     edgeprune/latency/interleave.py), and write RUN/validation.json; `report`: then (re)write the
-    run's report.md and report.html with it (the stages run by hand end with a report too)."""
+    run's report.md and report.html with it (the stages run by hand end with a report too). The
+    export's manifest.json gets the figures too, under "validation"."""
     from edgeprune.checkpoint import load_checkpoint
     from edgeprune.devices import Device
     from edgeprune.export import export_onnx, simplify_and_check
@@ -120,15 +121,18 @@ def validate(
     acc = manifest["accuracy"].get(f"{fmt}_test", manifest["accuracy"]["pytorch_test"])
     dense_acc = dense_ckpt.meta.get("test_accuracy")
     parity = manifest["formats"].get(fmt, {}).get("parity", {})
-    images = parity.get("test_images")
-    subset = images is not None and images < parity.get("test_split_images", images)
-    if subset:
-        # the runtime scored only the first `images` test images (export --accuracy-images): the
-        # dense model is scored on those same images, or the delta would compare two samples
+    images, split = parity.get("test_images"), parity.get("test_split_images")
+    subset = False
+    if images is not None and (split is None or images < split):
+        # the runtime may have scored only the first `images` test images (export --accuracy-images;
+        # a manifest from before test_split_images was recorded does not say): then the dense model
+        # is scored on those same images, or the delta would compare two samples
         from edgeprune.data import load_dataset
 
         data = load_dataset(config.get("data") or dense_ckpt.dataset, root=config.get("data_root"))
-        dense_acc = _accuracy_on_first(dense, data, images)
+        subset = images < len(data.split("test"))
+        if subset:
+            dense_acc = _accuracy_on_first(dense, data, images)
     result = {
         "run_dir": str(run),
         "device": dev.name,
@@ -206,6 +210,7 @@ def _into_manifest(run: Path, result: dict) -> None:
             "test_accuracy",
             "dense_test_accuracy",
             "accuracy_delta_points",
+            "accuracy_images",
         )
     }
     manifest["validation"].update(

@@ -52,11 +52,14 @@ def resume_path(out: Path) -> Path:
     return out.with_name(out.name + ".resume")
 
 
-def resume_position(state_file: Path) -> tuple[int, int] | None:
+def resume_position(state_file: Path, recipe: Recipe | None = None) -> tuple[int, int] | None:
     """(epoch, batch) where an interrupted training stopped (epochs done, batches of the next), or
-    None where there is no readable resume file (fit then starts over, or says it is damaged)."""
+    None where there is no readable resume file, or (with `recipe`) one fit would refuse as written
+    with another recipe (fit then starts over, or says what is wrong)."""
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
+        if recipe is not None and state.get("recipe") != asdict(recipe):
+            return None
         return int(state["epoch"]), int(state["batch"])
     except Exception:  # missing or damaged: fit says which
         return None
