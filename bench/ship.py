@@ -201,7 +201,7 @@ def _finetune(out: Path) -> dict:
     return json.loads((out / "finetune.json").read_text())
 
 
-def _recipe(fine: dict) -> tuple:
+def _recipe(fine: dict) -> str:
     """What must match for ours and uniform to be compared: the schedule and the distillation, not
     the seed nor the device that ran it (a finetune resumed on another device is the same recipe)."""
     recipe = {k: v for k, v in fine["recipe"].items() if k != "seed"}

@@ -259,11 +259,12 @@ def prune(out: str | os.PathLike, *, resume: bool = False, progress: bool = True
     model = ckpt.build()
     shape = (1, *ckpt.input_shape)
     device = Device.load(cfg.device)
-    table_path = Path(cfg.table or default_table(device.name, ckpt.model, device.fingerprint()))
+    fingerprint = device.fingerprint()  # asked once: a device behind an agent answers over the network
+    table_path = Path(cfg.table or default_table(device.name, ckpt.model, fingerprint))
     table = None
     if cfg.cost == "latency" or table_path.is_file():
         table = LatencyTable.load(table_path)
-        if other := fingerprint_diff(table.fingerprint, device.fingerprint()):
+        if other := fingerprint_diff(table.fingerprint, fingerprint):
             # the measured check holds the search to this device either way; the table only guides it
             log(
                 f"warning: {table_path} was profiled on another device setup ({other}): its predictions may be "

@@ -153,7 +153,8 @@ def run_pipeline(
         write_json(state_path, state)
 
     def do_profile() -> None:
-        if prune_settings.get("cost", "latency") != "latency" or table().is_file() and _complete(table()):
+        existing = table()
+        if prune_settings.get("cost", "latency") != "latency" or existing.is_file() and _complete(existing):
             return  # an existing table is reused (prune warns where it is another device setup's)
         from edgeprune.latency.profiler import profile
 
@@ -181,8 +182,9 @@ def run_pipeline(
         resume = (run / "config.json").is_file()
         if resume and (run / "results.json").is_file():
             return
-        if not resume and (prune_settings.get("cost", "latency") == "latency" or table().is_file()):
-            settings["table"] = str(table())  # a resume reads the table its run started on (config.json)
+        found = None if resume else table()  # a resume reads the table its run started on (config.json)
+        if found is not None and (prune_settings.get("cost", "latency") == "latency" or found.is_file()):
+            settings["table"] = str(found)
         settings.setdefault("budget", "50%")
         prune(run, resume=resume, progress=progress, log=log, **({k: v for k, v in settings.items() if v is not None}))
 

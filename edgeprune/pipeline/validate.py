@@ -58,7 +58,8 @@ def validate(
         raise EdgepruneError(f"--repeats must be at least 1, got {repeats}")
     if claim_speedup is not None and claim_speedup <= 0:
         raise EdgepruneError(f"--claim-speedup must be positive, got {claim_speedup}")
-    manifest = json.loads(Path(json.loads((run / "export.json").read_text())["manifest"]).read_text())
+    manifest_path = Path(json.loads((run / "export.json").read_text())["manifest"])
+    manifest = json.loads(manifest_path.read_text())
     config = json.loads((run / "config.json").read_text())
     results = json.loads((run / "results.json").read_text())
     dev = Device.load(device or config["device"])
@@ -132,7 +133,9 @@ def validate(
         data = load_dataset(config.get("data") or dense_ckpt.dataset, root=config.get("data_root"))
         subset = images < len(data.split("test"))
         if subset:
-            dense_acc = _accuracy_on_first(dense, data, images)
+            from edgeprune.training import accuracy
+
+            dense_acc = accuracy(dense, data, "test", images=images)
     result = {
         "run_dir": str(run),
         "device": dev.name,
@@ -171,7 +174,7 @@ def validate(
     if report:
         result["report"] = str(run / "report.html")
     write_json(run / "validation.json", result)
-    _into_manifest(run, result)
+    _into_manifest(manifest_path, manifest, result)
     if report:
         from edgeprune.report import write_report
 
@@ -179,24 +182,8 @@ def validate(
     return result
 
 
-def _accuracy_on_first(model, data, n: int) -> float:
-    """PyTorch's top-1 accuracy on the first `n` test images (the runtime's share, in its order)."""
-    import torch
-
-    correct = seen = 0
-    model.eval()
-    with torch.no_grad():
-        for x, y in data.batches("test", 500, limit=-(-n // 500)):
-            k = min(len(y), n - seen)
-            correct += int((model(x[:k]).argmax(1) == y[:k]).sum())
-            seen += k
-    return correct / max(seen, 1)
-
-
-def _into_manifest(run: Path, result: dict) -> None:
+def _into_manifest(path: Path, manifest: dict, result: dict) -> None:
     """The export's manifest gets the validation's figures: it travels with the files, without the run."""
-    path = Path(json.loads((run / "export.json").read_text())["manifest"])
-    manifest = json.loads(path.read_text())
     manifest["validation"] = {
         k: result[k]
         for k in (

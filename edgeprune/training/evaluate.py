@@ -18,12 +18,18 @@ def accuracy(
     *,
     batch_size: int = 500,
     limit: int | None = None,
+    images: int | None = None,
     device: str | torch.device | None = None,
 ) -> float:
-    """Top-1 accuracy in [0, 1] on `split` (at most `limit` batches), on `device` if given."""
+    """Top-1 accuracy in [0, 1] on `split` (at most `limit` batches, or its first `images` images),
+    on `device` if given."""
     model.eval()
+    if images is not None:
+        limit = -(-images // batch_size)
     correct = total = 0
     for x, y in data.batches(split, batch_size, limit=limit):
+        if images is not None:
+            x, y = x[: images - total], y[: images - total]
         x = x.to(device) if device is not None else x
         correct += (model(x).argmax(1).cpu() == y).sum().item()
         total += len(y)
