@@ -10,6 +10,31 @@ import importlib
 __version__ = "0.2.0"
 
 _API = {
+    # the used-by line, model in / model out
+    "profile": "edgeprune.latency.profiler",
+    "predict": "edgeprune.latency.check",
+    "prune": "edgeprune.pipeline",
+    "finetune": "edgeprune.pipeline",
+    "export": "edgeprune.pipeline",
+    "validate": "edgeprune.pipeline",
+    "restore": "edgeprune.checkpoint",
+    # what they take and give
+    "Budget": "edgeprune.search.budget",
+    "PruneSettings": "edgeprune.pipeline",
+    "PruneResult": "edgeprune.pipeline",
+    "Task": "edgeprune.task",
+    "LatencyTable": "edgeprune.latency.table",
+    "Device": "edgeprune.devices",
+    "ModelRef": "edgeprune.models.reference",
+    "load_model": "edgeprune.models.weights",
+    # run folders, the CLI's face of the same functions
+    "prune_run": "edgeprune.pipeline",
+    "finetune_run": "edgeprune.pipeline",
+    "export_run": "edgeprune.pipeline",
+    "validate_run": "edgeprune.pipeline",
+    "run_quickstart": "edgeprune.pipeline",
+    "run_pipeline": "edgeprune.pipeline",
+    # models, data, training
     "build_model": "edgeprune.models",
     "list_models": "edgeprune.models",
     "load_dataset": "edgeprune.data",
@@ -19,16 +44,8 @@ _API = {
     "Checkpoint": "edgeprune.checkpoint",
     "load_checkpoint": "edgeprune.checkpoint",
     "save_checkpoint": "edgeprune.checkpoint",
-    "export_onnx": "edgeprune.export",
-    "run_quickstart": "edgeprune.pipeline",
-    "run_pipeline": "edgeprune.pipeline",
-    "finetune": "edgeprune.pipeline",
-    "export_run": "edgeprune.pipeline",
-    "validate": "edgeprune.pipeline",
-    "profile": "edgeprune.latency.profiler",
+    "export_onnx": "edgeprune.models.onnx",
     "EdgepruneError": "edgeprune.errors",
-    "prune": "edgeprune.pipeline",
-    "PruneConfig": "edgeprune.pipeline",
 }
 
 __all__ = ["__version__", *_API]

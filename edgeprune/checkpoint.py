@@ -1,7 +1,8 @@
 """Checkpoints: a state dict plus the metadata needed to rebuild and trust it.
 
 Never a pickled module: loading uses ``torch.load(weights_only=True)`` and rebuilds the
-architecture from the model name (and, for a pruned model, its plan).
+architecture from its reference (a name, the user's `file.py:factory` with its arguments, ...:
+see models/reference.py) and, for a pruned model, its plan.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import torch
 from torch import nn
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.models.reference import ModelRef
 
 FORMAT = "edgeprune.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the model reference (factory, arguments, head) beside the name
 
 
 def library_versions() -> dict[str, str]:
@@ -40,19 +42,23 @@ def library_versions() -> dict[str, str]:
 
 @dataclass
 class Checkpoint:
-    model: str
-    num_classes: int
-    input_shape: tuple[int, int, int]
-    dataset: str
+    model: str  # the reference's name (a registry name, or file.py:factory, ...)
+    num_classes: int | None
+    input_shape: tuple[int, ...]  # one sample's shape, without the batch dimension
+    dataset: str | None  # the data set's name, where it has one (None: the user's own data)
     state_dict: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
     plan: dict[str, Any] | None = None  # set for pruned models
+    ref: ModelRef | None = None  # default: the registry name with these classes and input channels
 
-    def build(self) -> nn.Module:
+    def __post_init__(self) -> None:
+        if self.ref is None:
+            self.ref = ModelRef(self.model, num_classes=self.num_classes, in_channels=self.input_shape[0])
+        self.model = self.ref.name
+
+    def build(self, *, trust_pickle: bool = False) -> nn.Module:
         """The model with these weights, in eval mode."""
-        from edgeprune.models import build_model
-
-        model = build_model(self.model, num_classes=self.num_classes, in_channels=self.input_shape[0])
+        model = self.ref.build(trust_pickle=trust_pickle)
         if self.plan is not None:
             from edgeprune.pruning.plan import Plan
 
@@ -63,6 +69,26 @@ class Checkpoint:
             first = str(e).strip().splitlines()[-1].strip()
             raise EdgepruneError(f"checkpoint weights do not fit model {self.model!r}: {first}") from None
         return model.eval()
+
+    def restore(self, base: nn.Module) -> nn.Module:
+        """These weights on `base`, the dense model built by the caller (a model edgeprune cannot
+        build by itself: one passed in Python), pruned by the plan first where there is one."""
+        model = base.eval()
+        if self.plan is not None:
+            from edgeprune.pruning.plan import Plan
+
+            model = Plan.from_dict(self.plan).apply(model)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[-1].strip()
+            raise EdgepruneError(f"checkpoint weights do not fit the model given: {first}") from None
+        return model.eval()
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        """The input shape with a batch of one."""
+        return (1, *self.input_shape)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -84,6 +110,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
     path = Path(path)
     meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": library_versions(), **ckpt.meta}
     payload = {"format": FORMAT, "version": FORMAT_VERSION, **asdict(ckpt), "meta": meta}
+    payload["ref"] = ckpt.ref.to_dict()
     payload["input_shape"] = list(ckpt.input_shape)
     payload["state_dict"] = {k: v.detach().cpu().contiguous() for k, v in ckpt.state_dict.items()}
     atomic_torch_save(payload, path)
@@ -100,15 +127,31 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise EdgepruneError(f"checkpoint {path} is corrupt or not an edgeprune checkpoint ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise EdgepruneError(f"{path} is not an edgeprune checkpoint (no '{FORMAT}' header)")
+        raise EdgepruneError(
+            f"{path} is not an edgeprune checkpoint (no '{FORMAT}' header); a plain state dict loads with "
+            "--model NAME --weights FILE"
+        )
+    return checkpoint_from_payload(payload, path)
+
+
+def checkpoint_from_payload(payload: dict, path) -> Checkpoint:
+    """A Checkpoint from what `torch.load` read (format 1, from before model references, too)."""
     if payload.get("version", 0) > FORMAT_VERSION:
         raise EdgepruneError(f"{path} was written by a newer edgeprune (format {payload['version']}); upgrade")
+    classes = payload.get("num_classes")
     return Checkpoint(
         model=payload["model"],
-        num_classes=int(payload["num_classes"]),
+        num_classes=None if classes is None else int(classes),
         input_shape=tuple(payload["input_shape"]),
-        dataset=payload["dataset"],
+        dataset=payload.get("dataset"),
         state_dict=payload["state_dict"],
         meta=payload.get("meta", {}),
         plan=payload.get("plan"),
+        ref=ModelRef.from_dict(payload["ref"]) if payload.get("ref") else None,
     )
+
+
+def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """The checkpoint at `path` (a pruned or finetuned one) restored onto `model`, its dense base as
+    the caller builds it: `restore(MyNet(), "runs/x/finetuned.pt")` (ModelOpt's `restore` pattern)."""
+    return load_checkpoint(path).restore(model)

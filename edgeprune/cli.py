@@ -5,6 +5,8 @@ Every verb is a thin face of a library function; errors the user can fix print o
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.pipeline.settings import PruneSettings
 
 app = typer.Typer(
     name="edgeprune",
@@ -35,6 +38,54 @@ def _threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+# how a command names the user's model: the same options everywhere (edgeprune/resolve.py reads them)
+Model = Annotated[
+    str | None,
+    typer.Option(help="Model: a name (see `edgeprune models`), path/to/file.py:factory or package.module:factory."),
+]
+Weights = Annotated[
+    str | None,
+    typer.Option(
+        help="Weights: an edgeprune checkpoint or zoo:NAME, a state dict (.pt/.pth, also under a 'state_dict' or "
+        "'model' key), or torchvision:ENUM (e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1, from the local torch "
+        "hub cache; nothing is downloaded)."
+    ),
+]
+ModelArg = Annotated[
+    list[str] | None, typer.Option("--model-arg", help="A factory keyword argument NAME=VALUE; repeatable.")
+]
+NumClasses = Annotated[
+    int | None, typer.Option(help="Classes the model answers: its classifier head is replaced where they differ.")
+]
+TrustPickle = Annotated[
+    bool,
+    typer.Option("--trust-pickle", help="Let --weights be a whole pickled module (unpickling runs code from it)."),
+]
+Data = Annotated[
+    str | None, typer.Option(help="Data set: fashion-mnist, digits[:SIZE], cifar10[:PATH], imagefolder:PATH.")
+]
+DataRoot = Annotated[str | None, typer.Option(help="Folder of the data set files.")]
+ImageSize = Annotated[int | None, typer.Option(help="imagefolder: image size (default: the weights' own, else 224).")]
+Mean = Annotated[str | None, typer.Option(help="imagefolder: normalisation mean, R,G,B (default: ImageNet's).")]
+Std = Annotated[str | None, typer.Option(help="imagefolder: normalisation std, R,G,B (default: ImageNet's).")]
+InputShape = Annotated[str | None, typer.Option(help="N,C,H,W input shape (default: the data's or checkpoint's).")]
+
+
+def _model_inputs(model, weights, model_arg, num_classes, trust_pickle, data, data_root, image_size, mean, std) -> dict:
+    return {
+        "model": model,
+        "weights": weights,
+        "model_kwargs": model_arg or None,
+        "num_classes": num_classes,
+        "trust_pickle": trust_pickle,
+        "data": data,
+        "data_root": data_root,
+        "image_size": image_size,
+        "mean": mean,
+        "std": std,
+    }
+
+
 @app.command()
 def models() -> None:
     """List model names: built-ins for small inputs, then torchvision classifiers."""
@@ -46,9 +97,18 @@ def models() -> None:
 
 @app.command()
 def train(
-    model: Annotated[str, typer.Option(help="Model name (see `edgeprune models`).")],
-    data: Annotated[str, typer.Option(help="fashion-mnist, digits[:SIZE], cifar10[:PATH] or imagefolder:PATH.")],
     out_path: Annotated[Path, typer.Option("--out", help="Checkpoint file to write.")],
+    data: Annotated[str, typer.Option(help="fashion-mnist, digits[:SIZE], cifar10[:PATH] or imagefolder:PATH.")],
+    model: Model = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="Start from these weights (e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1); see prune."),
+    ] = None,
+    model_arg: ModelArg = None,
+    trust_pickle: TrustPickle = False,
+    image_size: ImageSize = None,
+    mean: Mean = None,
+    std: Std = None,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule to 0).")] = 0.1,
@@ -57,16 +117,20 @@ def train(
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, batch order and augmentation.")] = 0,
     max_batches: Annotated[int | None, typer.Option(help="Batches per epoch, for smoke runs.")] = None,
-    data_root: Annotated[str | None, typer.Option(help="Folder of the data set files.")] = None,
+    data_root: DataRoot = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     restart: Annotated[bool, typer.Option(help="Ignore an interrupted run's resume file.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Train a model with SGD + cosine schedule; rerun the same command to resume an interrupted run."""
+    """Train a model (or finetune pretrained weights on your data, the head following its classes) with SGD +
+    cosine schedule; rerun the same command to resume an interrupted run."""
+    from edgeprune.resolve import parse_model_args, resolve
     from edgeprune.training import Recipe
     from edgeprune.training import train as train_fn
 
     _threads(threads)
+    if not model and not weights:
+        raise EdgepruneError("name the model to train: --model (and --weights to start from trained weights)")
     recipe = Recipe(
         epochs=epochs,
         batch_size=batch_size,
@@ -77,10 +141,33 @@ def train(
         seed=seed,
         max_batches_per_epoch=max_batches,
     )
-    ckpt = train_fn(model=model, data=data, out=out_path, recipe=recipe, restart=restart, data_root=data_root)
+    log = _log(json_out)
+    r = resolve(
+        model,
+        weights,
+        model_kwargs=model_arg,
+        trust_pickle=trust_pickle,
+        data=data,
+        data_root=data_root,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        log=lambda s: None,
+    )  # the data as the weights want it
+    ckpt = train_fn(
+        model=model,
+        weights=weights,
+        data=r.data,
+        out=out_path,
+        recipe=recipe,
+        restart=restart,
+        model_kwargs=parse_model_args(model_arg),
+        trust_pickle=trust_pickle,
+        log=log,
+    )
     result = {
         "checkpoint": str(out_path),
-        "model": model,
+        "model": ckpt.model,
         "data": ckpt.dataset,
         "test_accuracy": ckpt.meta["test_accuracy"],
         "heldout_accuracy": ckpt.meta["heldout_accuracy"],
@@ -102,13 +189,6 @@ TABLE_OUT_HELP = (
     "Table file (default latency_tables/DEVICE/MODEL.json, or DEVICE/SETUP/MODEL.json where that one is "
     "another device setup's)."
 )
-
-
-def _default_table(device, model_id: str, *, writing: bool = False) -> Path:
-    """latency_tables/DEVICE/MODEL.json, or this device setup's own table beside it (table.py)."""
-    from edgeprune.latency.table import default_table
-
-    return default_table(device.name, model_id, device.fingerprint, writing=writing)
 
 
 @app.command()
@@ -195,15 +275,19 @@ def measure(
 
 @app.command()
 def profile(
-    model: Annotated[str | None, typer.Option(help="Model name (see `edgeprune models`).")] = None,
+    model: Model = None,
+    weights: Weights = None,
+    model_arg: ModelArg = None,
+    num_classes: NumClasses = None,
+    trust_pickle: TrustPickle = False,
     device: Annotated[str, typer.Option(help="Device profile name or YAML path.")] = "cpu-onnxruntime",
     out_path: Annotated[Path | None, typer.Option("--out", help=TABLE_OUT_HELP)] = None,
     step: Annotated[
         str, typer.Option(help="Channel step: N, auto (detect it), or profile (the device profile's channel_step).")
     ] = "profile",
-    weights: Annotated[str | None, typer.Option(help="Checkpoint (gives model and input shape).")] = None,
-    data: Annotated[str | None, typer.Option(help="Data set whose input shape to use.")] = None,
-    input_shape: Annotated[str | None, typer.Option(help="N,C,H,W input shape.")] = None,
+    data: Data = None,
+    image_size: ImageSize = None,
+    input_shape: InputShape = None,
     calibrate: Annotated[
         int,
         typer.Option(help="Random whole-model plans measured to calibrate (raised on a table: only the new ones)."),
@@ -224,12 +308,24 @@ def profile(
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a summary as JSON.")] = False,
 ) -> None:
-    """Profile every layer configuration reachable by pruning a model into a latency table (resumable)."""
+    """Profile every layer configuration reachable by pruning a model into a latency table (resumable; a table of
+    this device setup gets only what it lacks)."""
     from edgeprune.devices import Device
     from edgeprune.latency.profiler import profile as profile_fn
-    from edgeprune.resolve import resolve_model
+    from edgeprune.latency.table import find_table
+    from edgeprune.resolve import resolve
 
-    net, model_id, shape = resolve_model(model, weights=weights, data=data, input_shape=input_shape)
+    r = resolve(
+        model,
+        weights,
+        model_kwargs=model_arg,
+        num_classes=num_classes,
+        trust_pickle=trust_pickle,
+        data=data,
+        image_size=image_size,
+        input_shape=input_shape,
+        load_data=False,
+    )
     dev = Device.load(device)
     if step == "profile":
         step_value: int | str | None = None
@@ -239,12 +335,12 @@ def profile(
         step_value = int(step)
     else:
         raise EdgepruneError(f"--step must be a positive number or auto, got {step!r}")
-    target = out_path or _default_table(dev, model_id, writing=True)
+    target = find_table(dev, r.id, out_path, writing=True)
     log = _log(json_out)
     table = profile_fn(
-        model=net,
-        model_id=model_id,
-        input_shape=shape,
+        r.model,
+        r.shape,
+        model_id=r.id,
         device=dev,
         out=target,
         step=step_value,
@@ -256,7 +352,7 @@ def profile(
     summary = {
         "table": str(target),
         "device": dev.name,
-        "model": model_id,
+        "model": r.id,
         "step": table.step,
         "unit_copies": table.unit_copies,
         "entries": len(table.entries),
@@ -278,16 +374,20 @@ def profile(
 
 @app.command()
 def predict(
-    model: Annotated[str | None, typer.Option(help="Model name.")] = None,
+    model: Model = None,
+    weights: Weights = None,
+    model_arg: ModelArg = None,
+    num_classes: NumClasses = None,
+    trust_pickle: TrustPickle = False,
     table_path: Annotated[Path | None, typer.Option("--table", help=TABLE_HELP)] = None,
     plan: Annotated[Path | None, typer.Option(help="Plan JSON to predict (default: the dense model).")] = None,
     check: Annotated[int, typer.Option(help="Measure N random plans on --device and report the error.")] = 0,
     device: Annotated[
         str, typer.Option(help="Device profile for --check (and the default table).")
     ] = "cpu-onnxruntime",
-    weights: Annotated[str | None, typer.Option(help="Checkpoint (gives model and input shape).")] = None,
-    data: Annotated[str | None, typer.Option(help="Data set whose input shape to use.")] = None,
-    input_shape: Annotated[str | None, typer.Option(help="N,C,H,W input shape.")] = None,
+    data: Data = None,
+    image_size: ImageSize = None,
+    input_shape: InputShape = None,
     strict: Annotated[bool, typer.Option(help="Refuse a table profiled on another device setup.")] = False,
     depth: Annotated[bool, typer.Option(help="--check: random plans may also remove residual blocks.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
@@ -295,14 +395,28 @@ def predict(
     """Predict a plan's latency from a table; --check N holds the predictor against the device."""
     from edgeprune.devices import Device
     from edgeprune.latency.check import check_predictor, predictor_for
-    from edgeprune.latency.table import LatencyTable
+    from edgeprune.latency.table import LatencyTable, find_table
     from edgeprune.pruning import Plan
-    from edgeprune.resolve import resolve_model
+    from edgeprune.resolve import resolve
 
-    net, model_id, shape = resolve_model(model, weights=weights, data=data, input_shape=input_shape)
+    r = resolve(
+        model,
+        weights,
+        model_kwargs=model_arg,
+        num_classes=num_classes,
+        trust_pickle=trust_pickle,
+        data=data,
+        image_size=image_size,
+        input_shape=input_shape,
+        load_data=False,
+    )
+    net, model_id, shape = r.model, r.id, r.shape
     dev = Device.load(device) if check or strict or table_path is None else None
-    table_path = table_path or _default_table(dev, model_id)
+    table_path = find_table(dev, model_id, table_path)
     table = LatencyTable.load(table_path, fingerprint=dev.fingerprint() if dev and strict else None, strict=strict)
+    table.check_input(
+        shape, table_path, f"edgeprune profile {r.args} --device {device} --input-shape {','.join(map(str, shape))}"
+    )
     plan_obj = Plan.load(plan) if plan else None
     s, predictor = predictor_for(net, shape, table, depth=bool(plan_obj and plan_obj.drop))
     counts = s.counts_of(plan_obj) if plan_obj else s.full_counts()
@@ -346,129 +460,89 @@ def predict(
         out.print(t)
 
 
-@app.command("prune")
-def prune_cmd(
+def _prune_inputs(
     out_path: Annotated[
-        Path, typer.Option("--out", help="Run directory (created; holds evals.sqlite, plan, checkpoint).")
+        Path, typer.Option("--out", help="Run directory (created; holds evals.sqlite, plan, checkpoints).")
     ],
-    weights: Annotated[str | None, typer.Option(help="Dense checkpoint, or zoo:MODEL-DATASET.")] = None,
+    weights: Weights = None,
+    model: Model = None,
+    model_arg: ModelArg = None,
+    num_classes: NumClasses = None,
+    trust_pickle: TrustPickle = False,
     device: Annotated[str | None, typer.Option(help="Device profile name or YAML path.")] = None,
     budget_ms: Annotated[
         str | None, typer.Option("--budget-ms", help="Latency budget: milliseconds (2.5) or a share of dense (50%).")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Model name, checked against the checkpoint.")] = None,
     data: Annotated[str | None, typer.Option(help="Data set (default: the checkpoint's).")] = None,
+    data_root: DataRoot = None,
+    image_size: ImageSize = None,
+    mean: Mean = None,
+    std: Std = None,
     table: Annotated[str | None, typer.Option(help=TABLE_HELP)] = None,
-    search: Annotated[str | None, typer.Option(help="uniform, random, bo, bocr or pso.")] = None,
-    evals: Annotated[int | None, typer.Option(help="Distinct plans to score (default 60).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the searcher and of the proxy's batches.")] = None,
-    cost: Annotated[str | None, typer.Option(help="Constraint: latency (the table) or flops (the baseline).")] = None,
-    flops_target: Annotated[
-        float | None, typer.Option(help="MACs share for --cost flops (default: budget / dense ms).")
-    ] = None,
-    criterion: Annotated[str | None, typer.Option(help="Channels kept in a group: l1, l2, bn, reprune, acp.")] = None,
-    clusters: Annotated[int | None, typer.Option(help="bocr: clusters of groups sharing a ratio.")] = None,
-    particles: Annotated[int | None, typer.Option(help="pso: swarm size.")] = None,
-    min_keep: Annotated[float | None, typer.Option(help="Smallest keep ratio of any group.")] = None,
-    depth: Annotated[
-        bool | None,
-        typer.Option(
-            "--depth/--no-depth", help="Also remove whole residual blocks (reaches budgets width pruning cannot)."
-        ),
-    ] = None,
-    max_keep: Annotated[float | None, typer.Option(help="Largest keep ratio of any group.")] = None,
-    fix: Annotated[
-        list[str] | None, typer.Option(help="Group root layer (glob) held at full width; repeatable.")
-    ] = None,
-    proxy_steps: Annotated[
-        int | None,
-        typer.Option(
-            help="Distilled SGD steps each candidate trains before it is scored (default 0: BatchNorm "
-            "recalibration only). Ranks by what a finetune recovers; 30 adds ~3 s per resnet20 plan on a CPU."
-        ),
-    ] = None,
-    measure_top: Annotated[int | None, typer.Option(help="Candidates measured on the device per round.")] = None,
-    margin: Annotated[
-        float | None, typer.Option(help="Share under the budget the chosen plan must measure (default 0.02).")
-    ] = None,
-    loosen: Annotated[
-        float | None,
-        typer.Option(
-            help="Where the chosen plan measures more than this share under the target, search one more round "
-            "at a looser budget (default 0.05; 0: never)."
-        ),
-    ] = None,
-    max_rounds: Annotated[
-        int | None,
-        typer.Option(
-            help="Search rounds after the first (budget tightened after measured misses, or loosened once) "
-            "before giving up (default 4; may grow on --resume)."
-        ),
-    ] = None,
-    data_root: Annotated[str | None, typer.Option(help="Folder of the data set files.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out (after a crash or kill).")] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (scoring).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-) -> None:
+) -> None: ...
+
+
+def _setting_option(f) -> inspect.Parameter:
+    """A CLI option for one PruneSettings field: its help, and its default shown."""
+    meta, dash = f.metadata, f.name.replace("_", "-")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    shown = f" (default {default})" if default not in (None, []) and meta["kind"] is not bool else ""
+    if meta["kind"] is bool:
+        option = typer.Option(f"--{dash}/--no-{dash}", help=f"{meta['help']} (default {'on' if default else 'off'})")
+        kind = bool | None
+    elif meta["kind"] is list:
+        option, kind = typer.Option(f"--{dash}", help=meta["help"]), list[str] | None
+    else:
+        option, kind = typer.Option(f"--{dash}", help=meta["help"] + shown), meta["kind"] | None
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind, option])
+
+
+def prune_cmd(**given) -> None:
     """Search per-group widths for the most accurate plan whose latency on the device meets the budget."""
-    from edgeprune.pipeline.prune import prune
+    from edgeprune.pipeline.prune import prune_run
 
-    _threads(threads)
-    if model and weights:
-        from edgeprune.checkpoint import load_checkpoint
-        from edgeprune.zoo import resolve_weights
-
-        held = load_checkpoint(resolve_weights(weights)).model
-        if held != model:
-            raise EdgepruneError(f"checkpoint {weights} holds {held!r}, not {model!r}")
-    given = {
-        "weights": weights,
-        "device": device,
-        "budget": budget_ms,
-        "data": data,
-        "table": table,
-        "search": search,
-        "evals": evals,
-        "seed": seed,
-        "cost": cost,
-        "flops_target": flops_target,
-        "criterion": criterion,
-        "clusters": clusters,
-        "particles": particles,
-        "min_keep": min_keep,
-        "depth": depth,
-        "max_keep": max_keep,
-        "fix": fix or None,
-        "proxy_steps": proxy_steps,
-        "measure_top": measure_top,
-        "margin": margin,
-        "loosen": loosen,
-        "max_rounds": max_rounds,
-        "data_root": data_root,
-    }
+    _threads(given.pop("threads"))
+    json_out, out_path, resume = given.pop("json_out"), given.pop("out_path"), given.pop("resume")
+    given["budget"] = given.pop("budget_ms")
+    given["model_kwargs"] = given.pop("model_arg") or None
     log = _log(json_out)
-    result = prune(out_path, resume=resume, log=log, **{k: v for k, v in given.items() if v is not None})
+    result = prune_run(out_path, resume=resume, log=log, **{k: v for k, v in given.items() if v not in (None, [])})
     if json_out:
         _print_json(result)
         return
+    _print_pruned(result)
+
+
+# the prune command's options: its inputs, then every PruneSettings field (defined once, in pipeline/settings.py)
+prune_cmd.__signature__ = inspect.Signature(
+    [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for p in inspect.signature(_prune_inputs, eval_str=True).parameters.values()
+    ]
+    + [_setting_option(f) for f in dataclasses.fields(PruneSettings)]
+)
+prune_cmd.__annotations__ = {p.name: p.annotation for p in prune_cmd.__signature__.parameters.values()}
+app.command("prune")(prune_cmd)
+
+
+def _print_pruned(result: dict) -> None:
     d, c = result["dense"], result["chosen"]
     t = Table(
         title=f"{result['model']} pruned by {result['search']} ({result['cost']} constraint) on {result['device']}"
     )
-    for col in ("model", "proxy accuracy", "predicted ms", "measured ms", "MMACs", "params"):
+    for col in ("model", "proxy score", "predicted ms", "measured ms", "MMACs", "params"):
         t.add_column(col, justify="right")
+    score = (lambda v: f"{v:.2%}") if result.get("task") == "top-1" else (lambda v: f"{v:.4g}")
     t.add_row(
-        "dense",
-        f"{d['proxy_accuracy']:.2%}",
-        "",
-        f"{d['measured_ms']:.4g}",
-        f"{d['macs'] / 1e6:.2f}",
-        f"{d['params']:,}",
+        "dense", score(d["proxy_accuracy"]), "", f"{d['measured_ms']:.4g}", f"{d['macs'] / 1e6:.2f}", f"{d['params']:,}"
     )
     pred = f"{c['predicted_ms']:.4g}" if c["predicted_ms"] is not None else ""
     t.add_row(
         "chosen",
-        f"{c['proxy_accuracy']:.2%}",
+        score(c["proxy_accuracy"]),
         pred,
         f"{c['measured_ms']:.4g}",
         f"{c['macs'] / 1e6:.2f}",
@@ -480,9 +554,8 @@ def prune_cmd(
     verdict = "[green]meets[/green]" if result["met_budget"] else "[red]MISSES[/red]"
     out.print(
         f"{verdict} the {result['budget_ms']:.4g} ms budget (measured {c['measured_ms']:.4g} ms, "
-        f"{result['speedup']:.2f}x "
-        f"faster than dense); {result['evals']} evaluations, {result['seconds_per_eval'] or 0:.2f} s each; "
-        f"run directory {result['run_dir']}"
+        f"{result['speedup']:.2f}x faster than dense); {result['evals']} evaluations, "
+        f"{result['seconds_per_eval'] or 0:.2f} s each; run directory {result['run_dir']}"
     )
 
 
@@ -500,10 +573,10 @@ def finetune_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Finetune a run's pruned model, distilled from its dense parent; rerun to resume."""
-    from edgeprune.pipeline import finetune
+    from edgeprune.pipeline import finetune_run
 
     _threads(threads)
-    r = finetune(
+    r = finetune_run(
         run_dir,
         epochs=epochs,
         lr=lr,
@@ -580,9 +653,9 @@ def validate_cmd(
 
     Rewrites the run's report.md / report.html with the result.
     Exits with status 1 when the shipped model is over the budget (for scripts and CI)."""
-    from edgeprune.pipeline import validate
+    from edgeprune.pipeline import validate_run
 
-    v = validate(
+    v = validate_run(
         run_dir, device=device, claim_speedup=claim_speedup, sparse=sparse, repeats=repeats, log=_log(json_out)
     )
     if json_out:

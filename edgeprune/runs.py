@@ -62,13 +62,16 @@ class RunStore:
     CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT);
     """
 
-    def __init__(self, run_dir: str | os.PathLike) -> None:
+    def __init__(self, run_dir: str | os.PathLike | None) -> None:
+        """The store of `run_dir`; None keeps it in memory (a search without a run folder)."""
         import sqlite3
 
-        self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.dir / "evals.sqlite"
-        self.db = sqlite3.connect(self.path)
+        self.dir = None if run_dir is None else Path(run_dir)
+        self.path = None
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.path = self.dir / "evals.sqlite"
+        self.db = sqlite3.connect(":memory:" if self.path is None else self.path)
         self.db.row_factory = sqlite3.Row
         with self.db:
             self.db.executescript(self.SCHEMA)
@@ -116,3 +119,80 @@ class RunStore:
 
     def set(self, key: str, value: Any) -> None:
         self._insert("state", {"key": key, "value": json.dumps(value)}, replace=True)
+
+
+class RunDir:
+    """A run folder, typed: what each stage wrote, read back by name.
+
+    config.json      the prune run's inputs and settings      dense.pt       the dense model
+    evals.sqlite     every evaluation and measurement (RunStore)
+    plan.json, pruned.pt, results.json                        finetuned.pt, finetune.json
+    export.json      where the export went (its manifest.json) validation.json, report.*
+    pipeline.json    which stages of `edgeprune run` finished
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def read(self, name: str) -> dict | None:
+        """A JSON file of the run (None where the stage has not written it)."""
+        p = self.path / name
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def require(self, name: str, stage: str) -> dict:
+        """A JSON file the next stage needs, or one line saying which command writes it."""
+        got = self.read(name)
+        if got is None:
+            from edgeprune.errors import EdgepruneError
+
+            raise EdgepruneError(f"{self.path} has no {name}: run `edgeprune {stage}` on it first")
+        return got
+
+    @property
+    def config(self) -> dict:
+        return self.require("config.json", f"prune --out {self.path}")
+
+    @property
+    def results(self) -> dict:
+        return self.require("results.json", f"prune --out {self.path}")
+
+    def dense(self):
+        """The dense model's checkpoint: dense.pt, or (runs from before it was kept) the weights named
+        in config.json."""
+        from edgeprune.checkpoint import load_checkpoint
+        from edgeprune.zoo import resolve_weights
+
+        if (self.path / "dense.pt").is_file():
+            return load_checkpoint(self.path / "dense.pt")
+        return load_checkpoint(resolve_weights(self.config["weights"]))
+
+    def shipped(self):
+        """(path, checkpoint) of the model to ship: finetuned.pt once its finetune finished, else pruned.pt."""
+        from edgeprune.checkpoint import load_checkpoint
+
+        for name in ("finetuned.pt", "pruned.pt"):
+            if (self.path / name).is_file():
+                ckpt = load_checkpoint(self.path / name)
+                if name == "pruned.pt" or ckpt.meta.get("finished"):
+                    return self.path / name, ckpt
+        from edgeprune.errors import EdgepruneError
+
+        raise EdgepruneError(f"{self.path} has no pruned.pt: run `edgeprune prune --out {self.path}` first")
+
+    def manifest_path(self) -> Path | None:
+        export = self.read("export.json")
+        return Path(export["manifest"]) if export else None
+
+    def manifest(self) -> dict | None:
+        path = self.manifest_path()
+        return json.loads(path.read_text()) if path and path.is_file() else None

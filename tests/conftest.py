@@ -81,7 +81,7 @@ def tiny_run(tmp_path_factory):
         fitted = profile(
             model=build_model("resnet20", in_channels=1),
             model_id="resnet20",
-            input_shape=(1, 1, 16, 16),
+            example_input=(1, 1, 16, 16),
             device=Device.load(dev),
             out=table,
             step=8,

@@ -238,7 +238,7 @@ def test_profile_through_agent_matches_local(agent, tmp_path):
     remote = Device.load(tmp_path / "remote.yaml")
     local = Device.load("cpu-onnxruntime")
     model = build_model("resnet20", in_channels=1)
-    kw = {"model": model, "model_id": "resnet20", "input_shape": (1, 1, 28, 28), "step": 32, "calibrate": 0,
+    kw = {"model": model, "model_id": "resnet20", "example_input": (1, 1, 28, 28), "step": 32, "calibrate": 0,
           "progress": False, "log": lambda s: None}  # fmt: skip
     t_remote = profile(device=remote, out=tmp_path / "remote.json", **kw)
     t_local = profile(device=local, out=tmp_path / "local.json", **kw)

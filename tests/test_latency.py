@@ -391,7 +391,7 @@ def test_in_context_profile_records_the_per_copy_cost(tmp_path):
     assert ms[0].extra["copies_ms"] == pytest.approx(0.07) and ms[1].median_ms == 0.0
     model = build_model("resnet20", in_channels=1)
     table = profile(
-        model=model, model_id="resnet20", input_shape=(1, 1, 8, 8), device=CountingDevice(),
+        model=model, model_id="resnet20", example_input=(1, 1, 8, 8), device=CountingDevice(),
         out=tmp_path / "t.json", step=16, calibrate=2, progress=False, log=lambda s: None,
     )  # fmt: skip
     assert table.unit_copies == 4 and table.overhead_ms == 0.0
@@ -404,7 +404,7 @@ def test_in_context_profile_records_the_per_copy_cost(tmp_path):
     assert dense["measured_ms"] == pytest.approx(dense["sum_ms"] + 0.03)
     with pytest.raises(EdgepruneError, match="units measured with 4 copies, not 1"):
         profile(
-            model=model, model_id="resnet20", input_shape=(1, 1, 8, 8), device=CountingDevice(),
+            model=model, model_id="resnet20", example_input=(1, 1, 8, 8), device=CountingDevice(),
             out=tmp_path / "t.json", step=16, copies=1, progress=False, log=lambda s: None,
         )  # fmt: skip
     # more calibration plans on the same table: only the new ones are measured (the first 3 stay)
@@ -416,7 +416,7 @@ def test_in_context_profile_records_the_per_copy_cost(tmp_path):
             return super().measure_many(items, protocol, **kw)
 
     again = profile(
-        model=model, model_id="resnet20", input_shape=(1, 1, 8, 8), device=Watched(),
+        model=model, model_id="resnet20", example_input=(1, 1, 8, 8), device=Watched(),
         out=tmp_path / "t.json", step=16, calibrate=4, progress=False, log=lambda s: None,
     )  # fmt: skip
     more = again.meta["calibration_points"]
@@ -430,7 +430,7 @@ def test_recalibrate_fits_a_new_line_on_the_kept_units(tmp_path):
     it replaces is kept. A table that does not exist is refused rather than profiled."""
     model = build_model("resnet20", in_channels=1)
     common = dict(
-        model=model, model_id="resnet20", input_shape=(1, 1, 8, 8), step=16, progress=False, log=lambda s: None
+        model=model, model_id="resnet20", example_input=(1, 1, 8, 8), step=16, progress=False, log=lambda s: None
     )
     with pytest.raises(EdgepruneError, match="t.json does not exist: profile it first"):
         profile(device=CountingDevice(), out=tmp_path / "t.json", calibrate=2, recalibrate=True, **common)
@@ -468,7 +468,7 @@ def test_profile_warns_when_the_calibration_points_scatter(tmp_path):
             return [replace(m, median_ms=m.median_ms * (1.3 if s else 1)) for m, s in zip(out, slow)]
 
     model = build_model("resnet20", in_channels=1)
-    common = dict(model=model, model_id="resnet20", input_shape=(1, 1, 8, 8), step=16, calibrate=3, progress=False)
+    common = dict(model=model, model_id="resnet20", example_input=(1, 1, 8, 8), step=16, calibrate=3, progress=False)
     quiet: list[str] = []
     profile(device=CountingDevice(), out=tmp_path / "quiet.json", log=quiet.append, **common)
     assert not any("warning" in line for line in quiet)
@@ -497,7 +497,7 @@ def test_profile_warns_when_the_line_misses_the_dense_model(tmp_path):
         device=SlowDense(),
         model=build_model("resnet20", in_channels=1),
         model_id="resnet20",
-        input_shape=(1, 1, 8, 8),
+        example_input=(1, 1, 8, 8),
         out=tmp_path / "t.json",
         step=16,
         calibrate=3,

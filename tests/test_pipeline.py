@@ -13,36 +13,33 @@ import yaml
 from edgeprune.backends import TensorRtBackend
 from edgeprune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from edgeprune.pruning import space
-from edgeprune.training import DistillConfig, Recipe, accuracy, finetune_checkpoint
+from edgeprune.training import accuracy
 
 from .conftest import ROOT
 
 
 def test_finetune_improves_a_pruned_model(tiny_run, digits16, tmp_path):
+    """Model in, model out: the best epoch by held-out accuracy; in a run folder's store, the best
+    epoch so far is the checkpoint, and a finished finetune is not repeated."""
+    from edgeprune.pipeline import finetune
+    from edgeprune.training import CheckpointStore, DistillConfig, Recipe
+
     dense = load_checkpoint(tiny_run["weights"])
     model = dense.build()
     plan = space(model, torch.randn(1, 1, 16, 16), step=16).uniform(0.25)
     pruned = plan.apply(model)
-    student = Checkpoint(dense.model, 10, dense.input_shape, dense.dataset, pruned.state_dict(), {}, plan.to_dict())
-    save_checkpoint(student, tmp_path / "pruned.pt")
     before = accuracy(pruned, digits16, "heldout")
-    best = finetune_checkpoint(
-        student=load_checkpoint(tmp_path / "pruned.pt"),
-        teacher=dense,
-        data=digits16,
-        out=tmp_path / "ft.pt",
-        recipe=Recipe(epochs=4, lr=0.05),
-        distill=DistillConfig(temperature=4.0, alpha=0.9),
-        progress=False,
-    )
-    assert best.meta["heldout_accuracy"] > before + 0.05
-    assert best.meta["history"][0]["heldout_accuracy"] == pytest.approx(before)
-    assert accuracy(best.build(), digits16, "heldout") == pytest.approx(best.meta["heldout_accuracy"])
-    assert best.meta["finished"] and 0 <= best.meta["test_accuracy"] <= 1
-    again = finetune_checkpoint(  # finished: not repeated
-        student=student, teacher=dense, data=digits16, out=tmp_path / "ft.pt", recipe=Recipe(epochs=4), progress=False
-    )
-    assert again.meta["history"] == best.meta["history"]
+    best = finetune(pruned, teacher=model, data=digits16, epochs=4, lr=0.05, progress=False)
+    assert best.score > before + 0.05 and best.history[0]["score"] == pytest.approx(before)
+    assert accuracy(best.model, digits16, "heldout") == pytest.approx(best.score)
+    assert best.score == max(h["score"] for h in best.history) and len(best.history) == 5
+    student = Checkpoint(dense.model, 10, dense.input_shape, dense.dataset, pruned.state_dict(), {}, plan.to_dict())
+    store = CheckpointStore(tmp_path / "ft.pt", student, Recipe(epochs=4, lr=0.05), DistillConfig())
+    again = finetune(plan.apply(model), teacher=model, data=digits16, epochs=4, lr=0.05, store=store, progress=False)
+    assert again.history == best.history  # the same recipe and seed: the same finetune
+    kept = load_checkpoint(tmp_path / "ft.pt")
+    assert kept.meta["history"] == best.history and kept.meta["best_epoch"] == best.best_epoch
+    assert accuracy(kept.build(), digits16, "heldout") == pytest.approx(best.score)
 
 
 @pytest.fixture(scope="module")
@@ -211,33 +208,35 @@ class _ExportsSomethingElse(torch.nn.Module):
 
 def test_an_export_that_computes_something_else_fails_parity(tiny_run, digits16, tmp_path):
     from edgeprune.export import export_model, parity_failures
+    from edgeprune.task import Task
 
     net = load_checkpoint(tiny_run["weights"]).build().eval()
     said = []
+    task = Task.classification_on(digits16)
     artifacts = export_model(
         _ExportsSomethingElse(net),
         input_shape=(1, 1, 16, 16),
         out_dir=tmp_path,
         formats=["onnx", "openvino"],
-        data=digits16,
+        task=task,
         accuracy_images=50,
         log=said.append,
     )
     for fmt in ("onnx", "openvino"):
         p = artifacts[fmt]["parity"]
-        assert p["passed"] is False and "logits differ by" in p["failed"] and "top-1 agrees on" in p["failed"], p
+        assert p["passed"] is False and "outputs differ by" in p["failed"] and "top-1 agrees on" in p["failed"], p
         assert any(line.startswith(f"{fmt}: FAILS parity with PyTorch") for line in said), said
     assert [f.split(":")[0] for f in parity_failures(artifacts)] == ["onnx", "openvino"]
     assert (tmp_path / "model.onnx").is_file()  # kept, for a look
     # the same model without the branch passes
-    good = export_model(net, input_shape=(1, 1, 16, 16), out_dir=tmp_path / "ok", formats=["onnx"], data=digits16,
+    good = export_model(net, input_shape=(1, 1, 16, 16), out_dir=tmp_path / "ok", formats=["onnx"], task=task,
                         accuracy_images=50, log=said.append)  # fmt: skip
     assert good["onnx"]["parity"]["passed"] and not parity_failures(good)
 
 
 def test_validate_through_the_agent(pipeline_run, tiny_run, tmp_path):
     """The same run validated on a device reached through `edgeprune agent serve` (on loopback)."""
-    from edgeprune.pipeline import validate
+    from edgeprune.pipeline import validate_run as validate
 
     from .test_agent import AgentProcess
 
@@ -324,11 +323,11 @@ def test_run_resumes_after_a_stage_is_interrupted(tiny_run, tmp_path, cli):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_example_configs_are_valid(path):
-    from edgeprune.pipeline.prune import PruneConfig
     from edgeprune.pipeline.run import check_config, load_config
+    from edgeprune.pipeline.settings import PruneSettings
 
     cfg = check_config(load_config(path))
-    assert set(cfg.get("prune", {})) <= PruneConfig.names()
+    assert set(cfg.get("prune", {})) <= PruneSettings.names() | {"budget"}
 
 
 def test_the_quickstart_runs_on_shipped_files_alone():

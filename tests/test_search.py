@@ -297,7 +297,7 @@ def test_measured_check_tightens_an_optimistic_prediction(tiny_run, tmp_path, mo
     """A table right about the dense model but optimistic about pruned ones (on the device a plan
     saves half what the table promises): the first candidates miss the budget on the device, the
     search budget is tightened from the measurements, and the plan chosen meets the budget."""
-    from edgeprune.pipeline import prune
+    from edgeprune.pipeline import prune_run as prune
 
     _saving_device(monkeypatch, saving=0.5)
     common = {
@@ -342,7 +342,7 @@ def test_measured_check_loosens_a_pessimistic_prediction(tiny_run, tmp_path, mon
     measure well under the target: the budget left over is the user's accuracy. With a round to
     spare (here granted on resume), the search budget is loosened once from the measured plans and
     the search goes on; what it keeps still measures in."""
-    from edgeprune.pipeline import prune
+    from edgeprune.pipeline import prune_run as prune
 
     _saving_device(monkeypatch, saving=1.6)
     common = {
@@ -405,7 +405,7 @@ def test_measured_check_refers_candidates_to_the_dense_model_beside_them(tiny_ru
     optimistic (a plan saves half what it promises), so the first round misses and the smallest
     plan is measured to bracket the tightening: it too is referred. A budget in milliseconds is
     absolute: nothing is re-measured or scaled."""
-    from edgeprune.pipeline import prune
+    from edgeprune.pipeline import prune_run as prune
 
     _saving_device(monkeypatch, saving=0.5, drift=3.0)
     common = {
@@ -441,7 +441,7 @@ def test_measured_check_says_where_pruned_plans_measure_slower_than_dense(tiny_r
     """On this device pruning makes plans slower (what a runtime does to channel counts its fast
     kernels do not cover): measured beside the dense model, the candidates are slower than it,
     and the run says so instead of only missing the budget."""
-    from edgeprune.pipeline import prune
+    from edgeprune.pipeline import prune_run as prune
 
     _saving_device(monkeypatch, saving=-3.0)  # a plan ~15 % faster here measures ~45 % slower
     lines: list[str] = []
@@ -472,15 +472,18 @@ def test_short_training_proxy_scores_what_a_few_distilled_steps_recover(tiny_run
     before = {k: v.clone() for k, v in base.state_dict().items()}
     s = space(base, torch.randn(1, 1, 16, 16), step=8)
     narrow = [max(8, c // 4 // 8 * 8) for c in s.full_counts()]
-    recalibrated = ProxyEvaluator(s, digits16, heldout_images=300)
-    trained = ProxyEvaluator(s, digits16, heldout_images=300, train_steps=15)
+    from edgeprune.task import Task
+
+    task = Task.classification_on(digits16, heldout_images=300)
+    recalibrated = ProxyEvaluator(s, task)
+    trained = ProxyEvaluator(s, task, train_steps=15)
     assert len(trained.train_batches) == 15
     score = trained(narrow)
     assert score > recalibrated(narrow) + 0.05, (score, recalibrated(narrow))
     # the candidate trains on a copy: the dense model the search prunes is untouched
     assert all(torch.equal(before[k], v) for k, v in s.base.state_dict().items())
     # the training batches and the teacher's targets are drawn once: a plan's score is reproducible
-    again = ProxyEvaluator(s, digits16, heldout_images=300, train_steps=15)
+    again = ProxyEvaluator(s, task, train_steps=15)
     assert again(narrow) == score and trained.cache[trained.plan(narrow).hash()] == score
 
 
@@ -502,7 +505,7 @@ def test_prune_errors_are_one_line(tiny_run, tmp_path, cli):
     r = cli(*prune_args(tiny_run, tmp_path / "f", budget_ms="80%"), "--loosen", "5")
     assert r.returncode == 2 and "--loosen must be in [0, 1)" in r.stderr and "Traceback" not in r.stderr
     r = cli(*prune_args(tiny_run, tmp_path / "e", budget_ms="80%", proxy_steps=-1))
-    assert r.returncode == 2 and "--proxy-steps must be 0 or more" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "--proxy-steps must be at least 0" in r.stderr and "Traceback" not in r.stderr
     r = cli("prune", "--out", str(tmp_path / "d"), "--resume")
     assert r.returncode == 2 and "no pruning run to resume" in r.stderr
 
@@ -541,7 +544,7 @@ def test_prune_resumes_after_kill_9(tiny_run, tmp_path, cli):
 
 
 def test_tightening_follows_the_measured_plans():
-    from edgeprune.pipeline.prune import _tightened
+    from edgeprune.search.measured import tightened_budget as _tightened
 
     # latency far from proportional to cost: 50 % of the MACs still costs 75 % of the time
     points = [(1.0, 0.49), (0.5, 0.37), (0.12, 0.21)]
@@ -570,7 +573,7 @@ def test_tightening_follows_the_measured_plans():
 
 
 def test_loosening_interpolates_toward_the_target():
-    from edgeprune.pipeline.prune import _loosened
+    from edgeprune.search.measured import loosened_budget as _loosened
 
     # the costliest plan in (0.6 -> 0.20 ms) and the next point over (dense, 1.0 -> 0.50 ms)
     points = [(1.0, 0.50), (0.6, 0.20), (0.5, 0.18)]
@@ -586,23 +589,26 @@ def test_after_loosening_a_plan_within_the_proxy_s_resolution_spends_the_budget(
     cannot tell the two apart, the looser plan is kept: it has more channels in the same budget.
     (bench/README: on three loosened runs the earlier plans won by 0.25-1.05 points on 2,000 images;
     finetuned 30 epochs, the looser plans were +0.22, -0.01 and (resnet56, 21 epochs) +0.37 points.)"""
-    from edgeprune.pipeline.prune import _after_loosening
-    from edgeprune.search.proxy import resolution
+    from edgeprune.search.measured import after_loosening as _after_loosening
+    from edgeprune.task import Task
 
-    assert resolution(0.5, 10_000) == pytest.approx(0.01)
-    assert resolution(0.818, 2000) == pytest.approx(2 * (0.818 * 0.182 / 2000) ** 0.5)
+    def on(images):
+        return Task(score=None, train=None, loss=None, images=images)
+
+    assert on(10_000).resolution(0.5) == pytest.approx(0.01)
+    assert on(2000).resolution(0.818) == pytest.approx(2 * (0.818 * 0.182 / 2000) ** 0.5)
     earlier = ({"score": 0.818}, {"round": 0, "measured_ms": 0.219})
     looser = ({"score": 0.8075}, {"round": 1, "measured_ms": 0.262})
     worse = ({"score": 0.79}, {"round": 1, "measured_ms": 0.265})
     lines: list[str] = []
-    assert _after_loosening(earlier, [earlier, worse, looser], 1, 2000, 0.276, lines.append) is looser
+    assert _after_loosening(earlier, [earlier, worse, looser], 1, on(2000), 0.276, lines.append) is looser
     assert "within the proxy's resolution (1.7% on 2000 held-out images)" in lines[-1]
     # told apart: 2.8 points is more than the resolution on 2000 images, or 1.05 points on 20000
-    assert _after_loosening(earlier, [earlier, worse], 1, 2000, 0.276, lines.append) is earlier
+    assert _after_loosening(earlier, [earlier, worse], 1, on(2000), 0.276, lines.append) is earlier
     assert "scored lower" in lines[-1]
-    assert _after_loosening(earlier, [earlier, looser], 1, 20_000, 0.276, lines.append) is earlier
+    assert _after_loosening(earlier, [earlier, looser], 1, on(20_000), 0.276, lines.append) is earlier
     # nothing of the looser round measured within the target
-    assert _after_loosening(earlier, [earlier], 1, 2000, 0.276, lines.append) is earlier
+    assert _after_loosening(earlier, [earlier], 1, on(2000), 0.276, lines.append) is earlier
     assert "measured over 0.276 ms" in lines[-1]
 
 

@@ -58,4 +58,5 @@ class OnnxRuntimeBackend(Backend):
         def run(x: np.ndarray) -> np.ndarray:
             return sess.run(None, {name: x})[0]
 
+        run.outputs = lambda x: sess.run(None, {name: x})  # every output, in the model's order
         return run

@@ -118,6 +118,11 @@ class TensorRtBackend(Backend):
             stream.synchronize()
             return buffers[outputs[0]].cpu().numpy()
 
+        def all_outputs(x: np.ndarray) -> list[np.ndarray]:
+            run(x)
+            return [buffers[n].cpu().numpy() for n in outputs]
+
+        run.outputs = all_outputs  # every output, in the engine's order
         run.timed = lambda: _timed(context, stream)  # GPU time of one inference, by CUDA events
         return run
 

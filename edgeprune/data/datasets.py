@@ -37,6 +37,7 @@ class Dataset:
     test: Split
     augment: Augment | None = None
     classes: list[str] = field(default_factory=list)
+    options: dict = field(default_factory=dict)  # how it was loaded beyond its name (imagefolder: size, mean, std)
 
     def split(self, name: str) -> Split:
         if name not in ("train", "heldout", "test"):
@@ -200,41 +201,77 @@ def cifar10(root: str | os.PathLike | None = None, *, heldout: int = 5000) -> Da
     )
 
 
-def imagefolder(path: str | os.PathLike, *, resolution: int = 224, heldout: float = 0.1) -> Dataset:
-    """PATH/train and PATH/val (or PATH/test), one folder per class, ImageNet-style transforms."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagefolder(
+    path: str | os.PathLike,
+    *,
+    size: int = 224,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    heldout: float = 0.1,
+) -> Dataset:
+    """PATH/train and PATH/val (or PATH/test), one folder per class, RGB at `size` x `size`
+    (random resized crops and flips for training; resize to size x 256/224 and a centre crop for
+    evaluation, as torchvision's ImageNet weights were made), normalised by `mean` and `std` (the
+    statistics the weights were trained with: ImageNet's for torchvision's)."""
     from torchvision import datasets, transforms
 
     path = Path(path)
     test_dir = next((path / d for d in ("val", "test") if (path / d).is_dir()), None)
     if not (path / "train").is_dir() or test_dir is None:
         raise EdgepruneError(f"imagefolder:{path} needs {path}/train and {path}/val (or test), one folder per class")
+    if not 8 <= int(size) <= 4096:
+        raise EdgepruneError(f"image size {size} is out of range; give --image-size between 8 and 4096")
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise EdgepruneError(f"--mean and --std need three values each (RGB), std positive; got {mean}, {std}")
+    resolution = int(size)
     resize = int(resolution * 256 / 224)
     train_tf = transforms.Compose(
         [transforms.RandomResizedCrop(resolution), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
     )
     eval_tf = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(resolution), transforms.ToTensor()])
-    train_aug = datasets.ImageFolder(str(path / "train"), transform=train_tf)
-    train_eval = datasets.ImageFolder(str(path / "train"), transform=eval_tf)
-    test = datasets.ImageFolder(str(test_dir), transform=eval_tf)
+    try:
+        train_aug = datasets.ImageFolder(str(path / "train"), transform=train_tf)
+        train_eval = datasets.ImageFolder(str(path / "train"), transform=eval_tf)
+        test = datasets.ImageFolder(str(test_dir), transform=eval_tf)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise EdgepruneError(f"imagefolder:{path}: {str(e).splitlines()[0][:160]}") from None
+    if train_aug.classes != test.classes:
+        raise EdgepruneError(f"imagefolder:{path}: train/ and {test_dir.name}/ hold different class folders")
     n_ho = max(1, int(len(train_aug) * heldout))
     tr, ho = carve_heldout(len(train_aug), n_ho)
     return Dataset(
         f"imagefolder:{path}",
         len(train_aug.classes),
         (3, resolution, resolution),
-        (0.485, 0.456, 0.406),
-        (0.229, 0.224, 0.225),
+        tuple(float(v) for v in mean),
+        tuple(float(v) for v in std),
         FolderSplit(train_aug, tr),
         FolderSplit(train_eval, ho),
         FolderSplit(test),
         None,
         train_aug.classes,
+        {"size": resolution, "mean": [float(v) for v in mean], "std": [float(v) for v in std]},
     )
 
 
-def load_dataset(name: str, *, root: str | os.PathLike | None = None, download: bool = False) -> Dataset:
-    """A data set by name: fashion-mnist, digits[:SIZE], cifar10[:PATH], imagefolder:PATH."""
+def load_dataset(
+    name: str, *, root: str | os.PathLike | None = None, download: bool = False, options: dict | None = None
+) -> Dataset:
+    """A data set by name: fashion-mnist, digits[:SIZE], cifar10[:PATH], imagefolder:PATH (with
+    `options` size, mean, std: see `imagefolder`)."""
     kind, _, arg = name.partition(":")
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    if options and kind != "imagefolder":
+        raise EdgepruneError(f"{', '.join(sorted(options))} apply to imagefolder:PATH data only, not {name}")
+    if kind == "imagefolder" and arg:
+        unknown = set(options) - {"size", "mean", "std"}
+        if unknown:
+            raise EdgepruneError(f"unknown imagefolder option(s) {sorted(unknown)}; known: size, mean, std")
+        return imagefolder(arg, **options)
     if kind == "fashion-mnist":
         return fashion_mnist(arg or root, download=download)
     if kind == "digits":
@@ -243,6 +280,4 @@ def load_dataset(name: str, *, root: str | os.PathLike | None = None, download: 
         return digits(size=int(arg or 8))
     if kind == "cifar10":
         return cifar10(arg or root)
-    if kind == "imagefolder" and arg:
-        return imagefolder(arg)
     raise choices_error("data set", name, NAMES)

@@ -20,6 +20,7 @@ class Device:
         self._backend = None
         self._client = None
         self._worker = None
+        self._fingerprint: dict | None = None
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike) -> Device:
@@ -69,7 +70,10 @@ class Device:
             self._worker.stop()
 
     def fingerprint(self) -> dict:
-        return self.client.info()["fingerprint"] if self.remote else self.backend.fingerprint()
+        """Runtime, version, hardware and settings; asked once (a device behind an agent answers over the network)."""
+        if self._fingerprint is None:
+            self._fingerprint = self.client.info()["fingerprint"] if self.remote else self.backend.fingerprint()
+        return dict(self._fingerprint)
 
     def measure(
         self,

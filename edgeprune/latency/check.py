@@ -8,6 +8,7 @@ hardware-in-the-loop measurements)."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -29,6 +30,21 @@ def predictor_for(model: nn.Module, input_shape, table: LatencyTable, *, depth: 
     return s, Predictor(ModelLayers.from_model(s), table)
 
 
+def predict(model: nn.Module, example_input, table, plan=None) -> float:
+    """The latency `table` predicts for `model` pruned by `plan` (a Plan or its JSON file; default:
+    the dense model), in ms."""
+    from edgeprune.models.onnx import example_tensor
+    from edgeprune.pruning import Plan
+
+    shape = tuple(example_tensor(example_input).shape)
+    if not isinstance(table, LatencyTable):
+        path, table = table, LatencyTable.load(table)
+        table.check_input(shape, path, "profile it at this input size")
+    plan = Plan.load(plan) if isinstance(plan, (str, os.PathLike)) else plan
+    s, predictor = predictor_for(model, shape, table, depth=bool(plan and plan.drop))
+    return predictor.predict(s.counts_of(plan) if plan else s.full_counts())
+
+
 def check_predictor(
     *,
     model: nn.Module,
@@ -43,7 +59,7 @@ def check_predictor(
 ) -> dict:
     """Measure `n` random plans on `device`; prediction error of the table and of the FLOPs baseline.
     With `depth`, the plans may also remove residual blocks."""
-    from edgeprune.export import export_onnx
+    from edgeprune.models.onnx import export_onnx
     from edgeprune.pruning import random_counts
 
     s, predictor = predictor_for(model, input_shape, table, depth=depth)

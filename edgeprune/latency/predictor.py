@@ -74,12 +74,29 @@ def anchor_scale(table: LatencyTable, dense_counts: Sequence[int], dense_ms: flo
 
 
 @dataclass
-class CompiledPredictor:
-    """A Predictor as arrays: each unit's latency over the allowed keep-counts of the groups it
-    depends on (one or two groups for a conv), so predicting N plans is a few gathers and sums."""
+class _CompiledUnit:
+    """One unit's latency over the distinct channel counts of its forms (NaN where unreachable)."""
 
-    allowed: list[np.ndarray]  # per group, its allowed keep-counts (ascending)
-    units: list[tuple[tuple[int, ...], np.ndarray]]  # (groups the unit depends on, ms over their counts)
+    c0: np.ndarray  # (F,) each form's dense channels
+    a: np.ndarray  # (F, G) how each form's channels fall with the groups' removed channels
+    values: list[np.ndarray]  # per form, the channel counts it reaches (ascending)
+    ms: np.ndarray  # latency over the product of `values`
+    gate: int | None  # the group whose keep-count 0 removes the unit
+
+    def __call__(self, removed: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        channels = np.rint(self.c0 - removed @ self.a.T)  # (N, F)
+        idx = tuple(np.clip(np.searchsorted(v, channels[:, f]), 0, len(v) - 1) for f, v in enumerate(self.values))
+        ms = self.ms[idx]
+        return ms if self.gate is None else np.where(counts[:, self.gate] > 0, ms, 0.0)
+
+
+@dataclass
+class CompiledPredictor:
+    """A Predictor as arrays: each unit's latency over the channel counts it can take, so
+    predicting N plans is one product with the removed channels and a gather per unit."""
+
+    widths: np.ndarray  # per group, its full width
+    units: list[_CompiledUnit]
     constant_ms: float  # units no group changes
     calibration: dict  # the table's (its weights term, where it has one, needs each plan's weights)
     params_many: Callable[[np.ndarray], np.ndarray]  # (N, G) keep-counts -> (N,) parameters
@@ -89,46 +106,35 @@ class CompiledPredictor:
         layers, entries = predictor.layers, predictor.table.entries
         overhead = predictor.table.overhead_ms
         constant, units, missing = 0.0, [], []
-        for u in range(len(layers.units)):
-            involved, configs = layers.unit_grid(u)
-            ms = np.array(
-                [
-                    0.0
-                    if c is None
-                    else max(0.0, entries[c.key]["median_ms"] - overhead)
-                    if c.key in entries
-                    else np.nan
-                    for c in configs
-                ]
-            )  # a unit of a removed block (None) costs nothing
-            missing += [c.key for c, v in zip(configs, ms) if np.isnan(v)]
-            if not involved:
-                constant += float(ms[0])
-            else:
-                shape = tuple(len(layers.space.groups[g].allowed) for g in involved)
-                units.append((tuple(involved), ms.reshape(shape)))
+        for u, unit in enumerate(layers.units):
+            grid = layers.unit_grid(u)
+            ms = np.full(tuple(len(v) for v in grid.values), np.nan)
+            for index, cfg in grid.configs.items():
+                if cfg.key in entries:
+                    ms[index] = max(0.0, entries[cfg.key]["median_ms"] - overhead)
+                else:
+                    missing.append(cfg.key)
+            c0, a = zip(*(layers.form(t) for t in grid.forms))
+            if not np.abs(np.stack(a)).sum() and unit.gate is None:
+                constant += float(np.nan_to_num(ms.flat[0]))
+                continue
+            gate = unit.gate if grid.removable else None
+            units.append(_CompiledUnit(np.asarray(c0, float), np.stack(a), grid.values, ms, gate))
         if missing:
             raise EdgepruneError(
                 f"latency table lacks {len(missing)} reachable layer configurations of this model (e.g. {missing[0]}); "
-                "profile this model on this device with `edgeprune profile`"
+                "profile this model on this device with `edgeprune profile` (it measures only what is missing)"
             )
         cal = predictor.table.calibration
-        allowed = [np.asarray(g.allowed) for g in layers.space.groups]
-        return cls(allowed, units, constant, dict(cal), layers.space.cost.params_many)
-
-    def indices(self, counts) -> np.ndarray:
-        """(N, G) keep-counts -> (N, G) positions in each group's allowed counts."""
-        counts = np.atleast_2d(np.asarray(counts))
-        idx = np.empty(counts.shape, dtype=np.intp)
-        for g, allowed in enumerate(self.allowed):
-            idx[:, g] = np.searchsorted(allowed, counts[:, g])
-        return idx
+        widths = np.asarray(layers.space.widths, float)
+        return cls(widths, units, constant, dict(cal), layers.space.cost.params_many)
 
     def unit_sum(self, counts) -> np.ndarray:
-        idx = self.indices(counts)
-        total = np.full(len(idx), self.constant_ms)
-        for groups, ms in self.units:
-            total += ms[tuple(idx[:, g] for g in groups)]
+        counts = np.atleast_2d(np.asarray(counts))
+        removed = self.widths - counts
+        total = np.full(len(counts), self.constant_ms)
+        for unit in self.units:
+            total += unit(removed, counts)
         return total
 
     def predict(self, counts) -> np.ndarray:

@@ -126,32 +126,39 @@ def detect_step(
 
 
 def _open_table(
-    out: Path, device: Device, fingerprint: dict, step: int, model_id: str, shape, copies: int
+    out: Path | None, device: Device, fingerprint: dict, step: int, model_id: str, shape, copies: int
 ) -> tuple[LatencyTable, int]:
-    """The table to extend: the existing file when it matches this device, step and unit copies,
-    else a new one."""
-    if out.exists():
+    """The table to extend: the existing file when it matches this device, step and unit copies
+    (it may be another model's: what this one shares with it is not measured again), else a new one."""
+    if out is not None and out.exists():
         old = LatencyTable.load(out)
+        if old.input_shape and list(old.input_shape) != list(shape):
+            raise EdgepruneError(
+                f"{out} holds a table for input {list(old.input_shape)}, not {list(shape)}: a table holds one input "
+                "size; give this one its own --out"
+            )
         if not fingerprint_diff(old.fingerprint, fingerprint) and old.step == step and old.unit_copies == copies:
             return old, len(old.entries)
-        why = (
-            fingerprint_diff(old.fingerprint, fingerprint)
-            or (old.step != step and f"step {old.step}, not {step}")
-            or f"units measured with {old.unit_copies} cop{'y' if old.unit_copies == 1 else 'ies'}, not {copies}"
-        )
-        raise EdgepruneError(f"{out} holds a table for another setup ({why}); choose another --out or delete it")
+        diff = fingerprint_diff(old.fingerprint, fingerprint)
+        if diff:
+            why = f"{diff}: without --out, profile writes this setup's own table beside it"
+        elif old.step != step:
+            why = f"step {old.step}, not {step}: --step {old.step} extends it"
+        else:
+            why = f"units measured with {old.unit_copies} cop{'y' if old.unit_copies == 1 else 'ies'}, not {copies}"
+        raise EdgepruneError(f"{out} holds a table for another setup ({why}); choose another --out")
     table = LatencyTable(device.name, fingerprint, UNIT_PROTOCOL.to_dict(), step, model_id, list(shape))
     table.meta["unit_copies"] = copies
     return table, 0
 
 
 def profile(
-    *,
     model: nn.Module,
-    model_id: str,
-    input_shape: tuple[int, ...],
-    device: Device,
-    out: str | os.PathLike,
+    example_input: torch.Tensor | tuple[int, ...],
+    *,
+    device: Device | str,
+    out: str | os.PathLike | None = None,
+    model_id: str | None = None,
     step: int | str | None = None,
     copies: int | None = None,
     calibrate: int = 24,
@@ -161,33 +168,29 @@ def profile(
     progress: bool = True,
     log=print,
 ) -> LatencyTable:
-    """Profile `model`'s reachable layer configurations on `device` into the table at `out`.
+    """Profile `model`'s reachable layer configurations on `device` into a latency table; returns it.
 
-    `copies`: 1 measures each unit alone; K > 1 measures it in context, as the per-copy
-    difference between K summed copies and one (see `unit_model`); default: the device
-    profile's `unit_copies`.
-
+    `out`: the table's file, written after every batch (an interrupted profile resumes; an existing
+    table of this device setup gets only the configurations it lacks, and its calibration is refit
+    where it was another model's). Without `out`, the table is only returned.
+    `step`: the channel step (an int, "auto" to detect it, None: the device profile's).
+    `copies`: 1 measures each unit alone; K > 1 measures it in context, as the per-copy difference
+    between K summed copies and one (see `unit_model`); default: the device profile's `unit_copies`.
     `recalibrate`: measure the dense model and `calibrate` plans anew, all together, and fit the
     line on them alone (the units are kept): a device drifts over days, and points measured at
     different times do not lie on one line. The replaced calibration is kept in
     `meta["previous_calibrations"]`."""
-    from edgeprune.export import export_onnx
-    from edgeprune.pruning import random_counts, space
+    from edgeprune.models.onnx import example_tensor
+    from edgeprune.pruning import space
 
-    out = Path(out)
-    if recalibrate and not out.exists():
+    device = Device.load(device) if isinstance(device, (str, os.PathLike)) else device
+    input_shape = tuple(example_tensor(example_input).shape)
+    model_id = model_id or type(model).__name__
+    out = None if out is None else Path(out)
+    if recalibrate and (out is None or not out.exists()):
         raise EdgepruneError(f"--recalibrate refits an existing table and {out} does not exist: profile it first")
     fingerprint = device.fingerprint()
-    sweep = None
-    if step == "auto":
-        hw = tuple(input_shape[2:]) if len(input_shape) == 4 else (14, 14)
-        hw = (max(7, hw[0] // 4), max(7, hw[1] // 4))
-        step, sweep = detect_step(device, hw=hw, progress=progress)
-        log(
-            f"channel step on {device.name}: {step} (share of channel counts off each step's plateaus: "
-            f"{', '.join(f'{s}: {e:.0%} off' for s, e in sweep['quantisation_error'].items())})"
-        )
-    step = int(step or device.spec.channel_step or 8)
+    step, sweep = _step(step, device, input_shape, progress, log)
     s = space(model, torch.randn(*input_shape), step=step)
     layers = ModelLayers.from_model(s)
     configs = layers.reachable()
@@ -197,13 +200,39 @@ def profile(
     table, reused = _open_table(out, device, fingerprint, step, model_id, input_shape, copies)
     if sweep:
         table.meta["step_sweep"] = sweep
+    _measure_units(table, configs, device, copies, batch, out, model_id, len(s.groups), reused, progress, log)
+    _calibrate(table, s, layers, model, model_id, input_shape, device, calibrate, recalibrate, seed, out, progress, log)
+    table.meta["model_protocol"] = device.spec.protocol.to_dict()
+    table.meta["measurement"] = {"statistic": "quietest", "unit_rounds": UNIT_ROUNDS, "model_rounds": ROUNDS}
+    table.meta["configurations"] = len(configs)
+    table.model, table.input_shape = model_id, list(input_shape)
+    if out is not None:
+        table.save(out)
+    return table
+
+
+def _step(step, device: Device, input_shape, progress: bool, log) -> tuple[int, dict | None]:
+    """The channel step: given, detected (`auto`), or the device profile's (default 8)."""
+    if step != "auto":
+        return int(step or device.spec.channel_step or 8), None
+    hw = tuple(input_shape[2:]) if len(input_shape) == 4 else (14, 14)
+    hw = (max(7, hw[0] // 4), max(7, hw[1] // 4))
+    found, sweep = detect_step(device, hw=hw, progress=progress)
+    log(
+        f"channel step on {device.name}: {found} (share of channel counts off each step's plateaus: "
+        f"{', '.join(f'{s}: {e:.0%} off' for s, e in sweep['quantisation_error'].items())})"
+    )
+    return found, sweep
+
+
+def _measure_units(table, configs, device, copies, batch, out, model_id, groups, reused, progress, log) -> None:
     if "unit_overhead_ms" not in table.meta:  # what one call of an (almost) empty model costs here
         empty = LayerConfig("act:relu", 1, 1)
         table.meta["unit_overhead_ms"] = round(measure_configs(device, [empty], UNIT_PROTOCOL)[0].median_ms, 6)
     todo = [c for c in configs if c.key not in table.entries]
     log(
-        f"{model_id}: {len(s.groups)} groups, {len(configs)} reachable layer configurations at step {step}; "
-        f"{len(todo)} to measure, {reused} already in {out}"
+        f"{model_id}: {groups} groups, {len(configs)} reachable layer configurations at step {table.step}; "
+        f"{len(todo)} to measure, {len(configs) - len(todo) if reused else 0} already in {out or 'the table'}"
         + (f"; each unit in context ({copies} copies vs 1)" if copies > 1 else "")
     )
     started = time.monotonic()
@@ -221,17 +250,37 @@ def profile(
                 table.entries[cfg.key] = {k: round(v, 6) if isinstance(v, float) else v for k, v in d.items()}
             table.meta["profile_seconds"] = round(table.meta.get("profile_seconds", 0) + time.monotonic() - started, 1)
             started = time.monotonic()
-            table.save(out)
-    # calibration on whole models: dense plus random plans (kept in the table, so resumable too)
-    if recalibrate and table.meta.get("calibration_points"):
+            if out is not None:
+                table.save(out)
+
+
+def _set_aside(table: LatencyTable, why: str, log) -> None:
+    """The current line and its points, kept in meta["previous_calibrations"]; a new line is fitted."""
+    if table.meta.get("calibration_points"):
         table.meta.setdefault("previous_calibrations", []).append(
             {
                 "replaced": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "calibration": table.calibration,
                 "points": table.meta.pop("calibration_points"),
+                "model": table.model,
             }
         )
-        log(f"recalibrating: the {table.calibration.get('n', 0)} points of the current line are set aside")
+        log(f"{why}: the {table.calibration.get('n', 0)} points of the current line are set aside")
+
+
+def _calibrate(
+    table, s, layers, model, model_id, input_shape, device, calibrate, recalibrate, seed, out, progress, log
+) -> None:
+    """Fit the line on whole models: the dense one and random plans (kept in the table, resumable)."""
+    from edgeprune.models.onnx import export_onnx
+    from edgeprune.pruning import random_counts
+
+    signature = layers.signature()
+    if recalibrate:
+        _set_aside(table, "recalibrating", log)
+    elif why := table.other_model(model_id, signature):
+        _set_aside(table, f"{why}: refitting it on {model_id}", log)
+    table.meta["calibration_signature"] = signature
     points = table.meta.setdefault("calibration_points", {})
     rng = np.random.default_rng(seed)
     plans = [s.full_counts()] + [random_counts(s, rng, mode="near-uniform") for _ in range(calibrate)]
@@ -249,10 +298,15 @@ def profile(
                 measured = measure_interleaved(device, paths, on_result=shown)
             for counts, m in zip(todo, measured):
                 points[calibration_key(counts)] = {"sum_ms": predictor.unit_sum(counts), "measured_ms": m.median_ms}
-            table.save(out)
+            if out is not None:
+                table.save(out)
     fitted = [[int(v) for v in key.split(",")] for key in points]
     sums = [predictor.unit_sum(counts) for counts in fitted]
     cal = predictor.fit_calibration(sums, [p["measured_ms"] for p in points.values()], fitted)
+    _warn_calibration(table, cal, points, predictor, s, device, log)
+
+
+def _warn_calibration(table, cal, points, predictor, s, device, log) -> None:
     if (cal.get("fit_median_abs_err") or 0) > CALIBRATION_SCATTER:
         log(
             f"warning: the calibration misses its own {cal['n']} whole-model measurements by a median "
@@ -279,8 +333,3 @@ def profile(
                 "refers every prediction to that measurement, so if it was caught in a slow or fast phase they all "
                 "move with it; run this again with --recalibrate when the device is quiet"
             )
-    table.meta["model_protocol"] = device.spec.protocol.to_dict()
-    table.meta["measurement"] = {"statistic": "quietest", "unit_rounds": UNIT_ROUNDS, "model_rounds": ROUNDS}
-    table.meta["configurations"] = len(configs)
-    table.save(out)
-    return table

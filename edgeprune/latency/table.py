@@ -39,6 +39,26 @@ class LatencyTable:
     calibration: dict = field(default_factory=lambda: {"a": 1.0, "b": 0.0, "n": 0})
     meta: dict = field(default_factory=dict)
 
+    def check_input(self, input_shape, path, advice: str) -> None:
+        """A table holds one input size: refuse another in one line that says so (not as missing
+        layer configurations, which is what it would look like)."""
+        if self.input_shape and list(self.input_shape) != list(input_shape):
+            raise EdgepruneError(
+                f"{path} was profiled at input {list(self.input_shape)}, the model takes {list(input_shape)}: a table "
+                f"holds one input size; profile the model at its own: {advice}"
+            )
+
+    def other_model(self, model_id: str, signature: str) -> str | None:
+        """Why this table's calibration line is another model's (None where it is this one's): the
+        line is fitted on whole-model measurements, and another model (or another head or input
+        size of it) adds up from its units differently."""
+        fitted = self.meta.get("calibration_signature")
+        if fitted is not None:
+            return None if fitted == signature else f"its calibration was fitted on another model ({self.model})"
+        if self.model not in (None, model_id):
+            return f"it was profiled for {self.model}, not {model_id}"
+        return None
+
     def ms(self, key: str) -> float:
         return self.entries[key]["median_ms"]
 
@@ -129,6 +149,15 @@ def setup_name(fingerprint: dict) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", str(what).lower()).strip("-")[:40] or "device"
     whole = json.dumps({k: fingerprint.get(k) for k in FINGERPRINT_KEYS}, sort_keys=True, default=str)
     return f"{slug}-{hashlib.sha256(whole.encode()).hexdigest()[:6]}"
+
+
+def find_table(device, model_id: str, given: str | os.PathLike | None = None, *, writing: bool = False) -> Path:
+    """The one place a table is chosen: `given` where the user named one, else the device profile's
+    table of `model_id` for this setup (`default_table`; the device's fingerprint is asked only
+    where it decides)."""
+    if given:
+        return Path(given)
+    return default_table(device.name, model_id, device.fingerprint, writing=writing)
 
 
 def default_table(

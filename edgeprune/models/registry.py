@@ -34,7 +34,7 @@ def list_models() -> list[str]:
     return list(BUILTINS) + torchvision_models()
 
 
-def _replace_stem(model: nn.Module, in_channels: int) -> None:
+def replace_stem(model: nn.Module, in_channels: int) -> None:
     """Swap the first conv that reads the RGB input for one that reads `in_channels`."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.in_channels == 3:
@@ -69,5 +69,5 @@ def build_model(name: str, *, num_classes: int = 10, in_channels: int = 3) -> nn
         kwargs["init_weights"] = True
     model = torchvision.models.get_model(name, **kwargs)
     if in_channels != 3:
-        _replace_stem(model, in_channels)
+        replace_stem(model, in_channels)
     return model

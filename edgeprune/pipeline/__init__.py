@@ -1,10 +1,13 @@
-"""The pipeline's stages (prune, finetune, export, validate) and `run`, which chains them."""
+"""The pipeline's stages, model in / model out (prune, finetune, export, validate), their run-folder
+faces (prune_run, finetune_run, export_run, validate_run: what the CLI calls), and `run`, which
+chains them."""
 
-from edgeprune.pipeline.export import export_run
-from edgeprune.pipeline.finetune import finetune
-from edgeprune.pipeline.prune import PruneConfig, prune
+from edgeprune.pipeline.export import export, export_run
+from edgeprune.pipeline.finetune import finetune, finetune_run
+from edgeprune.pipeline.prune import PruneResult, prune, prune_run
 from edgeprune.pipeline.run import QUICKSTART, run_pipeline
-from edgeprune.pipeline.validate import validate
+from edgeprune.pipeline.settings import PruneSettings
+from edgeprune.pipeline.validate import validate, validate_run
 
 
 def run_quickstart(**kwargs) -> dict:
@@ -14,11 +17,16 @@ def run_quickstart(**kwargs) -> dict:
 
 __all__ = [
     "QUICKSTART",
-    "PruneConfig",
+    "PruneResult",
+    "PruneSettings",
+    "export",
     "export_run",
     "finetune",
+    "finetune_run",
     "prune",
+    "prune_run",
     "run_pipeline",
     "run_quickstart",
     "validate",
+    "validate_run",
 ]

@@ -1,9 +1,11 @@
-"""Export a run's model (finetuned if it was, else as pruned) and write the manifest.
+"""Export a model to the formats devices run, each checked against PyTorch, with a manifest.
 
-manifest.json lists every file with its hash, the input shape, the plan, the accuracy (PyTorch
-and each runtime's own on the test split), each file's parity with PyTorch, and the latency
-figures known so far (predicted and measured during the search; `validate` adds its measurement
-on the device under "validation"). A file that fails parity fails the export.
+`export(model, example_input, out_dir, formats=..., data=... | score_fn=...)` writes the files
+and manifest.json: every file with its hash, the input shape, the plan where known, the task's
+figure (PyTorch's and each runtime's own), each file's parity with PyTorch, and the latency
+figures known so far (`validate` adds its measurement on the device under "validation"). A file
+that fails parity fails the export. `export_run(RUN)` exports a run's model (finetuned if it
+was, else as pruned) with the run's figures.
 """
 
 from __future__ import annotations
@@ -13,20 +15,95 @@ import os
 import time
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from edgeprune.errors import EdgepruneError
-from edgeprune.runs import write_json
+from edgeprune.runs import RunDir, write_json
 
 
-def run_model_checkpoint(run: Path):
-    """The run's model to ship: finetuned.pt when finetuning finished, else pruned.pt."""
-    from edgeprune.checkpoint import load_checkpoint
+def export(
+    model: nn.Module,
+    example_input: torch.Tensor | tuple[int, ...],
+    out_dir: str | os.PathLike,
+    *,
+    formats: str | list[str] = "onnx",
+    data=None,
+    score_fn=None,
+    train_data=None,
+    input_fn=None,
+    tensorrt_precision: str = "fp16",
+    accuracy_images: int | None = None,
+    plan=None,
+    latency: dict | None = None,
+    log=print,
+) -> dict:
+    """Write `model` as ONNX (and OpenVINO IR, TensorRT engine) into `out_dir`; returns the
+    manifest. Parity is checked on `data`'s test images (a classifier) or on `train_data`'s
+    inputs with `score_fn` run on each file (any task); with neither, on the example input."""
+    from edgeprune.backends import TensorRtBackend
+    from edgeprune.backends.tensorrt import MISSING
+    from edgeprune.export import export_model, parity_failures, parse_formats
+    from edgeprune.models.onnx import example_tensor
+    from edgeprune.task import make_task
 
-    for name in ("finetuned.pt", "pruned.pt"):
-        if (run / name).is_file():
-            ckpt = load_checkpoint(run / name)
-            if name == "pruned.pt" or ckpt.meta.get("finished"):
-                return run / name, ckpt
-    raise EdgepruneError(f"{run} has no pruned.pt: run `edgeprune prune --out {run}` first")
+    fmts = parse_formats(formats)
+    if accuracy_images is not None and accuracy_images < 1:
+        raise EdgepruneError(f"--accuracy-images must be at least 1, got {accuracy_images}")
+    if "tensorrt" in fmts and not TensorRtBackend.available():
+        raise EdgepruneError(MISSING)  # before any work: nothing half-exported
+    x = example_tensor(example_input)
+    if data is None and score_fn is None:  # outputs compared on the example input alone
+        score_fn, train_data = (lambda m: 0.0), [x]
+    task = make_task(data=data, score_fn=score_fn, train_data=train_data, input_fn=input_fn)
+    shape = tuple(x.shape)
+    target = Path(out_dir)
+    started = time.monotonic()
+    artifacts = export_model(
+        model,
+        input_shape=shape,
+        out_dir=target,
+        formats=fmts,
+        task=task,
+        tensorrt_precision=tensorrt_precision,
+        accuracy_images=accuracy_images,
+        log=log,
+    )
+    reference = {"pytorch_test": task.report_score(model)}
+    reference.update(
+        {
+            f"{k}_test": v["parity"]["test_accuracy"]
+            for k, v in artifacts.items()
+            if "test_accuracy" in v.get("parity", {})
+        }
+    )
+    reference.update(
+        {
+            f"{k}_score": v["parity"]["runtime_score"]
+            for k, v in artifacts.items()
+            if "runtime_score" in v.get("parity", {})
+        }
+    )
+    manifest = {
+        "input_shape": list(shape),
+        "input": {"name": "input", "dtype": "float32"},
+        "plan": plan,
+        "formats": artifacts,
+        "metric": task.metric,
+        "accuracy": reference,
+        "latency": latency or {},
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    if task.classification:
+        manifest["input"].update(mean=list(task.dataset.mean), std=list(task.dataset.std))
+    write_json(target / "manifest.json", manifest)
+    failed = parity_failures(artifacts)
+    if failed:  # the files and the manifest stay for a look
+        raise EdgepruneError(
+            f"the export fails parity with PyTorch ({'; '.join(failed)}): the file computes something else "
+            f"than the model, do not ship it; the files and manifest.json are in {target}"
+        )
+    return manifest
 
 
 def export_run(
@@ -38,77 +115,63 @@ def export_run(
     accuracy_images: int | None = None,
     log=print,
 ) -> dict:
-    from edgeprune.backends import TensorRtBackend
-    from edgeprune.backends.tensorrt import MISSING
-    from edgeprune.data import load_dataset
-    from edgeprune.export import export_model, parity_failures, parse_formats
-    from edgeprune.training import accuracy
+    """`export` of a run's model into `out` (default export/RUN-NAME), with the run's figures."""
+    from edgeprune.export import parse_formats
+    from edgeprune.pipeline.finetune import run_task_data
 
-    run = Path(run_dir)
-    fmts = parse_formats(formats)
+    run = RunDir(run_dir)
+    parse_formats(formats)  # an unknown format, before anything is read
     if accuracy_images is not None and accuracy_images < 1:
         raise EdgepruneError(f"--accuracy-images must be at least 1, got {accuracy_images}")
-    if "tensorrt" in fmts and not TensorRtBackend.available():
-        raise EdgepruneError(MISSING)  # before any work: nothing half-exported
-    source, ckpt = run_model_checkpoint(run)
-    config = json.loads((run / "config.json").read_text())
-    results = json.loads((run / "results.json").read_text()) if (run / "results.json").is_file() else {}
-    data = load_dataset(ckpt.dataset, root=config.get("data_root"))
-    model = ckpt.build()
-    shape = (1, *ckpt.input_shape)
+    source, ckpt = run.shipped()
+    results = run.read("results.json") or {}
+    _check_lineage(run, ckpt)
+    data = run_task_data(run)
     target = Path(out) if out else Path("export") / run.name
-    started = time.monotonic()
-    log(f"exporting {source} ({', '.join(fmts)}) to {target}")
-    artifacts = export_model(
-        model,
-        input_shape=shape,
-        out_dir=target,
-        formats=fmts,
-        data=data,
-        tensorrt_precision=tensorrt_precision,
-        accuracy_images=accuracy_images,
-        log=log,
-    )
     chosen = results.get("chosen", {})
-    manifest = {
-        "model": ckpt.model,
-        "dataset": ckpt.dataset,
-        "source": str(source),
-        "run_dir": str(run),
-        "input_shape": list(shape),
-        "input": {"name": "input", "dtype": "float32", "mean": list(data.mean), "std": list(data.std)},
-        "plan": ckpt.plan,
-        "formats": {k: {kk: vv for kk, vv in v.items()} for k, v in artifacts.items()},
-        "accuracy": {
-            "pytorch_test": ckpt.meta.get("test_accuracy") or accuracy(model, data, "test"),
-            **{
-                f"{k}_test": v["parity"]["test_accuracy"]
-                for k, v in artifacts.items()
-                if "test_accuracy" in v.get("parity", {})
-            },
-        },
-        "latency": {
-            "device": results.get("device"),
-            "budget_ms": results.get("budget_ms"),
-            "predicted_ms": chosen.get("predicted_ms"),
-            "measured_ms_during_search": chosen.get("measured_ms"),
-            "dense_measured_ms": results.get("dense", {}).get("measured_ms"),
-        },
-        "seconds": round(time.monotonic() - started, 1),
+    latency = {
+        "device": results.get("device"),
+        "budget_ms": results.get("budget_ms"),
+        "predicted_ms": chosen.get("predicted_ms"),
+        "measured_ms_during_search": chosen.get("measured_ms"),
+        "dense_measured_ms": results.get("dense", {}).get("measured_ms"),
     }
-    write_json(target / "manifest.json", manifest)
-    failed = parity_failures(artifacts)
-    if failed:  # the files and the manifest stay for a look; the run is not marked exported
-        previous = run / "export.json"
-        try:
-            stale = Path(json.loads(previous.read_text())["out"]).resolve() == target.resolve()
-        except (OSError, ValueError, KeyError, TypeError):
-            stale = previous.is_file()  # unreadable: it cannot name anything valid either
-        if stale:
-            previous.unlink()  # it named the files just overwritten
-        raise EdgepruneError(
-            f"the export fails parity with PyTorch ({'; '.join(failed)}): the file computes something else "
-            f"than the model, do not ship it; the files and manifest.json are in {target}"
+    log(f"exporting {source} ({', '.join(parse_formats(formats))}) to {target}")
+    try:
+        manifest = export(
+            ckpt.build(),
+            ckpt.example_shape,
+            target,
+            formats=formats,
+            data=data,
+            tensorrt_precision=tensorrt_precision,
+            accuracy_images=accuracy_images,
+            plan=ckpt.plan,
+            latency=latency,
+            log=log,
         )
+    except EdgepruneError:
+        _forget_stale_export(run, target)
+        raise
+    manifest.update(model=ckpt.model, dataset=ckpt.dataset, source=str(source), run_dir=str(run))
+    write_json(target / "manifest.json", manifest)
     write_json(run / "export.json", {"out": str(target), "manifest": str(target / "manifest.json")})
     return manifest
+
+
+def _check_lineage(run: RunDir, ckpt) -> None:
+    """The checkpoint to ship must be pruned from the run's dense model (the same architecture)."""
+    config = run.read("config.json") or {}
+    if config.get("model") and ckpt.ref.to_dict() != config["model"]:
+        raise EdgepruneError(f"{run}: its model is {config['model'].get('name')}, the checkpoint holds {ckpt.model}")
+
+
+def _forget_stale_export(run: RunDir, target: Path) -> None:
+    """A failed export overwrote the files export.json named: the run is no longer exported."""
+    previous = run / "export.json"
+    try:
+        stale = Path(json.loads(previous.read_text())["out"]).resolve() == target.resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        stale = previous.is_file()  # unreadable: it cannot name anything valid either
+    if stale:
+        previous.unlink()

@@ -1,22 +1,86 @@
-"""Finetune a pruning run's chosen plan, distilled from the dense model it was pruned from.
+"""Finetune a pruned model distilled from its dense parent: model in, model out.
 
-Reads RUN/pruned.pt (written by prune) and the dense checkpoint named in RUN/config.json; writes
-RUN/finetuned.pt (the best epoch by held-out accuracy) and RUN/finetune.json. Rerunning the same
-command resumes an interrupted finetune; a finished one is not repeated.
+`finetune(model, teacher=dense, data=... | score_fn=..., train_data=...)` trains the pruned
+model for `epochs` (cosine schedule, SGD), distilled from the dense one with the task's loss,
+and returns the best epoch by held-out score. `finetune_run(RUN)` does the same for a run
+folder: RUN/pruned.pt distilled from RUN/dense.pt into RUN/finetuned.pt (the best epoch so far,
+always) and RUN/finetune.json; rerunning it resumes an interrupted finetune, a finished one is
+not repeated.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
+
+from torch import nn
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.runs import write_json
+from edgeprune.runs import RunDir, write_json
 
 
 def finetune(
+    model: nn.Module,
+    *,
+    teacher: nn.Module,
+    data=None,
+    score_fn=None,
+    train_data=None,
+    loss_fn=None,
+    input_fn=None,
+    epochs: int = 5,
+    lr: float = 0.05,
+    batch_size: int = 128,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    seed: int = 0,
+    max_batches: int | None = None,
+    heldout_images: int | None = None,
+    device: str = "cpu",
+    store=None,
+    progress: bool = True,
+):
+    """Distil `teacher` into `model` for `epochs`; returns a FinetuneResult (`.model`: the best
+    epoch's weights). `data` (classification) or `score_fn` + `train_data` (+ `loss_fn`): see
+    edgeprune.task. `store`: where the best weights and the resume point live (default: memory)."""
+    from edgeprune.task import make_task
+    from edgeprune.training import DistillConfig, Recipe, finetune_model
+
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise EdgepruneError(f"--epochs must be a whole number of at least 1, got {epochs!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise EdgepruneError(f"--lr must be a positive number, got {lr!r}")
+    distill = DistillConfig(temperature=temperature, alpha=alpha)
+    task = make_task(
+        data=data,
+        score_fn=score_fn,
+        train_data=train_data,
+        loss_fn=loss_fn,
+        input_fn=input_fn,
+        heldout_images=heldout_images,
+        batch_size=batch_size,
+        distill=distill,
+    )
+    recipe = Recipe(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, max_batches_per_epoch=max_batches)
+    return finetune_model(
+        model, teacher=teacher, task=task, recipe=recipe, store=store, device=device, progress=progress
+    )
+
+
+def run_task_data(run: RunDir):
+    """The run's data set (a run started from Python with a score_fn has none the CLI can load)."""
+    from edgeprune.data import load_dataset
+
+    config = run.config
+    if config.get("task") == "custom" or not config.get("data"):
+        raise EdgepruneError(
+            f"{run} was pruned from Python with its own score_fn: continue it in Python "
+            "(edgeprune.finetune / export / validate take the models and your functions)"
+        )
+    return load_dataset(config["data"], root=config.get("data_root"), options=config.get("data_options"))
+
+
+def finetune_run(
     run_dir: str | os.PathLike,
     *,
     epochs: int = 5,
@@ -31,66 +95,84 @@ def finetune(
     progress: bool = True,
     log=print,
 ) -> dict:
-    """Distil the dense model into the run's pruned plan for `epochs` (cosine schedule from `lr`)."""
+    """`finetune` on a run folder (see the module's docstring); returns finetune.json."""
     from edgeprune.checkpoint import load_checkpoint
-    from edgeprune.data import load_dataset
-    from edgeprune.training import DistillConfig, Recipe, accuracy, finetune_checkpoint, resume_path, resume_position
-    from edgeprune.zoo import resolve_weights
+    from edgeprune.training import CheckpointStore, DistillConfig, Recipe, resume_position
 
-    run = Path(run_dir)
+    run = RunDir(run_dir)
     if not (run / "pruned.pt").is_file():
         raise EdgepruneError(f"{run} has no pruned.pt: run `edgeprune prune --out {run}` first")
-    if epochs < 1:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise EdgepruneError(f"--epochs must be at least 1, got {epochs}")
-    config = json.loads((run / "config.json").read_text())
-    teacher = load_checkpoint(resolve_weights(config["weights"]))
-    student = load_checkpoint(run / "pruned.pt")
-    data = load_dataset(config.get("data") or teacher.dataset, root=config.get("data_root"))
+    dense, student = run.dense(), load_checkpoint(run / "pruned.pt")
+    data = run_task_data(run)
     recipe = Recipe(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, max_batches_per_epoch=max_batches)
     distill = DistillConfig(temperature=temperature, alpha=alpha)
-    out = run / "finetuned.pt"
-    if out.is_file():
-        done = load_checkpoint(out).meta
-        if done.get("finished"):
-            previous = done.get("finetune_recipe", {})
-            if (previous.get("epochs"), previous.get("lr")) != (epochs, lr):
-                raise EdgepruneError(
-                    f"{out} was finetuned with another recipe ({previous.get('epochs')} epochs, "
-                    f"lr {previous.get('lr')}); delete it to finetune again"
-                )
+    store = CheckpointStore(run / "finetuned.pt", student, recipe, distill)
+    if (done := store.finished()) is not None:
+        previous = done.meta.get("finetune_recipe", {})
+        if (previous.get("epochs"), previous.get("lr")) != (epochs, lr):
+            raise EdgepruneError(
+                f"{run / 'finetuned.pt'} was finetuned with another recipe ({previous.get('epochs')} epochs, "
+                f"lr {previous.get('lr')}); delete it to finetune again"
+            )
     started = time.monotonic()
-    log(f"finetuning {student.model} ({run}) for {epochs} epochs, distilled from {config['weights']}")
-    if (position := resume_position(resume_path(out), recipe)) is not None:
-        done, batch = position
-        log(f"resuming where it was interrupted: {done} of {epochs} epochs done, then {batch} batches of the next")
-    best = finetune_checkpoint(
-        student=student,
-        teacher=teacher,
-        data=data,
-        out=out,
-        recipe=recipe,
-        distill=distill,
-        heldout_limit=heldout_limit,
-        device=device,
-        progress=progress,
-    )
-    before = best.meta["history"][0]["heldout_accuracy"]
+    log(f"finetuning {student.ref.id} ({run}) for {epochs} epochs, distilled from its dense model")
+    if (position := resume_position(store.state_file, recipe)) is not None:
+        done_epochs, batch = position
+        where = f"{done_epochs} of {epochs} epochs done, then {batch} batches of the next"
+        log(f"resuming where it was interrupted: {where}")
+    if done is None:
+        result = finetune(
+            student.build(),
+            teacher=dense.build(),
+            data=data,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            temperature=temperature,
+            alpha=alpha,
+            seed=seed,
+            max_batches=max_batches,
+            heldout_images=heldout_limit,
+            device=device,
+            store=store,
+            progress=progress,
+        )
+        from edgeprune.training import accuracy
+
+        store.finish(
+            result.model,
+            {
+                "test_accuracy": accuracy(result.model, data, "test", device=device),
+                "heldout_accuracy": result.score,
+                "teacher_test_accuracy": dense.meta.get("test_accuracy"),
+            },
+        )
+        done = load_checkpoint(run / "finetuned.pt")
+    return _record(run, done, dense, data, epochs, device, time.monotonic() - started)
+
+
+def _record(run: RunDir, best, dense, data, epochs: int, device: str, seconds: float) -> dict:
+    from edgeprune.training import accuracy
+
+    history = best.meta["history"]
     result = {
         "run_dir": str(run),
-        "checkpoint": str(out),
+        "checkpoint": str(run / "finetuned.pt"),
         "epochs": epochs,
         "recipe": best.meta["finetune_recipe"],
         "distillation": best.meta["distillation"],
         "best_epoch": best.meta["best_epoch"],
-        "heldout_accuracy_before": before,
+        "heldout_accuracy_before": history[0]["score"],
         "heldout_accuracy": best.meta["heldout_accuracy"],
         "test_accuracy": best.meta["test_accuracy"],
-        "dense_test_accuracy": teacher.meta.get("test_accuracy"),
-        "history": best.meta["history"],
+        "dense_test_accuracy": dense.meta.get("test_accuracy"),
+        "history": history,
         "device": device,
-        "seconds": round(time.monotonic() - started, 1),
+        "seconds": round(seconds, 1),
     }
     if result["dense_test_accuracy"] is None:
-        result["dense_test_accuracy"] = accuracy(teacher.build(), data, "test")
+        result["dense_test_accuracy"] = accuracy(dense.build(), data, "test")
     write_json(run / "finetune.json", result)
     return result

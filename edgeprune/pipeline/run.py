@@ -1,4 +1,4 @@
-"""`edgeprune run CONFIG.yaml`: profile -> prune -> finetune -> export -> validate -> report.
+"""`edgeprune run CONFIG.yaml`: [train ->] profile -> prune -> finetune -> export -> validate -> report.
 
 Each stage is the library function of its CLI verb. The run directory records which stages
 finished (pipeline.json); running the same config again skips them and resumes an interrupted one
@@ -6,12 +6,16 @@ finished (pipeline.json); running the same config again skips them and resumes a
 quickstart: the shipped resnet20 on Fashion-MNIST, pruned by BOCR to half its measured latency
 with ONNX Runtime on this CPU.
 
-A config (YAML; every key but `weights` and `device` optional):
+A config (YAML; `device` and a model (`weights`, or `model` with a `train` section) required):
 
-    name: resnet20-half            # run directory runs/NAME (or `out: PATH`)
-    weights: zoo:resnet20-fashion-mnist
+    name: pets-3ms                 # run directory runs/NAME (or `out: PATH`)
+    model: resnet18                # a name, path/to/file.py:factory or package.module:factory
+    model_kwargs: {width: 16}      # the factory's keyword arguments
+    weights: torchvision:ResNet18_Weights.IMAGENET1K_V1   # a checkpoint, a state dict, torchvision's ...
+    data: imagefolder:/data/pets   # with image_size, mean, std where not the weights' own
+    train: {epochs: 5, lr: 0.01}   # finetune the dense model on the data first (the head follows its classes)
     device: cpu-onnxruntime
-    table: latency_tables/cpu-onnxruntime/resnet20.json   # profiled first when missing
+    table: latency_tables/cpu-onnxruntime/resnet18.json   # profiled first when missing
     profile: {step: 16, calibrate: 24}
     prune: {budget: 50%, search: bocr, evals: 40}          # any `edgeprune prune` setting
     finetune: {epochs: 2, lr: 0.05}                        # epochs: 0 skips finetuning
@@ -22,6 +26,7 @@ A config (YAML; every key but `weights` and `device` optional):
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import time
 from pathlib import Path
@@ -29,10 +34,22 @@ from pathlib import Path
 import yaml
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.runs import write_json
+from edgeprune.runs import RunDir, write_json
 
-STAGES = ("profile", "prune", "finetune", "export", "validate", "report")
-SECTIONS = {"name", "out", "model", "weights", "data", "data_root", "device", "table", *STAGES}
+STAGES = ("train", "profile", "prune", "finetune", "export", "validate", "report")
+MODEL_KEYS = (
+    "model",
+    "model_kwargs",
+    "weights",
+    "num_classes",
+    "trust_pickle",
+    "data",
+    "data_root",
+    "image_size",
+    "mean",
+    "std",
+)
+SECTIONS = {"name", "out", "device", "table", *MODEL_KEYS, *STAGES}
 
 QUICKSTART = {
     "name": "quickstart",
@@ -59,12 +76,17 @@ def load_config(path: str | os.PathLike) -> dict:
 
 
 def check_config(cfg: dict) -> dict:
+    """Every section and setting checked before the first stage: a misspelt or out-of-range
+    setting is one line now, not a failure minutes later."""
+    from edgeprune.pipeline.settings import PruneSettings
+
     unknown = set(cfg) - SECTIONS
     if unknown:
         raise EdgepruneError(f"unknown config section(s) {sorted(unknown)}; known: {', '.join(sorted(SECTIONS))}")
-    missing = [k for k in ("weights", "device") if not cfg.get(k)]
-    if missing:
-        raise EdgepruneError(f"the config needs {' and '.join(missing)}")
+    if not cfg.get("device"):
+        raise EdgepruneError("the config needs a device")
+    if not cfg.get("weights") and not (cfg.get("model") and cfg.get("train")):
+        raise EdgepruneError("the config needs weights (or a model with a train section that trains it)")
     known = stage_settings()
     for stage in STAGES:
         if cfg.get(stage) is not None and not isinstance(cfg[stage], dict):
@@ -74,6 +96,12 @@ def check_config(cfg: dict) -> dict:
             raise EdgepruneError(
                 f"unknown {stage} setting(s) {sorted(unknown)} in the config; known: {', '.join(sorted(known[stage]))}"
             )
+    prune = dict(cfg.get("prune") or {})
+    PruneSettings.create({k: v for k, v in prune.items() if k != "budget"})
+    if prune.get("budget") is not None:
+        from edgeprune.search.budget import Budget
+
+        Budget.parse(prune["budget"])
     return cfg
 
 
@@ -81,22 +109,156 @@ def stage_settings() -> dict[str, set[str]]:
     """What each config section may set: the keyword arguments of its stage's function (those
     the pipeline sets itself left out)."""
     from edgeprune.pipeline.export import export_run
-    from edgeprune.pipeline.finetune import finetune
-    from edgeprune.pipeline.prune import PruneConfig
-    from edgeprune.pipeline.validate import validate
+    from edgeprune.pipeline.finetune import finetune_run
+    from edgeprune.pipeline.settings import PruneSettings
+    from edgeprune.pipeline.validate import validate_run
+    from edgeprune.training import Recipe
 
     def keywords(fn, *own: str) -> set[str]:
         params = inspect.signature(fn).parameters.values()
         return {p.name for p in params if p.kind is p.KEYWORD_ONLY} - {"progress", "log", *own}
 
     return {
+        "train": set(Recipe.__dataclass_fields__),
         "profile": {"step", "calibrate"},
-        "prune": PruneConfig.names() - {"weights", "device", "table", "data", "data_root"},
-        "finetune": keywords(finetune),
+        "prune": PruneSettings.names() | {"budget"},
+        "finetune": keywords(finetune_run),
         "export": keywords(export_run),
-        "validate": keywords(validate, "report"),  # progress and log: the pipeline's
+        "validate": keywords(validate_run, "report"),  # progress and log: the pipeline's
         "report": set(),
     }
+
+
+class Pipeline:
+    """One run of a config: its folder, its state (pipeline.json), and each stage as a method."""
+
+    def __init__(self, cfg: dict, run: Path, progress: bool, log) -> None:
+        from edgeprune.devices import Device
+
+        self.cfg, self.run, self.progress, self.log = cfg, RunDir(run), progress, log
+        self.device = Device.load(cfg["device"])
+        self.state_path = run / "pipeline.json"
+        self.state = _load_state(self.state_path)
+        if self.state.get("config") not in (None, cfg):
+            raise EdgepruneError(
+                f"{run} was run with another config; use another name/out, or delete {self.state_path}"
+            )
+        self.state["config"] = cfg
+        self.prune_settings = dict(cfg.get("prune") or {})
+
+    def model_inputs(self, *, trained: bool = True) -> dict:
+        """How the config names the dense model (after the train stage: the checkpoint it wrote)."""
+        given = {k: self.cfg.get(k) for k in MODEL_KEYS}
+        if trained and self.cfg.get("train"):
+            given.update(
+                model=None,
+                weights=str(self.run / "trained.pt"),
+                model_kwargs=None,
+                num_classes=None,
+                trust_pickle=False,
+            )
+        return given
+
+    def stage(self, name: str, fn) -> None:
+        if self.state["stages"].get(name) == "done":
+            self.log(f"[{name}] done before: skipped")
+            return
+        self.log(f"[{name}]")
+        t0 = time.monotonic()
+        fn()
+        self.state["stages"][name] = "done"
+        self.state["seconds"][name] = round(self.state["seconds"].get(name, 0) + time.monotonic() - t0, 1)
+        write_json(self.state_path, self.state)
+
+    def train(self) -> None:
+        """Train (or finetune from its weights) the dense model on the config's data: RUN/trained.pt."""
+        from edgeprune.resolve import parse_model_args, resolve
+        from edgeprune.training import Recipe, train
+
+        given = self.model_inputs(trained=False)
+        if not given["data"]:
+            raise EdgepruneError("the train section needs data (the data set to train on)")
+        r = resolve(**given, log=self.log)  # the data, sized and normalised as the weights want
+        train(
+            model=given["model"],
+            weights=given["weights"],
+            data=r.data,
+            out=self.run / "trained.pt",
+            recipe=Recipe(**self.cfg["train"]),
+            model_kwargs=parse_model_args(given["model_kwargs"]),
+            trust_pickle=bool(given["trust_pickle"]),
+            progress=self.progress,
+            log=self.log,
+        )
+
+    def table(self, r, writing: bool = False) -> Path:
+        from edgeprune.latency.table import find_table
+
+        return find_table(self.device, r.id, self.cfg.get("table"), writing=writing)
+
+    def profile(self) -> None:
+        from edgeprune.latency.profiler import profile
+        from edgeprune.resolve import resolve
+
+        if self.prune_settings.get("cost", "latency") != "latency":
+            return
+        r = resolve(**self.model_inputs(), load_data=False, log=self.log)
+        existing = self.table(r)
+        if existing.is_file() and _complete(existing, r):
+            return  # an existing table is reused (prune warns where it is another device setup's)
+        opts = self.cfg.get("profile") or {}
+        profile(
+            r.model,
+            r.shape,
+            model_id=r.id,
+            device=self.device,
+            out=self.table(r, writing=True),
+            step=opts.get("step"),
+            calibrate=opts.get("calibrate", 24),
+            progress=self.progress,
+            log=self.log,
+        )
+
+    def prune(self) -> None:
+        from edgeprune.pipeline.prune import prune_run
+
+        resume = (self.run / "config.json").is_file()
+        if resume and (self.run / "results.json").is_file():
+            return
+        settings = {"device": self.cfg["device"], **self.model_inputs(), "budget": "50%", **self.prune_settings}
+        if not resume:  # a resume reads the table its run started on (config.json)
+            from edgeprune.resolve import resolve
+
+            found = self.table(resolve(**self.model_inputs(), load_data=False))
+            if self.prune_settings.get("cost", "latency") == "latency" or found.is_file():
+                settings["table"] = str(found)
+        prune_run(
+            self.run.path,
+            resume=resume,
+            progress=self.progress,
+            log=self.log,
+            **{k: v for k, v in settings.items() if v is not None},
+        )
+
+    def finetune(self) -> None:
+        from edgeprune.pipeline.finetune import finetune_run
+
+        opts = dict(self.cfg.get("finetune") or {})
+        if opts.get("epochs", 1) == 0:
+            return
+        finetune_run(self.run.path, progress=self.progress, log=self.log, **opts)
+
+    def export(self) -> None:
+        from edgeprune.pipeline.export import export_run
+
+        opts = dict(self.cfg.get("export") or {})
+        export_run(self.run.path, formats=opts.pop("formats", ["onnx"]), log=self.log, **opts)
+
+    def validate(self) -> None:
+        from edgeprune.pipeline.validate import validate_run
+
+        opts = dict(self.cfg.get("validate") or {})
+        validate_run(self.run.path, report=False, progress=self.progress, log=self.log, **opts)  # report: its stage
 
 
 def run_pipeline(
@@ -107,147 +269,62 @@ def run_pipeline(
     log=print,
 ) -> dict:
     """Run (or resume) every stage of `config` (default: the quickstart); returns a summary."""
-    from edgeprune.checkpoint import load_checkpoint
-    from edgeprune.devices import Device
-    from edgeprune.latency.table import default_table
-    from edgeprune.pipeline.export import export_run
-    from edgeprune.pipeline.finetune import finetune
-    from edgeprune.pipeline.prune import prune
-    from edgeprune.pipeline.validate import validate
     from edgeprune.report import write_report
     from edgeprune.runs import RunStore
-    from edgeprune.zoo import resolve_weights
 
     cfg = check_config(
         dict(QUICKSTART) if config is None else config if isinstance(config, dict) else load_config(config)
     )
-    ckpt = load_checkpoint(resolve_weights(cfg["weights"]))
-    if cfg.get("model") and cfg["model"] != ckpt.model:
-        raise EdgepruneError(f"config names model {cfg['model']!r}, the checkpoint holds {ckpt.model!r}")
-    device = Device.load(cfg["device"])
-    name = cfg.get("name") or f"{ckpt.model}-{device.name}"
+    name = cfg.get("name") or f"{Path(str(cfg.get('model') or cfg['weights'])).stem}-{Path(cfg['device']).stem}"
     run = Path(cfg.get("out") or Path(runs_root) / name)
     run.mkdir(parents=True, exist_ok=True)
-    state_path = run / "pipeline.json"
-    state = _load_state(state_path)
-    if state.get("config") not in (None, cfg):
-        raise EdgepruneError(f"{run} was run with another config; use another name/out, or delete {state_path}")
-    state["config"] = cfg
-
-    def table(writing: bool = False) -> Path:
-        """The config's table, else this device setup's (latency/table.py), looked up when needed."""
-        return Path(cfg.get("table") or default_table(device.name, ckpt.model, device.fingerprint, writing=writing))
-
-    prune_settings = dict(cfg.get("prune") or {})
+    p = Pipeline(cfg, run, progress, log)
     started = time.monotonic()
-
-    def stage(name: str, fn) -> None:
-        if state["stages"].get(name) == "done":
-            log(f"[{name}] done before: skipped")
-            return
-        log(f"[{name}]")
-        t0 = time.monotonic()
-        fn()
-        state["stages"][name] = "done"
-        state["seconds"][name] = round(state["seconds"].get(name, 0) + time.monotonic() - t0, 1)
-        write_json(state_path, state)
-
-    def do_profile() -> None:
-        existing = table()
-        if prune_settings.get("cost", "latency") != "latency" or existing.is_file() and _complete(existing):
-            return  # an existing table is reused (prune warns where it is another device setup's)
-        from edgeprune.latency.profiler import profile
-
-        opts = cfg.get("profile") or {}
-        profile(
-            model=ckpt.build(),
-            model_id=ckpt.model,
-            input_shape=(1, *ckpt.input_shape),
-            device=device,
-            out=table(writing=True),  # beside a half-profiled table of another setup, not into it
-            step=opts.get("step"),
-            calibrate=opts.get("calibrate", 24),
-            progress=progress,
-            log=log,
-        )
-
-    def do_prune() -> None:
-        settings = {
-            "weights": cfg["weights"],
-            "device": cfg["device"],
-            "data": cfg.get("data"),
-            "data_root": cfg.get("data_root"),
-            **prune_settings,
-        }
-        resume = (run / "config.json").is_file()
-        if resume and (run / "results.json").is_file():
-            return
-        found = None if resume else table()  # a resume reads the table its run started on (config.json)
-        if found is not None and (prune_settings.get("cost", "latency") == "latency" or found.is_file()):
-            settings["table"] = str(found)
-        settings.setdefault("budget", "50%")
-        prune(run, resume=resume, progress=progress, log=log, **({k: v for k, v in settings.items() if v is not None}))
-
-    def do_finetune() -> None:
-        opts = dict(cfg.get("finetune") or {})
-        if opts.get("epochs", 1) == 0:
-            return
-        finetune(run, progress=progress, log=log, **opts)
-
-    def do_export() -> None:
-        opts = dict(cfg.get("export") or {})
-        export_run(run, formats=opts.pop("formats", ["onnx"]), log=log, **opts)
-
-    def do_validate() -> None:
-        validate(
-            run,
-            device=(cfg.get("validate") or {}).get("device"),
-            report=False,  # the report stage writes it
-            progress=progress,
-            log=log,
-            **{k: v for k, v in (cfg.get("validate") or {}).items() if k != "device"},
-        )
-
-    stage("profile", do_profile)
-    stage("prune", do_prune)
-    stage("finetune", do_finetune)
-    stage("export", do_export)
-    stage("validate", do_validate)
-    stage("report", lambda: write_report(run))
+    if cfg.get("train"):
+        p.stage("train", p.train)
+    p.stage("profile", p.profile)
+    p.stage("prune", p.prune)
+    p.stage("finetune", p.finetune)
+    p.stage("export", p.export)
+    p.stage("validate", p.validate)
+    p.stage("report", lambda: write_report(run))
     RunStore(run).close()
-    return _summary(run, time.monotonic() - started)
+    return _summary(RunDir(run), time.monotonic() - started)
 
 
-def _complete(table: Path) -> bool:
+def _complete(path: Path, r) -> bool:
+    """Whether the table at `path` covers this model: profiled to the end, for its input size,
+    every configuration its pruning reaches present (else profile adds what is missing)."""
     from edgeprune.latency.table import LatencyTable
 
-    t = LatencyTable.load(table)
-    return t.calibration.get("n", 0) > 0 and "configurations" in t.meta
+    t = LatencyTable.load(path)
+    if t.calibration.get("n", 0) == 0 or "configurations" not in t.meta:
+        return False
+    if t.input_shape and list(t.input_shape) != list(r.shape):
+        return True  # another input size: prune says so in one line
+    import torch
+
+    from edgeprune.latency.layers import ModelLayers
+    from edgeprune.pruning import space
+
+    layers = ModelLayers.from_model(space(r.model, torch.randn(*r.shape), step=t.step or 8))
+    return all(c.key in t.entries for c in layers.reachable())
 
 
 def _load_state(path: Path) -> dict:
-    import json
-
     state = json.loads(path.read_text()) if path.is_file() else {}
     state.setdefault("stages", {})
     state.setdefault("seconds", {})
     return state
 
 
-def _summary(run: Path, seconds: float) -> dict:
-    import json
-
-    def load(name):
-        p = run / name
-        return json.loads(p.read_text()) if p.is_file() else None
-
-    results, fine, val, export = (
-        load("results.json"),
-        load("finetune.json"),
-        load("validation.json"),
-        load("export.json"),
+def _summary(run: RunDir, seconds: float) -> dict:
+    results, fine, val, manifest = (
+        run.read("results.json"),
+        run.read("finetune.json"),
+        run.read("validation.json"),
+        run.manifest(),
     )
-    manifest = json.loads(Path(export["manifest"]).read_text()) if export else None
     return {
         "run_dir": str(run),
         "model": results["model"] if results else None,
@@ -266,6 +343,6 @@ def _summary(run: Path, seconds: float) -> dict:
         "speedup": val["speedup"] if val else None,
         "onnx": manifest["formats"]["onnx"]["path"] if manifest else None,
         "report": str(run / "report.html"),
-        "stages": load("pipeline.json")["seconds"],
+        "stages": run.read("pipeline.json")["seconds"],
         "seconds": round(seconds, 1),
     }

@@ -1,22 +1,29 @@
 """Validate a shipped model on the device: measured latency against the budget, the prediction
-and the dense parent; accuracy against the dense parent; a claimed speedup against the measured
-one; and what unstructured sparsity at the same parameter count buys on that runtime.
+and the dense parent; its score against the dense parent's; a claimed speedup against the
+measured one; and what unstructured sparsity at the same parameter count buys on that runtime.
 
 Everything is measured with the device profile's protocol, locally or through its agent, the
 models in turn in many short windows, each keeping its quietest (edgeprune/latency/interleave.py),
 so that a slow phase of a shared machine cannot decide a ratio.
+
+`validate(model, dense=..., example_input=..., device=..., budget=...)` takes models (or an
+exported file); `validate_run(RUN)` validates a run's export with the run's figures and writes
+validation.json, the manifest's "validation" and the report.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from edgeprune.errors import EdgepruneError
-from edgeprune.runs import write_json
+from edgeprune.runs import RunDir, write_json
 
 
 def _artifact_for(device, manifest: dict) -> Path:
@@ -28,54 +35,38 @@ def _artifact_for(device, manifest: dict) -> Path:
     return Path(formats["onnx"]["path"])
 
 
-def validate(
-    run_dir: str | os.PathLike,
-    *,
-    device: str | None = None,
-    claim_speedup: float | None = None,
-    sparse: bool = True,
-    repeats: int | None = None,
-    report: bool = True,
-    progress: bool = True,
-    log=print,
-) -> dict:
-    """Measure the shipped model beside its dense parent (and an unstructured-sparse one), in turn,
-    `repeats` rounds (default: at least 15, spanning 15 x the protocol's min_s; see
-    edgeprune/latency/interleave.py), and write RUN/validation.json; `report`: then (re)write the
-    run's report.md and report.html with it (the stages run by hand end with a report too). The
-    export's manifest.json gets the figures too, under "validation"."""
-    from edgeprune.checkpoint import load_checkpoint
-    from edgeprune.devices import Device
-    from edgeprune.export import export_onnx, simplify_and_check
-    from edgeprune.latency.interleave import ROUNDS, measure_interleaved, noise_warning, rounds_progress
-    from edgeprune.pruning.sparse import magnitude_sparsify, weight_count
-    from edgeprune.zoo import resolve_weights
+@dataclass
+class Measured:
+    """The shipped model and its dense parent (and a sparse one) measured in turn."""
 
-    run = Path(run_dir)
-    if not (run / "export.json").is_file():
-        raise EdgepruneError(f"{run} has not been exported: run `edgeprune export {run}` first")
-    if repeats is not None and repeats < 1:
-        raise EdgepruneError(f"--repeats must be at least 1, got {repeats}")
-    if claim_speedup is not None and claim_speedup <= 0:
-        raise EdgepruneError(f"--claim-speedup must be positive, got {claim_speedup}")
-    manifest_path = Path(json.loads((run / "export.json").read_text())["manifest"])
-    manifest = json.loads(manifest_path.read_text())
-    config = json.loads((run / "config.json").read_text())
-    results = json.loads((run / "results.json").read_text())
-    dev = Device.load(device or config["device"])
-    dense_ckpt = load_checkpoint(resolve_weights(config["weights"]))
-    dense = dense_ckpt.build()
-    shape = tuple(manifest["input_shape"])
-    shipped = _artifact_for(dev, manifest)
-    started = time.monotonic()
-    log(f"validating {shipped} on {dev.name} ({'agent ' + dev.spec.agent if dev.remote else 'this machine'})")
+    shipped: object  # Measurement
+    dense: object
+    sparse: dict | None
+
+
+def measure_against_dense(
+    dev,
+    shipped: Path,
+    dense: nn.Module,
+    shape,
+    *,
+    shipped_weights: int | None,
+    repeats: int | None,
+    progress: bool,
+    log,
+) -> Measured:
+    """Measure the shipped file beside the dense model (and, given `shipped_weights`, the dense
+    model magnitude-sparsified to that many weights), in turn, `repeats` rounds."""
+    from edgeprune.latency.interleave import ROUNDS, measure_interleaved, noise_warning, rounds_progress
+    from edgeprune.models.onnx import export_onnx, simplify_and_check
+    from edgeprune.pruning.sparse import magnitude_sparsify, weight_count
+
     with tempfile.TemporaryDirectory(prefix="edgeprune-validate-") as tmp:
         dense_path = export_onnx(dense, shape, Path(tmp) / "dense.onnx")
         simplify_and_check(dense_path)  # the same treatment as the shipped file
         items = [(shipped, shape), (dense_path, shape)]
-        if sparse:
-            pruned_weights = weight_count(load_checkpoint(Path(manifest["source"])).build())
-            sparse_model = magnitude_sparsify(dense, keep=pruned_weights)
+        if shipped_weights is not None:
+            sparse_model = magnitude_sparsify(dense, keep=shipped_weights)
             sparse_path = export_onnx(sparse_model, shape, Path(tmp) / "sparse.onnx")
             simplify_and_check(sparse_path)  # like for like: its zeros stay weights in a dense layout
             items.append((sparse_path, shape))
@@ -90,79 +81,57 @@ def validate(
         with rounds_progress(
             f"measuring on {dev.name}", len(items), rounds=repeats or ROUNDS, enabled=progress
         ) as shown:
-            measured_all = measure_interleaved(dev, items, repeats=repeats, pruned=(1, [0]), on_result=shown)
-        m_pruned, m_dense = measured_all[:2]
-        for label, m in zip(("shipped", "dense", "sparse"), measured_all):
-            if warning := noise_warning(label, m.extra["rounds_ms"]):
-                log(warning)
-        sparse_row = None
-        if sparse:
-            m_sparse = measured_all[2]
-            sparse_row = {
-                "nonzero_weights": weight_count(sparse_model, nonzero=True),
-                "sparsity": 1 - weight_count(sparse_model, nonzero=True) / weight_count(dense),
-                "measured": m_sparse.to_dict(),
-                "speedup": m_dense.median_ms / m_sparse.median_ms,
-            }
-    # a budget given as a share of the dense model is held against the dense model measured now:
-    # the share is what was asked for, and a shared machine drifts between search and validation
-    share = str(config["budget"]).strip()
-    budget = results["budget_ms"]
-    if share.endswith("%"):
-        budget = float(share[:-1]) / 100 * m_dense.median_ms
+            measured = measure_interleaved(dev, items, repeats=repeats, pruned=(1, [0]), on_result=shown)
+    for label, m in zip(("shipped", "dense", "sparse"), measured):
+        if warning := noise_warning(label, m.extra["rounds_ms"]):
+            log(warning)
+    sparse_row = None
+    if shipped_weights is not None:
+        nonzero = weight_count(sparse_model, nonzero=True)
+        sparse_row = {
+            "nonzero_weights": nonzero,
+            "sparsity": 1 - nonzero / weight_count(dense),
+            "measured": measured[2].to_dict(),
+            "speedup": measured[1].median_ms / measured[2].median_ms,
+        }
+    return Measured(measured[0], measured[1], sparse_row)
+
+
+def verdict(
+    m: Measured,
+    *,
+    budget,
+    predicted_ms: float | None = None,
+    dense_then_ms: float | None = None,
+    claim_speedup: float | None = None,
+) -> dict:
+    """The figures of a validation: budget (a share of dense is of the dense model measured now),
+    speedup, the prediction carried to the device as it measures now, the claim."""
+    from edgeprune.search.budget import Budget
+
+    budget = Budget.parse(budget)
+    dense_now, measured = m.dense.median_ms, m.shipped.median_ms
+    budget_ms = budget.ms(dense_now)
     # the search's prediction was carried to the device by the dense model measured then (prune's
-    # anchor); carried on to the dense model measured now, its error is the table's own, not the
-    # device's drift since the search (this host: dense 6-9 % off between a search and its validation)
-    predicted_then = results["chosen"].get("predicted_ms")
-    dense_then = results.get("dense", {}).get("measured_ms")
-    carried = m_dense.median_ms / dense_then if dense_then else 1.0
-    predicted = predicted_then * carried if predicted_then else None
-    measured = m_pruned.median_ms
-    fmt = "openvino" if shipped.suffix == ".xml" else "onnx"
-    acc = manifest["accuracy"].get(f"{fmt}_test", manifest["accuracy"]["pytorch_test"])
-    dense_acc = dense_ckpt.meta.get("test_accuracy")
-    parity = manifest["formats"].get(fmt, {}).get("parity", {})
-    images, split = parity.get("test_images"), parity.get("test_split_images")
-    subset = False
-    if images is not None and (split is None or images < split):
-        # the runtime may have scored only the first `images` test images (export --accuracy-images;
-        # a manifest from before test_split_images was recorded does not say): then the dense model
-        # is scored on those same images, or the delta would compare two samples
-        from edgeprune.data import load_dataset
-
-        data = load_dataset(config.get("data") or dense_ckpt.dataset, root=config.get("data_root"))
-        subset = images < len(data.split("test"))
-        if subset:
-            from edgeprune.training import accuracy
-
-            dense_acc = accuracy(dense, data, "test", images=images)
+    # anchor); carried on to the dense model measured now, its error is the table's own
+    carried = dense_now / dense_then_ms if dense_then_ms else 1.0
+    predicted = predicted_ms * carried if predicted_ms else None
     result = {
-        "run_dir": str(run),
-        "device": dev.name,
-        "fingerprint": dev.fingerprint(),
-        "protocol": dev.spec.protocol.to_dict(),
-        "repeats": len(m_dense.extra["rounds_ms"]),
-        "artifact": str(shipped),
-        "budget_ms": budget,
-        "budget": config["budget"],
-        "search_budget_ms": results["budget_ms"],
-        "measured": m_pruned.to_dict(),
-        "dense_measured": m_dense.to_dict(),
-        "meets_budget": measured <= budget,
-        "margin_pct": (budget - measured) / budget * 100,
+        "budget_ms": budget_ms,
+        "budget": str(budget),
+        "measured": m.shipped.to_dict(),
+        "dense_measured": m.dense.to_dict(),
+        "repeats": len(m.dense.extra["rounds_ms"]),
+        "meets_budget": measured <= budget_ms,
+        "margin_pct": (budget_ms - measured) / budget_ms * 100,
         "predicted_ms": predicted,
         "prediction_error_pct": (predicted - measured) / measured * 100 if predicted else None,
-        "predicted_at_search_ms": predicted_then,
-        "dense_at_search_ms": dense_then,
-        "prediction_error_at_search_pct": (predicted_then - measured) / measured * 100 if predicted_then else None,
-        "speedup": m_dense.median_ms / measured,
-        "test_accuracy": acc,
-        "dense_test_accuracy": dense_acc,
-        "accuracy_delta_points": (acc - dense_acc) * 100 if dense_acc is not None else None,
-        "accuracy_images": images if subset else None,  # None: the whole test split
+        "predicted_at_search_ms": predicted_ms,
+        "dense_at_search_ms": dense_then_ms,
+        "prediction_error_at_search_pct": (predicted_ms - measured) / measured * 100 if predicted_ms else None,
+        "speedup": dense_now / measured,
         "claim": None,
-        "unstructured_sparse": sparse_row,
-        "seconds": round(time.monotonic() - started, 1),
+        "unstructured_sparse": m.sparse,
     }
     if claim_speedup is not None:
         result["claim"] = {
@@ -171,6 +140,120 @@ def validate(
             "share_of_claim": result["speedup"] / claim_speedup,
             "holds": result["speedup"] >= claim_speedup,
         }
+    return result
+
+
+def _check_options(repeats, claim_speedup) -> None:
+    if repeats is not None and repeats < 1:
+        raise EdgepruneError(f"--repeats must be at least 1, got {repeats}")
+    if claim_speedup is not None and claim_speedup <= 0:
+        raise EdgepruneError(f"--claim-speedup must be positive, got {claim_speedup}")
+
+
+def validate(
+    model: nn.Module | str | os.PathLike,
+    *,
+    dense: nn.Module,
+    example_input: torch.Tensor | tuple[int, ...],
+    device,
+    budget,
+    claim_speedup: float | None = None,
+    sparse: bool = True,
+    repeats: int | None = None,
+    predicted_ms: float | None = None,
+    data=None,
+    score_fn=None,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Measure `model` (a pruned nn.Module, or an exported ONNX / OpenVINO file) beside `dense` on
+    `device` and hold it to `budget`; with `data` or `score_fn`, both models' scores beside."""
+    from edgeprune.devices import Device
+    from edgeprune.models.onnx import example_tensor, export_onnx, simplify_and_check
+    from edgeprune.pruning.sparse import weight_count
+
+    _check_options(repeats, claim_speedup)
+    dev = Device.load(device) if isinstance(device, (str, os.PathLike)) else device
+    shape = tuple(example_tensor(example_input).shape)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="edgeprune-shipped-") as tmp:
+        if isinstance(model, nn.Module):
+            shipped = export_onnx(model, shape, Path(tmp) / "model.onnx")
+            simplify_and_check(shipped)
+        else:
+            shipped = Path(model)
+        weights = weight_count(model) if sparse and isinstance(model, nn.Module) else None
+        m = measure_against_dense(
+            dev, shipped, dense, shape, shipped_weights=weights, repeats=repeats, progress=progress, log=log
+        )
+    result = {
+        "device": dev.name,
+        "fingerprint": dev.fingerprint(),
+        "protocol": dev.spec.protocol.to_dict(),
+        **verdict(m, budget=budget, predicted_ms=predicted_ms, claim_speedup=claim_speedup),
+    }
+    if (data is not None or score_fn is not None) and isinstance(model, nn.Module):
+        from edgeprune.task import make_task
+
+        task = make_task(data=data, score_fn=score_fn, train_data=[])
+        result["score"], result["dense_score"] = task.report_score(model), task.report_score(dense)
+    result["seconds"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def validate_run(
+    run_dir: str | os.PathLike,
+    *,
+    device: str | None = None,
+    claim_speedup: float | None = None,
+    sparse: bool = True,
+    repeats: int | None = None,
+    report: bool = True,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Validate a run's export on its device (or `device`), `repeats` rounds (default: at least 15,
+    spanning 15 x the protocol's min_s), and write RUN/validation.json; `report`: then (re)write
+    the run's report.md and report.html with it. The export's manifest.json gets the figures too."""
+    from edgeprune.checkpoint import load_checkpoint
+    from edgeprune.devices import Device
+    from edgeprune.pruning.sparse import weight_count
+
+    run = RunDir(run_dir)
+    if not (run / "export.json").is_file():
+        raise EdgepruneError(f"{run} has not been exported: run `edgeprune export {run}` first")
+    _check_options(repeats, claim_speedup)
+    manifest_path, manifest = run.manifest_path(), run.manifest()
+    config, results = run.config, run.results
+    dev = Device.load(device or config["device"])
+    dense_ckpt = run.dense()
+    dense = dense_ckpt.build()
+    shape = tuple(manifest["input_shape"])
+    shipped = _artifact_for(dev, manifest)
+    started = time.monotonic()
+    log(f"validating {shipped} on {dev.name} ({'agent ' + dev.spec.agent if dev.remote else 'this machine'})")
+    weights = weight_count(load_checkpoint(Path(manifest["source"])).build()) if sparse else None
+    m = measure_against_dense(
+        dev, shipped, dense, shape, shipped_weights=weights, repeats=repeats, progress=progress, log=log
+    )
+    figures = verdict(
+        m,
+        budget=config["budget"],
+        predicted_ms=results["chosen"].get("predicted_ms"),
+        dense_then_ms=results.get("dense", {}).get("measured_ms"),
+        claim_speedup=claim_speedup,
+    )
+    result = {
+        "run_dir": str(run),
+        "device": dev.name,
+        "fingerprint": dev.fingerprint(),
+        "protocol": dev.spec.protocol.to_dict(),
+        "artifact": str(shipped),
+        **figures,
+        "search_budget_ms": results["budget_ms"],
+        **_accuracy(run, manifest, shipped, dense, dense_ckpt),
+    }
+    result["seconds"] = round(time.monotonic() - started, 1)
     if report:
         result["report"] = str(run / "report.html")
     write_json(run / "validation.json", result)
@@ -178,28 +261,52 @@ def validate(
     if report:
         from edgeprune.report import write_report
 
-        write_report(run)
+        write_report(run.path)
     return result
+
+
+def _accuracy(run: RunDir, manifest: dict, shipped: Path, dense: nn.Module, dense_ckpt) -> dict:
+    """The shipped file's test accuracy (computed by its runtime at export) beside the dense model's,
+    on the same test images."""
+    fmt = "openvino" if shipped.suffix == ".xml" else "onnx"
+    acc = manifest["accuracy"].get(f"{fmt}_test", manifest["accuracy"]["pytorch_test"])
+    dense_acc = dense_ckpt.meta.get("test_accuracy")
+    parity = manifest["formats"].get(fmt, {}).get("parity", {})
+    images, split = parity.get("test_images"), parity.get("test_split_images")
+    subset = False
+    if images is not None and (split is None or images < split) or dense_acc is None:
+        # the runtime may have scored only the first `images` test images (export --accuracy-images):
+        # then the dense model is scored on those same images, or the delta would compare two samples
+        from edgeprune.pipeline.finetune import run_task_data
+        from edgeprune.training import accuracy
+
+        data = run_task_data(run)
+        subset = images is not None and images < len(data.split("test"))
+        dense_acc = accuracy(dense, data, "test", images=images if subset else None)
+    return {
+        "test_accuracy": acc,
+        "dense_test_accuracy": dense_acc,
+        "accuracy_delta_points": (acc - dense_acc) * 100 if dense_acc is not None else None,
+        "accuracy_images": images if subset else None,  # None: the whole test split
+    }
 
 
 def _into_manifest(path: Path, manifest: dict, result: dict) -> None:
     """The export's manifest gets the validation's figures: it travels with the files, without the run."""
-    manifest["validation"] = {
-        k: result[k]
-        for k in (
-            "device",
-            "artifact",
-            "budget_ms",
-            "meets_budget",
-            "predicted_ms",
-            "prediction_error_pct",
-            "speedup",
-            "test_accuracy",
-            "dense_test_accuracy",
-            "accuracy_delta_points",
-            "accuracy_images",
-        )
-    }
+    keys = (
+        "device",
+        "artifact",
+        "budget_ms",
+        "meets_budget",
+        "predicted_ms",
+        "prediction_error_pct",
+        "speedup",
+        "test_accuracy",
+        "dense_test_accuracy",
+        "accuracy_delta_points",
+        "accuracy_images",
+    )
+    manifest["validation"] = {k: result[k] for k in keys}
     manifest["validation"].update(
         measured_ms=result["measured"]["median_ms"],
         dense_measured_ms=result["dense_measured"]["median_ms"],

@@ -11,7 +11,7 @@ from edgeprune.pruning.cost import CostModel, count_macs
 from edgeprune.pruning.criteria import CRITERIA, acp_widths, make_criterion
 from edgeprune.pruning.plan import Plan
 from edgeprune.pruning.sampling import random_counts
-from edgeprune.pruning.space import ChannelGroup, PrunableSpace, allowed_counts, classifier_layers, space
+from edgeprune.pruning.space import ChannelGroup, PrunableSpace, allowed_counts, output_layers, space
 from edgeprune.pruning.uniform import prune_uniform
 
 __all__ = [
@@ -23,9 +23,9 @@ __all__ = [
     "ResidualBlock",
     "acp_widths",
     "allowed_counts",
-    "classifier_layers",
     "count_macs",
     "make_criterion",
+    "output_layers",
     "prune_uniform",
     "random_counts",
     "residual_blocks",

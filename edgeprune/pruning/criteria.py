@@ -61,6 +61,12 @@ class RankingCriterion(Criterion):
 
     def select(self, group: ChannelGroup, k: int) -> list[int]:
         imp = self.scores(group)
+        if group.parts:  # a concatenated group: the same share of every part, each its best
+            kept, offset = [], 0
+            for width, keep in zip(group.parts, group.part_counts(k)):
+                kept += [offset + int(i) for i in torch.argsort(imp[offset : offset + width], descending=True)[:keep]]
+                offset += width
+            return sorted(kept)
         per = k // group.channel_groups
         local = imp.view(group.channel_groups, -1).mean(0)
         return _expand(torch.argsort(local, descending=True)[:per].tolist(), group)
@@ -142,7 +148,7 @@ class REPrune(Criterion):
 
     def select(self, group: ChannelGroup, k: int) -> list[int]:
         module = self.modules[group.root]
-        if group.channel_groups > 1 or not isinstance(module, (nn.Conv2d, nn.Linear)) or group.width < 2:
+        if group.channel_groups > 1 or group.parts or not isinstance(module, (nn.Conv2d, nn.Linear)) or group.width < 2:
             return self._fallback.select(group, k)
         norms = np.abs(self.kernels(group)).sum((1, 2))
         return sorted(greedy_max_coverage(self.labels(group, k), k, tie_break=norms))
@@ -219,7 +225,7 @@ class ACP(Criterion):
         return group.snap(len(self.clusters(group)[0]))
 
     def select(self, group: ChannelGroup, k: int) -> list[int]:
-        if group.channel_groups > 1:
+        if group.channel_groups > 1 or group.parts:
             return self._fallback.select(group, k)
         _, reps = self.clusters(group)
         kept = reps[:k]

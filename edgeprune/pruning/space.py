@@ -28,7 +28,7 @@ class LayerDim:
 
     layer: str
     dim: str  # "out" or "in"
-    factor: int = 1
+    factor: float = 1.0  # a concatenation's part: its share of the group (see ChannelGroup.parts)
 
 
 @dataclass
@@ -40,10 +40,19 @@ class ChannelGroup:
     layers: list[LayerDim]
     allowed: list[int]  # allowed keep-counts, ascending; the last is the full width
     block: str | None = None  # with depth pruning: the residual block that keep-count 0 removes
+    # where the group's channels are a concatenation of layers' outputs (an SE block or a residual
+    # add after an Inception-style concat couples them all): each part's width, in channel order.
+    # Every part keeps the same share of its channels, so each layer's width stays linear in the
+    # group's keep-count (what the cost model and the latency table count on)
+    parts: list[int] = field(default_factory=list)
 
     @property
     def prunable(self) -> bool:
         return len(self.allowed) > 1
+
+    def part_counts(self, count: int) -> list[int]:
+        """What each part of a concatenated group keeps when the group keeps `count`."""
+        return [w * count // self.width for w in self.parts] if self.parts else [count]
 
     def snap(self, count: float) -> int:
         """The allowed keep-count nearest to `count` (ties go to the larger)."""
@@ -61,25 +70,76 @@ class ChannelGroup:
         return d
 
 
-def allowed_counts(width: int, *, step: int, min_keep_ratio: float, channel_groups: int = 1) -> list[int]:
+# keep-counts one group may take at most: a 3072-wide layer at step 8 would have 384, and a layer
+# reading one such group and writing another 384 x 96 configurations to profile; 64 levels (1.6 %
+# of the width apart) are finer than any search or table needs
+MAX_LEVELS = 64
+
+
+def allowed_counts(
+    width: int,
+    *,
+    step: int,
+    min_keep_ratio: float,
+    channel_groups: int = 1,
+    parts: Sequence[int] = (),
+    max_levels: int = MAX_LEVELS,
+) -> list[int]:
     """Keep-counts that are multiples of the channel step (and of the conv groups), at least
-    `min_keep_ratio` of the width, plus the full width. Where the width is below the step, only
-    the full width: fewer channels than one step buy no latency on the device."""
+    `min_keep_ratio` of the width, plus the full width, `max_levels` at most (a wide group's
+    counts are then multiples of a multiple of the step). Where the width is below the step,
+    only the full width: fewer channels than one step buy no latency on the device. A
+    concatenated group (`parts`) keeps the same share of every part, each a multiple of the step."""
+    if len(parts) > 1:
+        if channel_groups > 1:
+            return [width]  # grouped convs inside a concatenated group: held whole
+        lo = math.ceil(min_keep_ratio * width - 1e-9)
+        fits = [k for k in range(1, width) if all(k * w % width == 0 and k * w // width % step == 0 for w in parts)]
+        fits = [k for k in fits if k >= lo and min(parts) * k // width > 0] + [width]
+        return fits[::-1][:: -(-len(fits) // max_levels)][::-1]  # thinned from the full width down
     lo = max(channel_groups, math.ceil(min_keep_ratio * width - 1e-9))
     multiple = math.lcm(step, channel_groups)
     if multiple > width:
         multiple = channel_groups if step <= 1 else width
+    multiple *= max(1, -(-width // (multiple * max_levels)))
     counts = [k for k in range(multiple, width, multiple) if k >= lo]
     return counts + [width]
 
 
-def classifier_layers(model: nn.Module, example_input: torch.Tensor) -> list[nn.Module]:
-    """The layer that produces the network output: never pruned."""
-    with torch.no_grad():
-        out_features = model.eval()(example_input).shape[-1]
-    layers = [m for m in model.modules() if isinstance(m, ROOT_TYPES)]
-    heads = [m for m in layers if getattr(m, "out_features", getattr(m, "out_channels", None)) == out_features]
-    return heads[-1:] if heads else layers[-1:]
+def output_layers(model: nn.Module, example_input: torch.Tensor) -> list[nn.Module]:
+    """The layers that produce the network's outputs (every output of a tuple or dict: a
+    classifier, each head of a detector): their output channels are the model's contract with
+    its user, never pruned. Found by walking back from each output, through the ops that carry
+    channels along (reshape, activation, upsampling, add, concat...), to the first conv or linear
+    layer on each path."""
+    from edgeprune.models.onnx import flatten_outputs
+
+    produced: dict[object, nn.Module] = {}  # grad_fn of a layer's output -> the layer
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o: produced.__setitem__(o.grad_fn, mod))
+        for m in model.modules()
+        if isinstance(m, ROOT_TYPES)
+    ]
+    try:
+        with torch.enable_grad():
+            outputs = flatten_outputs(model.eval()(example_input.detach().clone().requires_grad_(True)))
+    finally:
+        for h in hooks:
+            h.remove()
+    found: list[nn.Module] = []
+    seen: set[int] = set()
+    frontier = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    while frontier:
+        fn = frontier.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if fn in produced:
+            if all(produced[fn] is not f for f in found):
+                found.append(produced[fn])
+            continue
+        frontier.extend(next_fn for next_fn, _ in fn.next_functions)
+    return found
 
 
 @dataclass
@@ -195,7 +255,9 @@ class PrunableSpace:
 
 
 def _layer_dims(DG: tp.DependencyGraph, group, width: int) -> list[LayerDim]:
-    dims: dict[tuple[str, str], int] = {}
+    """Each layer the group's channels run through, with how many of its channels one group
+    channel is (a flatten before a linear layer: H x W of them; a concatenation's part: its share)."""
+    dims: dict[tuple[str, str], float] = {}
     for dep, idxs in group:
         module = dep.target.module
         name = module_name(DG, module)
@@ -204,9 +266,28 @@ def _layer_dims(DG: tp.DependencyGraph, group, width: int) -> list[LayerDim]:
         ):
             continue
         dim = "out" if DG.is_out_channel_pruning_fn(dep.handler) else "in"
-        factor = max(1, len(idxs) // width)
-        dims[(name, dim)] = max(dims.get((name, dim), 0), factor)
+        dims[(name, dim)] = max(dims.get((name, dim), 0.0), len(idxs) / width)
     return [LayerDim(n, d, f) for (n, d), f in dims.items()]
+
+
+def _concat_parts(DG: tp.DependencyGraph, group, width: int) -> list[int] | None:
+    """The parts of a group whose channels concatenate layers' outputs: each conv or linear layer
+    that produces only a slice of the group's channels is a part. [] where no layer does; None
+    where the slices do not tile the channels in contiguous runs (the group is then held whole)."""
+    slices = set()
+    for item in group.items:
+        dep = item.dep
+        if isinstance(dep.target.module, ROOT_TYPES) and DG.is_out_channel_pruning_fn(dep.handler):
+            covered = tuple(sorted(set(int(i) for i in item.root_idxs)))
+            if len(covered) < width:
+                slices.add(covered)
+    if not slices:
+        return []
+    ordered = sorted(slices)
+    flat = [i for s in ordered for i in s]
+    if flat != list(range(width)) or any(s != tuple(range(s[0], s[-1] + 1)) for s in ordered):
+        return None
+    return [len(s) for s in ordered]
 
 
 def _channel_groups(DG: tp.DependencyGraph, group) -> int:
@@ -230,8 +311,9 @@ def space(
     """The prunable space of `model`: coupled channel groups and their allowed keep-counts.
 
     `exclude` holds layer names or glob patterns (e.g. ``"features.0.*"``) whose channels stay.
-    The classifier's outputs and the network input are never pruned. With `depth`, the inner
-    group of every removable residual block also allows 0 channels: the block removed.
+    The layers producing the model's outputs (`output_layers`) and the network input are never
+    pruned. With `depth`, the inner group of every removable residual block also allows 0
+    channels: the block removed.
     """
     if step < 1:
         raise EdgepruneError(f"channel step must be >= 1, got {step}")
@@ -240,7 +322,7 @@ def space(
     model.eval()
     DG = build_graph(model, example_input)
     names = dict(model.named_modules())
-    ignored = list(classifier_layers(model, example_input))
+    ignored = output_layers(model, example_input)
     for pattern in exclude:
         matched = [m for n, m in names.items() if n and fnmatch.fnmatchcase(n, pattern)]
         if not matched:
@@ -255,6 +337,12 @@ def space(
         if not width:
             continue
         ch = _channel_groups(DG, group)
+        parts = _concat_parts(DG, group, width)
+        allowed = (
+            [width]
+            if parts is None
+            else allowed_counts(width, step=step, min_keep_ratio=min_keep_ratio, channel_groups=ch, parts=parts)
+        )
         groups.append(
             ChannelGroup(
                 index=len(groups),
@@ -262,7 +350,8 @@ def space(
                 width=width,
                 channel_groups=ch,
                 layers=_layer_dims(DG, group, width),
-                allowed=allowed_counts(width, step=step, min_keep_ratio=min_keep_ratio, channel_groups=ch),
+                allowed=allowed,
+                parts=parts or [],
             )
         )
     if not groups:

@@ -189,7 +189,15 @@ def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
         )
 
     doc.heading("Settings")
-    doc.table(["setting", "value"], [[k, v] for k, v in config.items() if v not in (None, [], "")])
+    shown = (
+        {**config, "model": (config.get("model") or {}).get("name")}
+        if isinstance(config.get("model"), dict)
+        else config
+    )
+    hidden = ("model_hash", "model_args", "input_shape")
+    doc.table(
+        ["setting", "value"], [[k, v] for k, v in shown.items() if v not in (None, [], "", {}) and k not in hidden]
+    )
 
     if results:
         doc.heading("Latency table and device")
@@ -281,7 +289,8 @@ def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
             f"{_pct(fine['heldout_accuracy_before'])} -> {_pct(fine['heldout_accuracy'])}, test "
             f"{_pct(fine['test_accuracy'])} (dense {_pct(fine['dense_test_accuracy'])})."
         )
-        doc.table(["epoch", "held-out accuracy"], [[h["epoch"], _pct(h["heldout_accuracy"])] for h in fine["history"]])
+        history = [[h["epoch"], _pct(h.get("score", h.get("heldout_accuracy")))] for h in fine["history"]]
+        doc.table(["epoch", "held-out accuracy"], history)
     else:
         doc.para("Not finetuned (finetune.json missing).")
 

@@ -20,8 +20,8 @@ from torch import nn
 from edgeprune.checkpoint import Checkpoint, atomic_torch_save, save_checkpoint
 from edgeprune.data import Dataset, load_dataset
 from edgeprune.errors import EdgepruneError
-from edgeprune.models import build_model
 from edgeprune.progress import progress_bar
+from edgeprune.training.batches import Batch, TrainData, default_input
 from edgeprune.training.evaluate import accuracy
 
 
@@ -77,16 +77,42 @@ def sgd(model: nn.Module, recipe: Recipe) -> torch.optim.SGD:
 
 STATUS_EVERY = 25  # batches between progress-line updates of the running loss and accuracy
 
-Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# one training step's loss, and how many of the batch it predicted right (None: not a classifier)
+Step = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def cross_entropy_step(label_smoothing: float = 0.0) -> Step:
+    """Supervised classification: cross-entropy on (images, labels) batches."""
+    ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def step(model: nn.Module, batch: Batch):
+        x, y = batch
+        logits = model(x)
+        return ce(logits, y), (logits.argmax(1) == y).sum()
+
+    return step
+
+
+def to_device(batch: Batch, device) -> Batch:
+    """A batch (tensors, or tuples, lists and dicts of them) moved to `device`."""
+    if device is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 def fit(
     model: nn.Module,
-    data: Dataset,
+    data: Dataset | TrainData,
     recipe: Recipe,
     *,
     state_file: Path | None = None,
-    loss_fn: Loss | None = None,
+    step: Step | None = None,
     save_every_s: float = 120.0,
     progress: bool = True,
     description: str = "train",
@@ -95,13 +121,14 @@ def fit(
 ) -> nn.Module:
     """Train `model` in place following `recipe`; resumes from `state_file` when it exists.
 
-    `loss_fn(model, x, y, logits)` replaces cross-entropy (used for distillation). With `device`,
-    batches are moved there (the model must already be on it).
+    `step(model, batch) -> (loss, correct)` replaces cross-entropy (distillation: training/distill.py).
+    With `device`, batches are moved there (the model must already be on it).
     """
     torch.manual_seed(recipe.seed)
     opt = sgd(model, recipe)
-    train_split = data.split("train")
-    per_epoch = train_split.num_batches(recipe.batch_size)
+    train = data if isinstance(data, TrainData) else TrainData(data, batch_size=recipe.batch_size)
+    step = step or cross_entropy_step(recipe.label_smoothing)
+    per_epoch = len(train)
     if recipe.max_batches_per_epoch:
         per_epoch = min(per_epoch, recipe.max_batches_per_epoch)
     total = per_epoch * recipe.epochs
@@ -133,7 +160,6 @@ def fit(
                 state_file,
             )
 
-    ce = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     last_save = time.monotonic()
     with progress_bar(enabled=progress) as bar:
         task = bar.add_task(description, total=total, completed=epoch * per_epoch + batch, status="")
@@ -143,36 +169,28 @@ def fit(
                 # running sums stay on the model's device: reading them every step (.item()) would make
                 # the host wait for the accelerator at each batch instead of queueing the next one
                 loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-                seen = 0
-                for b, (x, y) in enumerate(
-                    data.batches(
-                        "train",
-                        recipe.batch_size,
-                        train=True,
-                        seed=recipe.seed,
-                        epoch=epoch,
-                        start=batch,
-                        limit=per_epoch,
-                    ),
-                    start=batch,
-                ):
-                    if device is not None:
-                        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                seen, counted = 0, True
+                batches = train.batches(seed=recipe.seed, epoch=epoch, start=batch, limit=per_epoch)
+                for b, item in enumerate(batches, start=batch):
+                    item = to_device(item, device)
                     lr = recipe.lr_at(epoch * per_epoch + b, total, per_epoch)
                     for g in opt.param_groups:
                         g["lr"] = lr
-                    logits = model(x)
-                    loss = loss_fn(model, x, y, logits) if loss_fn else ce(logits, y)
+                    loss, right = step(model, item)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    loss_sum += loss.detach() * len(y)
-                    correct += (logits.argmax(1) == y).sum()
-                    seen += len(y)
+                    n = len(default_input(item))
+                    loss_sum += loss.detach() * n
+                    if right is None:
+                        counted = False
+                    else:
+                        correct += right
+                    seen += n
                     status = None
                     if b % STATUS_EVERY == 0 or b + 1 == per_epoch:
-                        status = f"epoch {epoch + 1}/{recipe.epochs} loss {loss_sum.item() / seen:.3f} "
-                        status += f"acc {correct.item() / seen:.3f}"
+                        status = f"epoch {epoch + 1}/{recipe.epochs} loss {loss_sum.item() / seen:.3f}"
+                        status += f" acc {correct.item() / seen:.3f}" if counted else ""
                     bar.update(task, advance=1, **({"status": status} if status else {}))
                     if time.monotonic() - last_save > save_every_s:
                         save_state(epoch, b + 1)
@@ -198,9 +216,17 @@ def train(
     recipe: Recipe | None = None,
     restart: bool = False,
     data_root: str | None = None,
+    weights: str | None = None,
+    model_kwargs: dict | None = None,
+    trust_pickle: bool = False,
     progress: bool = True,
+    log=None,
 ) -> Checkpoint:
-    """Train `model` on `data` and write a checkpoint to `out`; resumes an interrupted run."""
+    """Train `model` (a name, file.py:factory or package.module:factory) on `data` and write a
+    checkpoint to `out`; resumes an interrupted run. With `weights` (e.g. torchvision's pretrained
+    ones) training starts from them, the classifier head replaced where the data's classes differ."""
+    from edgeprune.models.weights import load_model
+
     recipe = recipe or Recipe()
     dataset = data if isinstance(data, Dataset) else load_dataset(data, root=data_root)
     out = Path(out)
@@ -208,17 +234,43 @@ def train(
     if restart:
         state_file.unlink(missing_ok=True)
     torch.manual_seed(recipe.seed)  # initialisation is part of the recipe
-    net = build_model(model, num_classes=dataset.num_classes, in_channels=dataset.input_shape[0])
+    loaded = load_model(
+        model,
+        weights,
+        model_kwargs=model_kwargs,
+        num_classes=dataset.num_classes,
+        in_channels=dataset.input_shape[0],
+        trust_pickle=trust_pickle,
+        log=log,
+    )
+    net = loaded.model
+    check_input(net, (1, *dataset.input_shape), where=f"{loaded.ref.name} on {dataset.name}")
     started = time.monotonic()
-    fit(net, dataset, recipe, state_file=state_file, progress=progress, description=f"train {model}")
+    fit(net, dataset, recipe, state_file=state_file, progress=progress, description=f"train {loaded.ref.id}")
     meta = {
         "recipe": asdict(recipe),
+        "initial_weights": loaded.source,
+        "data_options": dataset.options,
         "test_accuracy": accuracy(net, dataset, "test"),
         "heldout_accuracy": accuracy(net, dataset, "heldout"),
         "train_seconds_this_session": round(time.monotonic() - started, 1),
         "threads": torch.get_num_threads(),
     }
-    ckpt = Checkpoint(model, dataset.num_classes, dataset.input_shape, dataset.name, net.state_dict(), meta)
+    ckpt = Checkpoint(
+        loaded.ref.name, dataset.num_classes, dataset.input_shape, dataset.name, net.state_dict(), meta, ref=loaded.ref
+    )
     save_checkpoint(ckpt, out)
     state_file.unlink(missing_ok=True)
     return ckpt
+
+
+def check_input(model: nn.Module, shape: tuple[int, ...], *, where: str) -> None:
+    """One forward pass at `shape`: a model that cannot take the data's images says so in one line."""
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(*shape))
+    except Exception as e:
+        raise EdgepruneError(
+            f"{where}: the model cannot take inputs of shape {list(shape)} ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:140]}); check the input size, channels and model arguments"
+        ) from None

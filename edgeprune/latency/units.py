@@ -1,0 +1,224 @@
+"""Single-unit ONNX models: what the profiler measures for one LayerConfig.
+
+Each unit reads one input `x` shaped as in the model (channels set to the configuration's) and
+writes `y`. The common ops (conv, gemm, element-wise, concat, pooling, activations, batch norm)
+are built from the key alone; any other op is rebuilt from its node in the dense model (a
+`NodeTemplate`: the op, its attributes and constants, with channel-sized constants cut to the
+configuration's channels), so a table covers every op the model runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+from edgeprune.errors import EdgepruneError
+
+ACTIVATIONS = {
+    "Relu": "relu",
+    "Clip": "relu6",
+    "HardSwish": "hswish",
+    "Sigmoid": "sigmoid",
+    "HardSigmoid": "hsigmoid",
+    "LeakyRelu": "lrelu",
+    "Tanh": "tanh",
+    "Gelu": "gelu",
+    "Swish": "silu",
+}
+
+
+@dataclass
+class NodeTemplate:
+    """An op of the dense model, to rebuild at other channel counts: its attributes and inputs
+    ("x": the unit's input; "": an absent optional input; an array: a constant), the rank of its
+    input and which axis holds the channels (1, or the last after a transpose to channels-last)."""
+
+    op_type: str
+    attributes: list = field(default_factory=list)
+    inputs: list = field(default_factory=list)
+    shape: tuple[int, ...] = ()
+    axis: int = 1
+
+    def digest(self) -> str:
+        """What distinguishes two nodes of this op beyond channels and size (attributes, small
+        constants, layout): part of the configuration's key."""
+        h = hashlib.sha256(self.op_type.encode())
+        for a in self.attributes:
+            h.update(a.SerializeToString())
+        for i in self.inputs:
+            h.update(i.encode() or b"-" if isinstance(i, str) else self._const_id(np.asarray(i)))
+        h.update(f"{len(self.shape)}/{self.axis}".encode())
+        return h.hexdigest()[:8]
+
+    def _channel_dim(self, arr: np.ndarray) -> int | None:
+        """Where `arr` (broadcast against the input, aligned right) runs along the channels, if it does."""
+        pos = arr.ndim - (len(self.shape) - self.axis)
+        return pos if arr.ndim and 0 <= pos < arr.ndim and arr.shape[pos] == self.shape[self.axis] else None
+
+    def _const_id(self, arr: np.ndarray) -> bytes:
+        """A constant's identity apart from the channels: its shape (channels as -1), and its values
+        where small and not per channel (a scale factor, a permutation)."""
+        pos = self._channel_dim(arr)
+        shape = [(-1 if i == pos else d) for i, d in enumerate(arr.shape)]
+        return str(shape).encode() + (arr.tobytes() if pos is None and arr.size <= 16 else b"")
+
+    def channel_cut(self, arr: np.ndarray, channels: int) -> np.ndarray:
+        """`arr` with its channel dimension (if it has one) cut to `channels`."""
+        pos = self._channel_dim(arr)
+        return arr if pos is None else np.take(arr, range(channels), axis=pos)
+
+
+def _act_nodes(act: str, x: str, out: str, inits: list, prefix: str = "") -> list:
+    if act == "relu6":
+        inits += [
+            numpy_helper.from_array(np.array(0.0, np.float32), f"{prefix}lo"),
+            numpy_helper.from_array(np.array(6.0, np.float32), f"{prefix}hi"),
+        ]
+        return [helper.make_node("Clip", [x, f"{prefix}lo", f"{prefix}hi"], [out])]
+    if act == "silu":
+        return [helper.make_node("Sigmoid", [x], [f"{prefix}sig"]), helper.make_node("Mul", [x, f"{prefix}sig"], [out])]
+    op = {v: k for k, v in ACTIVATIONS.items()}[act]
+    return [helper.make_node(op, [x], [out])]
+
+
+def _template_nodes(cfg, rng, const) -> tuple[list, tuple[int, ...]]:
+    t: NodeTemplate = cfg.template
+    shape = list(t.shape)
+    shape[t.axis] = cfg.cin
+    names = []
+    for j, i in enumerate(t.inputs):
+        if isinstance(i, str):
+            names.append(i)
+        else:
+            arr = t.channel_cut(np.asarray(i), cfg.cin)
+            names.append(const(f"T{j}", arr, keep_dtype=True))
+    node = helper.make_node(t.op_type, names, ["body"])
+    node.attribute.extend(t.attributes)
+    return [node], tuple(shape)
+
+
+def _unit_graph(cfg, rng: np.random.Generator, prefix: str, out: str):
+    """Nodes and initialisers of one unit reading "x" and writing `out`; its input shape."""
+    inits: list = []
+    nodes: list = []
+    tokens = cfg.op == "gemm" and cfg.h * cfg.w > 1  # a linear layer over a channels-last map
+    shape = (1, cfg.cin, cfg.h, cfg.w) if cfg.op != "gemm" else (1, cfg.h, cfg.w, cfg.cin) if tokens else (1, cfg.cin)
+    body_out = out if not cfg.act else f"{prefix}pre"
+
+    def const(name, arr, keep_dtype=False):
+        arr = np.asarray(arr)
+        inits.append(numpy_helper.from_array(arr if keep_dtype else arr.astype(np.float32), f"{prefix}{name}"))
+        return f"{prefix}{name}"
+
+    if cfg.op == "conv":
+        w = const("W", rng.standard_normal((cfg.cout, cfg.cin // cfg.groups, *cfg.kernel)) * 0.1)
+        b = const("B", rng.standard_normal(cfg.cout) * 0.1)
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                ["x", w, b],
+                [body_out],
+                kernel_shape=list(cfg.kernel),
+                strides=list(cfg.stride),
+                pads=list(cfg.pads),
+                group=cfg.groups,
+                dilations=list(cfg.extra or (1, 1)),
+            )
+        )
+    elif cfg.op == "gemm" and tokens:
+        w = const("W", rng.standard_normal((cfg.cin, cfg.cout)) * 0.1)
+        b = const("B", rng.standard_normal(cfg.cout) * 0.1)
+        nodes += [
+            helper.make_node("MatMul", ["x", w], [f"{prefix}mm"]),
+            helper.make_node("Add", [f"{prefix}mm", b], [body_out]),
+        ]
+    elif cfg.op == "gemm":
+        w = const("W", rng.standard_normal((cfg.cout, cfg.cin)) * 0.1)
+        b = const("B", rng.standard_normal(cfg.cout) * 0.1)
+        nodes.append(helper.make_node("Gemm", ["x", w, b], [body_out], transB=1))
+    elif cfg.op == "bn":
+        params = [
+            const(n, v)
+            for n, v in (
+                ("S", rng.uniform(0.5, 1.5, cfg.cin)),
+                ("B", rng.standard_normal(cfg.cin)),
+                ("M", rng.standard_normal(cfg.cin)),
+                ("V", rng.uniform(0.5, 1.5, cfg.cin)),
+            )
+        ]
+        nodes.append(helper.make_node("BatchNormalization", ["x", *params], [body_out]))
+    elif cfg.op in ("add", "mul", "sub", "div"):
+        other = (1, cfg.cin, 1, 1) if cfg.extra == (1,) else shape
+        k = const("K", rng.standard_normal(other) * 0.1 + 1.0)
+        nodes.append(helper.make_node(cfg.op.capitalize(), ["x", k], [body_out]))
+    elif cfg.op == "concat":  # the total split evenly over the parts (a copy's cost is its bytes)
+        n = max(1, cfg.extra[0] if cfg.extra else 1)
+        sizes = [cfg.cout // n] * n
+        sizes[0] += cfg.cout - sum(sizes)
+        names = ["x"] + [const(f"P{j}", rng.standard_normal((1, c, cfg.h, cfg.w))) for j, c in enumerate(sizes[1:])]
+        shape = (1, sizes[0], cfg.h, cfg.w)
+        nodes.append(helper.make_node("Concat", names, [body_out], axis=1))
+    elif cfg.op.startswith("pool:"):
+        op = cfg.op.split(":", 1)[1]
+        kw = (
+            {}
+            if op.startswith("Global") or op == "ReduceMean"
+            else {"kernel_shape": list(cfg.kernel), "strides": list(cfg.stride), "pads": list(cfg.pads)}
+        )
+        if op == "ReduceMean":
+            inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), f"{prefix}axes"))
+            nodes.append(helper.make_node(op, ["x", f"{prefix}axes"], [body_out], keepdims=1))
+        else:
+            nodes.append(helper.make_node(op, ["x"], [body_out], **kw))
+    elif cfg.op.startswith("act:"):
+        nodes += _act_nodes(cfg.op.split(":", 1)[1], "x", body_out, inits, prefix)
+    elif cfg.template is not None:
+        built, shape = _template_nodes(cfg, rng, const)
+        built[0].output[0] = body_out
+        nodes += built
+    else:
+        raise EdgepruneError(
+            f"cannot build a single-unit model for op {cfg.op!r} without the model it comes from; profile the model"
+        )
+    if cfg.act:
+        nodes += _act_nodes(cfg.act, body_out, out, inits, prefix)
+    return nodes, inits, shape
+
+
+def unit_model(cfg, *, seed: int = 0, copies: int = 1) -> tuple[onnx.ModelProto, tuple[int, ...]]:
+    """A one-unit ONNX model for `cfg` (a LayerConfig) and its input shape.
+
+    With `copies` > 1: that many copies of the unit (each with its own weights) read the same
+    input and their outputs are summed. The difference to the one-copy model, per copy, is what
+    the unit costs inside a graph: the runtime's per-call overhead and the conversions of the
+    model's input and output (e.g. OpenVINO's planar <-> blocked reorders, which a whole model
+    pays once, not once per layer) are paid once in both models and cancel; the sum joins the
+    copies the way a residual add joins a branch (fused into the conv where the runtime can)."""
+    if copies < 1:
+        raise EdgepruneError(f"copies must be at least 1, got {copies}")
+    rng = np.random.default_rng(seed)
+    nodes: list = []
+    inits: list = []
+    outs = ["y"] if copies == 1 else [f"c{j}_y" for j in range(copies)]
+    for j, out in enumerate(outs):
+        n, i, shape = _unit_graph(cfg, rng, "" if copies == 1 else f"c{j}_", out)
+        nodes += n
+        inits += i
+    if copies > 1:
+        nodes.append(helper.make_node("Sum", outs, ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "unit",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.UNDEFINED, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgeprune")
+    model.ir_version = 8
+    inferred = shape_inference.infer_shapes(model)  # give the output its shape (the checker requires one)
+    model.graph.output[0].type.CopyFrom(inferred.graph.output[0].type)
+    return model, shape

@@ -1,0 +1,186 @@
+"""The prune settings, defined once: their defaults, help and checks serve the Python API, the
+CLI's options (generated from them) and the config files' `prune:` section alike."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from edgeprune.errors import EdgepruneError
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    kind: type = int,
+    lo=None,
+    hi=None,
+    lo_open=False,
+    hi_open=False,
+    choices: tuple[str, ...] = (),
+    optional: bool = False,
+):
+    """A field with what the CLI and the checks need: its help, type and range."""
+    meta = {
+        "help": help,
+        "kind": kind,
+        "lo": lo,
+        "hi": hi,
+        "lo_open": lo_open,
+        "hi_open": hi_open,
+        "choices": choices,
+        "optional": optional,
+    }
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_value(name: str, value: Any, meta: dict) -> Any:
+    """`value` as the setting's type, or one line saying what is wrong and what it takes."""
+    kind, where = meta["kind"], flag(name)
+    if value is None and meta["optional"]:
+        return None
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise EdgepruneError(f"{where} must be true or false, got {value!r}")
+        return value
+    if kind is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise EdgepruneError(f"{where} must be a list of layer names or patterns, got {value!r}")
+        return list(value)
+    if kind is str:
+        if value not in meta["choices"]:
+            raise EdgepruneError(f"unknown {name} {value!r}; choose one of: {', '.join(meta['choices'])}")
+        return value
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (kind is int and not float(value).is_integer())
+    ):
+        raise EdgepruneError(f"{where} must be {'a whole number' if kind is int else 'a number'}, got {value!r}")
+    value = kind(value)
+    lo, hi, lo_open, hi_open = meta["lo"], meta["hi"], meta["lo_open"], meta["hi_open"]
+    below = lo is not None and (value <= lo if lo_open else value < lo)
+    above = hi is not None and (value >= hi if hi_open else value > hi)
+    if math.isfinite(value) and not below and not above:
+        return value
+    if lo is not None and hi is not None:
+        span = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    elif lo is not None:
+        span = f"more than {lo:g}" if lo_open else f"at least {lo:g}"
+    else:
+        span = "a finite number"
+    raise EdgepruneError(f"{where} must be {span}, got {value!r}")
+
+
+def _searchers() -> tuple[str, ...]:
+    return ("uniform", "random", "bo", "bocr", "pso")
+
+
+def _criteria() -> tuple[str, ...]:
+    return ("l1", "l2", "bn", "reprune", "acp")
+
+
+@dataclass
+class PruneSettings:
+    """How a pruning run searches (everything but the model, data, device, budget and table)."""
+
+    search: str = setting("bocr", "Searcher: uniform, random, bo, bocr or pso.", kind=str, choices=_searchers())
+    evals: int = setting(60, "Distinct plans to score.", lo=1)
+    seed: int = setting(0, "Seed of the searcher and of the proxy's batches.")
+    cost: str = setting(
+        "latency", "Constraint: latency (the table) or flops (the baseline).", kind=str, choices=("latency", "flops")
+    )
+    flops_target: float | None = setting(
+        None,
+        "MACs share for --cost flops (default: budget / dense ms).",
+        kind=float,
+        lo=0,
+        hi=1,
+        lo_open=True,
+        optional=True,
+    )
+    criterion: str = setting(
+        "l2", "Channels kept in a group: l1, l2, bn, reprune or acp.", kind=str, choices=_criteria()
+    )
+    clusters: int = setting(4, "bocr: clusters of groups sharing a keep ratio.", lo=1)
+    particles: int = setting(10, "pso: swarm size.", lo=2)
+    min_keep: float = setting(0.1, "Smallest keep ratio of any group.", kind=float, lo=0, hi=1, lo_open=True)
+    max_keep: float = setting(1.0, "Largest keep ratio of any group.", kind=float, lo=0, hi=1, lo_open=True)
+    depth: bool = setting(False, "Also remove whole residual blocks (reaches budgets width pruning cannot).", kind=bool)
+    fix: list[str] = setting([], "Group root layer (glob) held at full width; repeatable.", kind=list)
+    calibration_batches: int = setting(10, "Training batches that re-estimate BatchNorm for each candidate.", lo=1)
+    heldout_images: int = setting(2000, "Held-out images the proxy scores (classification).", lo=1)
+    proxy_steps: int = setting(
+        0,
+        "Distilled SGD steps each candidate trains before it is scored (0: BatchNorm "
+        "recalibration only); ranks by what a finetune recovers.",
+        lo=0,
+    )
+    measure_top: int = setting(5, "Candidates measured on the device per round.", lo=1)
+    max_rounds: int = setting(
+        4,
+        "Search rounds after the first (budget tightened after measured misses, or loosened once); may grow on resume.",
+        lo=0,
+    )
+    anchor: bool = setting(
+        True, "Scale the table's predictions by the dense model measured now / at the profile.", kind=bool
+    )
+    margin: float = setting(
+        0.02,
+        "Share under the budget the chosen plan must measure (run-to-run noise).",
+        kind=float,
+        lo=0,
+        hi=0.5,
+        hi_open=True,
+    )
+    loosen: float = setting(
+        0.05,
+        "Where the chosen plan measures more than this share under the target, search "
+        "one round more at a looser budget (0: never).",
+        kind=float,
+        lo=0,
+        hi=1,
+        hi_open=True,
+    )
+
+    GROWABLE = ("evals", "max_rounds")  # what a resumed run may raise
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in fields(cls)}
+
+    @classmethod
+    def create(cls, values: dict | None = None, *, where: str = "prune") -> PruneSettings:
+        """Settings from `values` (unknown names refused, each value checked), defaults for the rest."""
+        values = {k: v for k, v in (values or {}).items() if v is not None}
+        unknown = set(values) - cls.names()
+        if unknown:
+            raise EdgepruneError(
+                f"unknown {where} setting(s) {sorted(unknown)}; known: {', '.join(sorted(cls.names()))}"
+            )
+        checked = {f.name: check_value(f.name, values[f.name], f.metadata) for f in fields(cls) if f.name in values}
+        settings = cls(**checked)
+        if settings.max_keep < settings.min_keep:
+            raise EdgepruneError(f"--max-keep ({settings.max_keep}) is below --min-keep ({settings.min_keep})")
+        return settings
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(cls)}
