@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-COPY = ("config.json", "plan.json", "pruned.pt", "results.json")
+COPY = ("config.json", "plan.json", "pruned.pt", "results.json", "dense.pt")
 
 
 def _same_recipe(run: Path, args, seed: int) -> bool:
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--one", nargs=2, metavar=("RUN", "SEED"), help=argparse.SUPPRESS)  # a child's job
     args = ap.parse_args()
     if args.one:
-        from edgeprune.pipeline import finetune
+        from edgeprune.pipeline import finetune_run as finetune
 
         # a job started in the background by a script inherits SIGINT ignored (POSIX), and Python then
         # leaves it so: on the device machine the --stop-after interrupt reached no child, and the

@@ -58,7 +58,7 @@ def main() -> None:
     if not 0 < args.promise < 1:
         raise SystemExit("--promise must be in (0, 1): the share of each saving the pessimistic table promises")
 
-    from edgeprune.pipeline import prune
+    from edgeprune.pipeline import prune_run as prune
 
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-loosen-") as tmp:
         root = args.out or Path(tmp)

@@ -28,7 +28,7 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.latency.check import check_predictor, predictor_for
 from edgeprune.latency.predictor import anchor_scale, error_stats
 from edgeprune.latency.table import LatencyTable
-from edgeprune.resolve import resolve_model
+from edgeprune.resolve import resolve
 
 PAIRS = [
     f"{m}:{d}"
@@ -60,7 +60,8 @@ def main() -> None:
     results = []
     for pair in args.pairs:
         model_id, device_name = pair.split(":")
-        model, model_id, shape = resolve_model(model_id)
+        r = resolve(model_id, load_data=False)
+        model, model_id, shape = r.model, r.id, r.shape
         device = Device.load(device_name)
         table = LatencyTable.load(f"latency_tables/{device_name}/{model_id}.json", fingerprint=device.fingerprint())
         # the second table is loaded before the measurement, so a missing or mismatched one fails first

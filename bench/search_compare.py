@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeprune.pipeline.prune import prune
+from edgeprune.pipeline import prune_run as prune
 from edgeprune.report import convergence_plot
 
 SEARCHERS = ["uniform", "random", "bo", "bocr", "pso", "bocr-flops"]

@@ -72,7 +72,7 @@ def run_dir(args, model: str, device: str, budget: str, search: str) -> Path:
 
 def stage_search(args) -> None:
     from edgeprune.errors import EdgepruneError
-    from edgeprune.pipeline import prune
+    from edgeprune.pipeline import prune_run as prune
 
     for model, device, budget in rows(args):
         for search in ("bocr", "uniform"):
@@ -111,7 +111,7 @@ def stage_finetune(args) -> None:
     import subprocess
     import sys
 
-    from edgeprune.pipeline import finetune
+    from edgeprune.pipeline import finetune_run as finetune
 
     runs = [run_dir(args, *row, search) for row in rows(args) for search in ("bocr", "uniform")]
     runs = [r for r in runs if (not args.only or r.name in args.only) and (r / "pruned.pt").is_file()]
@@ -136,7 +136,8 @@ def stage_finetune(args) -> None:
 
 
 def stage_report(args) -> None:
-    from edgeprune.pipeline import export_run, validate
+    from edgeprune.pipeline import export_run
+    from edgeprune.pipeline import validate_run as validate
 
     header = (
         f"{'model':<9}{'device':<16}{'budget':>7}{'budget ms':>10} | {'ours ms':>8}{'ours acc':>9} | "
@@ -246,11 +247,12 @@ def claim_check(args) -> None:
     from edgeprune.latency.interleave import measure_interleaved, noisy_rounds
     from edgeprune.latency.table import LatencyTable
     from edgeprune.pruning.sparse import magnitude_sparsify, weight_count
-    from edgeprune.resolve import resolve_model
+    from edgeprune.resolve import resolve
 
     claim = 3.87
     device = Device.load(args.claim_device)
-    net, model_id, shape = resolve_model("mobilenet_v2")
+    r = resolve("mobilenet_v2", load_data=False)
+    net, model_id, shape = r.model, r.id, r.shape
     table = LatencyTable.load(f"latency_tables/{device.name}/{model_id}.json")
     s, predictor = predictor_for(net, shape, table)
     dense_pred = predictor.predict()

@@ -53,6 +53,23 @@ def cli():
     return run_cli
 
 
+FAST_DEVICE = (
+    "name: fast-ort\nbackend: onnxruntime\noptions: {threads: 1}\nchannel_step: 8\n"
+    "protocol: {warmup_runs: 3, warmup_s: 0.01, min_runs: 20, min_s: 0.05, max_cv: 0.5}\n"
+)
+
+
+@pytest.fixture(scope="session")
+def fast_device(tmp_path_factory) -> str:
+    """ONNX Runtime on this CPU, 1 thread, with a short protocol: for tests about behaviour, not figures."""
+    path = tmp_path_factory.mktemp("devices") / "fast-ort.yaml"
+    path.write_text(FAST_DEVICE)
+    return str(path)
+
+
+EXAMPLES = ROOT / "examples"
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A resnet20 trained briefly on digits at 16x16, a fast device profile, and its latency table.
@@ -68,10 +85,7 @@ def tiny_run(tmp_path_factory):
     ckpt = d / "r20-digits.pt"
     train(model="resnet20", data="digits:16", out=ckpt, recipe=Recipe(epochs=3, lr=0.05), progress=False)
     dev = d / "fast-ort.yaml"
-    dev.write_text(
-        "name: fast-ort\nbackend: onnxruntime\noptions: {threads: 1}\nchannel_step: 8\n"
-        "protocol: {warmup_runs: 3, warmup_s: 0.01, min_runs: 20, min_s: 0.05, max_cv: 0.5}\n"
-    )
+    dev.write_text(FAST_DEVICE)
     table = d / "table.json"
     # a slow phase of this shared host while the 5 calibration models are measured bends the line
     # (fresh-clone CI: it predicted dense 30 % under its own dense point, and the runs that use the

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from edgeprune.backends import TensorRtBackend
-from edgeprune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from edgeprune.checkpoint import Checkpoint, load_checkpoint
 from edgeprune.pruning import space
 from edgeprune.training import accuracy
 

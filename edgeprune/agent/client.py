@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from edgeprune import __version__
-from edgeprune.agent.server import API, VERSION_HEADER
+from edgeprune.agent.protocol import API, VERSION_HEADER
 from edgeprune.devices.spec import DeviceSpec
 from edgeprune.errors import EdgepruneError
 from edgeprune.latency.measurement import Measurement, Protocol

@@ -28,20 +28,14 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from edgeprune import __version__
+from edgeprune.agent.protocol import API, VERSION_HEADER, compatible
 from edgeprune.agent.validation import Rejected, check_model
 from edgeprune.backends.worker import JobTimeout, Worker, WorkerDied
 from edgeprune.devices.spec import DeviceSpec
 from edgeprune.latency.measurement import Protocol
 from edgeprune.runs import write_text
 
-API = "v1"
 DEFAULT_MAX_MB = 64
-VERSION_HEADER = "x-edgeprune-version"
-
-
-def compatible(client: str, agent: str = __version__) -> bool:
-    """Same major.minor: the wire format and protocol semantics match."""
-    return client.split(".")[:2] == agent.split(".")[:2]
 
 
 def load_or_create_token(path: Path) -> tuple[str, bool]:

@@ -199,6 +199,7 @@ class ModelLayers:
             return
         if op in FOLDS:
             self.tensors[out] = self._fold(self.tensors[ins[0]], ins[0], out)
+            self._check(node, out)
             return
         main = self.tensors[ins[0]]
         h, w = _spatial(self._shapes.get(ins[0], []), main.axis)
@@ -219,9 +220,21 @@ class ModelLayers:
             unit.attrs["extra"] = (len(parts),)
         else:
             self._elementwise(node, unit)
+        self._check(node, out)
         self._gate(unit, ins, out)
         self._fuse_activation(unit, out)
         self.units.append(unit)
+
+    def _check(self, node, out: str) -> None:
+        """The channels counted for `out` must be the channels the graph gives it: where an op moves
+        channels in a way this reading does not follow, refuse rather than key a wrong table."""
+        shape, t = self._shapes.get(out, []), self.tensors[out]
+        if len(shape) >= 2 and t.axis < len(shape) and shape[t.axis] and shape[t.axis] != round(t.c0):
+            raise EdgepruneError(
+                f"the latency side cannot follow channels through the {node.op_type} node {node.name or out!r} "
+                f"({round(t.c0)} channels expected, the graph has {shape[t.axis]}), so no latency table can cover "
+                "this model; prune it against FLOPs instead (--cost flops), or prune a model without that op"
+            )
 
     def _conv(self, node, unit: _Unit) -> None:
         if not self._convs:
@@ -364,8 +377,8 @@ class ModelLayers:
     def _too_many(self, u: _Unit, n: int, limit: int) -> EdgepruneError:
         where = f"layer {u.layer}" if u.layer else f"a {u.op} unit (number {self.units.index(u)})"
         return EdgepruneError(
-            f"{where} reaches more than {n} configurations (limit {limit}): too many to profile; profile and prune "
-            "at a coarser channel step (--step 32), or hold the groups around it at full width (--fix LAYER)"
+            f"{where} reaches {n} configurations or more (limit {limit}): too many to profile; profile and prune "
+            f"at a coarser channel step (--step {2 * self.space.step}: each group then takes fewer widths)"
         )
 
     def reachable(self, limit: int = LIMIT) -> list[LayerConfig]:

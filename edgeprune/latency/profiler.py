@@ -279,7 +279,7 @@ def _calibrate(
     if recalibrate:
         _set_aside(table, "recalibrating", log)
     elif why := table.other_model(model_id, signature):
-        _set_aside(table, f"{why}: refitting it on {model_id}", log)
+        _set_aside(table, f"{why}: refitting it on {model_id} as given", log)
     table.meta["calibration_signature"] = signature
     points = table.meta.setdefault("calibration_points", {})
     rng = np.random.default_rng(seed)

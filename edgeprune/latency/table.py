@@ -54,7 +54,7 @@ class LatencyTable:
         size of it) adds up from its units differently."""
         fitted = self.meta.get("calibration_signature")
         if fitted is not None:
-            return None if fitted == signature else f"its calibration was fitted on another model ({self.model})"
+            return None if fitted == signature else f"its calibration was fitted on other layers ({self.model}'s)"
         if self.model not in (None, model_id):
             return f"it was profiled for {self.model}, not {model_id}"
         return None

@@ -69,6 +69,12 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    if size >= 2**31:
+        raise EdgepruneError(
+            f"the model's weights ({size / 2**30:.1f} GiB) exceed what one ONNX file holds (2 GiB): too large for "
+            "an edge device; prune a smaller model"
+        )
     x = example_tensor(example_input)
     tmp = path.with_name(path.name + ".tmp")
     try:

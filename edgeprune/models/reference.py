@@ -198,7 +198,12 @@ class ModelRef:
             )
         if not (trust or self.sha256):
             raise EdgepruneError(f"{path} is a pickled module: loading it runs code; pass --trust-pickle")
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except (ModuleNotFoundError, AttributeError) as e:
+            raise EdgepruneError(
+                f"unpickling {path} needs the code that defines its classes ({e}): put its package on PYTHONPATH"
+            ) from None
         model = obj.get("model") if isinstance(obj, dict) else obj
         if not isinstance(model, nn.Module):
             raise EdgepruneError(f"{path} holds a {type(obj).__name__}, not a pickled torch.nn.Module")

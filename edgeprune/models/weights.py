@@ -108,7 +108,7 @@ def _read(path: Path, trust_pickle: bool):
         return torch.load(path, map_location="cpu", weights_only=True), False
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        pickled = "weights_only" in str(e) or "Unsupported global" in str(e)
+        pickled = "Unsupported global" in str(e) or "Unsupported class" in str(e)
         if not pickled:
             raise EdgepruneError(f"{path} is corrupt or not a PyTorch file ({reason[:120]})") from None
     if not trust_pickle:
@@ -116,7 +116,13 @@ def _read(path: Path, trust_pickle: bool):
             f"{path} holds a pickled Python object, not a state dict; unpickling runs code from the file: pass "
             "--trust-pickle (trust_pickle=True) if you trust it, or save model.state_dict() instead"
         )
-    return torch.load(path, map_location="cpu", weights_only=False), True
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False), True
+    except (ModuleNotFoundError, AttributeError) as e:
+        raise EdgepruneError(
+            f"unpickling {path} needs the code that defines its classes ({e}): put its package on PYTHONPATH, or "
+            "save model.state_dict() and give --model"
+        ) from None
 
 
 def load_model(

@@ -40,9 +40,10 @@ def finetune(
     store=None,
     progress: bool = True,
 ):
-    """Distil `teacher` into `model` for `epochs`; returns a FinetuneResult (`.model`: the best
-    epoch's weights). `data` (classification) or `score_fn` + `train_data` (+ `loss_fn`): see
-    edgeprune.task. `store`: where the best weights and the resume point live (default: memory)."""
+    """Distil `teacher` into `model` for `epochs`, training `model` in place; returns a
+    FinetuneResult (`.model`: it, with the best epoch's weights). `data` (classification) or
+    `score_fn` + `train_data` (+ `loss_fn`): see edgeprune.task. `store`: where the best weights
+    and the resume point live (default: memory)."""
     from edgeprune.task import make_task
     from edgeprune.training import DistillConfig, Recipe, finetune_model
 
@@ -134,7 +135,7 @@ def finetune_run(
             alpha=alpha,
             seed=seed,
             max_batches=max_batches,
-            heldout_images=heldout_limit,
+            heldout_images=None if heldout_limit is None else 500 * heldout_limit,  # batches of 500
             device=device,
             store=store,
             progress=progress,

@@ -111,87 +111,311 @@ def _run_config(run: RunDir | None, resume: bool, inputs: dict, settings: dict) 
     return stored, PruneSettings.create(values)
 
 
-def _table(table, device, model_id: str, shape, settings: PruneSettings, advice: str, log):
-    """The latency table (None for a FLOPs search without one), checked against the model and device."""
-    from edgeprune.latency.table import LatencyTable, find_table, fingerprint_diff
+class Pruning:
+    """One prune, from resolved inputs to the pruned model: the table and predictor, the first
+    search budget, the proxy and searcher, the measured search, the outputs. Each step a method;
+    what they share (the model, its space, the device, the run's store, the settings) held here."""
 
-    if isinstance(table, LatencyTable):
-        path, loaded = Path(table.meta.get("path", "(given)")), table
-    else:
-        path = find_table(device, model_id, table)
-        if settings.cost != "latency" and not path.is_file():
-            return None, None
-        loaded = LatencyTable.load(path)
-    loaded.check_input(shape, path, advice)
-    if other := fingerprint_diff(loaded.fingerprint, device.fingerprint()):
-        # the measured check holds the search to this device either way; the table only guides it
-        log(
-            f"warning: {path} was profiled on another device setup ({other}): its predictions may be off, and the "
-            f"measured check has more to correct; a table of this device predicts better: {advice} --step "
-            f"{loaded.step} (written beside it, where a new prune or run finds it)"
+    def __init__(self, model, x, ref, device, budget: Budget, run: RunDir | None, config: dict, cfg, task, log):
+        self.model, self.x, self.ref, self.device, self.budget = model, x, ref, device, budget
+        self.run, self.config, self.cfg, self.task, self.log = run, config, cfg, task, log
+        self.table = self.table_path = self.predictor = None
+        self.refit = ""
+
+    def execute(self, s, store, meter, progress: bool, started: float):
+        """Measure the dense model, set the budget and the search problem, search, finish."""
+        from edgeprune.search.measured import MeasuredSearch
+
+        cfg, run = self.cfg, self.run
+        if store.get("dense_ms") is None:
+            self.log(f"measuring the dense {self.ref.id} on {self.device.name} ...")
+            store.set("dense_ms", meter.measure_dense())
+        meter.dense_ms = dense_ms = store.get("dense_ms")
+        budget_ms = self.budget.ms(dense_ms)
+        target_ms = budget_ms * (1 - cfg.margin)  # what candidates must measure, leaving room for noise
+        if self.table is not None:
+            self.predict_on(s, dense_ms)
+        problem, first, dense_cost = self.problem(s, budget_ms, target_ms, dense_ms, store)
+        search = MeasuredSearch(
+            problem=problem,
+            meter=meter,
+            store=store,
+            settings=cfg,
+            budget_ms=budget_ms,
+            target_ms=target_ms,
+            dense_cost=dense_cost,
+            log=self.log,
         )
-    return path, loaded
+        search.start(first, self.refit)
+        if run is not None:  # the budget is reachable: from here on, a run to resume
+            self.config["table"] = None if self.table_path is None else str(self.table_path)
+            self.keep_dense()
+            config = {k: v for k, v in self.config.items() if k != "dense_meta"}
+            write_json(run / CONFIG, {**config, **cfg.to_dict()})
+        choice, evaluator, loop = self.search(s, problem, search, store, budget_ms, dense_ms, progress)
+        figures = {"dense_ms": dense_ms, "budget_ms": budget_ms, "target_ms": target_ms, "started": started}
+        return self.finish(s, choice, evaluator, loop, problem, store, figures)
 
+    def load_table(self, table) -> None:
+        """The latency table (none for a FLOPs search without one), checked against the model and device."""
+        from edgeprune.latency.table import LatencyTable, find_table, fingerprint_diff
 
-def _latency_side(s, table, table_path, model_id, device, settings, dense_ms, advice, log):
-    """The predictor (anchored on the dense model measured now) and the refit advice."""
-    from edgeprune.latency.layers import ModelLayers
-    from edgeprune.latency.predictor import Predictor, anchor_scale
-    from edgeprune.latency.profiler import CALIBRATION_SCATTER
-    from edgeprune.search import LatencyCost
-
-    layers = ModelLayers.from_model(s)
-    refit = f"{advice} --step {table.step} --out {table_path} --recalibrate"
-    if why := table.other_model(model_id, layers.signature()):
-        log(
-            f"warning: {table_path}: {why}; its predictions rest on that model's line and the measured check has "
-            f"more to correct; profile this model into it (it measures only what is missing and refits): "
-            f"{advice} --step {table.step} --out {table_path}"
-        )
-    predictor = LatencyCost(Predictor(layers, table).compiled())
-    if settings.cost == "latency" and (table.calibration.get("fit_median_abs_err") or 0) > CALIBRATION_SCATTER:
-        log(
-            f"warning: the table's calibration misses its own whole-model measurements by a median "
-            f"{table.calibration['fit_median_abs_err']:.1%} (a quiet device: under {CALIBRATION_SCATTER:.0%}): its "
-            f"predictions are rough and the measured check has more to correct; refit it when {device.name} "
-            f"is quiet: {refit}"
-        )
-    if settings.anchor:  # the table's calibration dates from its profile; the machine may have drifted since
-        predicted = float(predictor(np.asarray([s.full_counts()]))[0])
-        predictor.scale = anchor_scale(table, s.full_counts(), dense_ms, predicted)
-        if abs(predictor.scale - 1) > 0.1:
-            log(
-                f"the device measures the dense model {dense_ms:.4g} ms, {abs(predictor.scale - 1):.0%} "
-                f"{'slower' if predictor.scale > 1 else 'faster'} than when the table was profiled: predictions "
-                f"are scaled by {predictor.scale:.3f} (if this persists, refit the table: {refit})"
+        if isinstance(table, LatencyTable):
+            path, loaded = Path(table.meta.get("path", "(given)")), table
+        else:
+            path = find_table(self.device, self.ref.id, table)
+            if self.cfg.cost != "latency" and not path.is_file():
+                return
+            loaded = LatencyTable.load(path)
+        loaded.check_input(self.x.shape, path, profile_advice(self.config, self.ref))
+        if other := fingerprint_diff(loaded.fingerprint, self.device.fingerprint()):
+            # the measured check holds the search to this device either way; the table only guides it
+            self.log(
+                f"warning: {path} was profiled on another device setup ({other}): its predictions may be off, and "
+                f"the measured check has more to correct; a table of this device predicts better: "
+                f"{profile_advice(self.config, self.ref, step=loaded.step)} (written beside it, where a new prune or "
+                "run finds it)"
             )
-    return predictor, refit
+        self.table, self.table_path = loaded, path
 
+    def predict_on(self, s, dense_ms: float) -> None:
+        """The predictor, anchored on the dense model measured now, and the refit advice: where the
+        table is this setup's, refit it in place; where it is another's, profile this one's beside it."""
+        from edgeprune.latency.layers import ModelLayers
+        from edgeprune.latency.predictor import Predictor, anchor_scale
+        from edgeprune.latency.profiler import CALIBRATION_SCATTER
+        from edgeprune.latency.table import fingerprint_diff
+        from edgeprune.search import LatencyCost
 
-def _search_budget(s, settings, predictor, budget_ms, target_ms, dense_ms, has_budget, log, device_name, model_name):
-    """(cost function, its unit, the first search budget in it, the dense model's cost)."""
-    from edgeprune.search import FlopsCost
+        table, path, advice = self.table, self.table_path, lambda **kw: profile_advice(self.config, self.ref, **kw)
+        layers = ModelLayers.from_model(s)
+        foreign = fingerprint_diff(table.fingerprint, self.device.fingerprint())
+        self.refit = advice(step=table.step) if foreign else advice(step=table.step, out=path, recalibrate=True)
+        if why := table.other_model(self.ref.id, layers.signature()):
+            self.log(
+                f"warning: {path}: {why}; its predictions rest on that model's line and the measured check has more "
+                f"to correct; profile this model into it (it measures only what is missing and refits): "
+                f"{advice(step=table.step, out=path)}"
+            )
+        self.predictor = LatencyCost(Predictor(layers, table).compiled())
+        if self.cfg.cost == "latency" and (table.calibration.get("fit_median_abs_err") or 0) > CALIBRATION_SCATTER:
+            self.log(
+                f"warning: the table's calibration misses its own whole-model measurements by a median "
+                f"{table.calibration['fit_median_abs_err']:.1%} (a quiet device: under {CALIBRATION_SCATTER:.0%}): "
+                f"its predictions are rough and the measured check has more to correct; refit it when "
+                f"{self.device.name} is quiet: {self.refit}"
+            )
+        if self.cfg.anchor:  # the table's calibration dates from its profile; the machine may have drifted since
+            predicted = float(self.predictor(np.asarray([s.full_counts()]))[0])
+            self.predictor.scale = anchor_scale(table, s.full_counts(), dense_ms, predicted)
+            if abs(self.predictor.scale - 1) > 0.1:
+                self.log(
+                    f"the device measures the dense model {dense_ms:.4g} ms, {abs(self.predictor.scale - 1):.0%} "
+                    f"{'slower' if self.predictor.scale > 1 else 'faster'} than when the table was profiled: "
+                    f"predictions are scaled by {self.predictor.scale:.3f} (if this persists, refit the table: "
+                    f"{self.refit})"
+                )
 
-    if settings.cost == "flops":
-        budget = settings.flops_target if settings.flops_target else target_ms / dense_ms
-        cost = FlopsCost(s.cost, s.macs())
-        return cost, "of dense MACs", budget, float(cost(np.asarray([s.full_counts()]))[0])
-    if dense_ms <= target_ms:
-        raise EdgepruneError(
-            f"the dense {model_name} measures {dense_ms:.4g} ms on {device_name}, within the {budget_ms:.4g} ms "
-            f"budget less its {settings.margin:.0%} margin: nothing to prune; lower the budget"
+    def problem(self, s, budget_ms: float, target_ms: float, dense_ms: float, store):
+        """The search problem under its cost (predicted ms, or MACs), and its first budget."""
+        from edgeprune.search import BudgetProblem, FlopsCost
+
+        cfg = self.cfg
+        if cfg.cost == "flops":
+            first = cfg.flops_target if cfg.flops_target else target_ms / dense_ms
+            cost, unit = FlopsCost(s.cost, s.macs()), "of dense MACs"
+        else:
+            if dense_ms <= target_ms:
+                raise EdgepruneError(
+                    f"the dense {self.ref.id} measures {dense_ms:.4g} ms on {self.device.name}, within the "
+                    f"{budget_ms:.4g} ms budget less its {cfg.margin:.0%} margin: nothing to prune; lower the budget"
+                )
+            cost, unit = self.predictor, "ms (predicted)"
+            dense_cost = float(cost(np.asarray([s.full_counts()]))[0])
+            first = min(target_ms, dense_cost * target_ms / dense_ms)
+            if first < 0.999 * target_ms and store.get("search_budget") is None:
+                # the table's line misses the dense end low: held in ms, the budget would admit plans the
+                # table itself says are as slow as the dense model, which the device then refuses
+                self.log(
+                    f"the table predicts the dense model {dense_cost:.4g} ms, under the {dense_ms:.4g} ms measured: "
+                    f"the search budget starts at the same share of the prediction, {first:.4g} ms (predicted); the "
+                    "measured check corrects the rest"
+                )
+        problem = BudgetProblem.create(
+            s, cost, store.get("search_budget", first), max_keep=cfg.max_keep, fix=cfg.fix, unit=unit, check=False
         )
-    dense_cost = float(predictor(np.asarray([s.full_counts()]))[0])
-    budget = min(target_ms, dense_cost * target_ms / dense_ms)
-    if budget < 0.999 * target_ms and not has_budget:
-        # the table's line misses the dense end low: held in ms, the budget would admit plans the
-        # table itself says are as slow as the dense model, which the device then refuses
-        log(
-            f"the table predicts the dense model {dense_cost:.4g} ms, under the {dense_ms:.4g} ms measured: the "
-            f"search budget starts at the same share of the prediction, {budget:.4g} ms (predicted); the measured "
-            "check corrects the rest"
+        return problem, first, float(cost(np.asarray([s.full_counts()]))[0])
+
+    def search(self, s, problem, search, store, budget_ms: float, dense_ms: float, progress: bool):
+        """Score plans with the proxy and run the measured search; (choice, evaluator, loop)."""
+        from edgeprune.pruning import acp_widths
+        from edgeprune.search import ProxyEvaluator, SearchLoop, make_searcher
+
+        cfg, task = self.cfg, self.task
+        evaluator = ProxyEvaluator(
+            s,
+            task,
+            criterion=cfg.criterion,
+            calibration_batches=cfg.calibration_batches,
+            seed=cfg.seed,
+            train_steps=cfg.proxy_steps,
         )
-    return predictor, "ms (predicted)", budget, dense_cost
+        dense_score = evaluator(s.full_counts())
+        store.set("dense_score", dense_score)
+        acp = acp_widths(s, evaluator.calibration) if cfg.search == "pso" else None
+        searcher = make_searcher(
+            cfg.search,
+            problem,
+            evals=cfg.evals,
+            seed=cfg.seed,
+            clusters=cfg.clusters,
+            acp_counts=acp,
+            particles=cfg.particles,
+        )
+        predictor = self.predictor
+
+        def describe(counts) -> dict:
+            d = {"macs": float(s.cost.macs(counts))}
+            if predictor is not None:
+                d["predicted_ms"] = float(predictor(np.asarray([counts]))[0])
+            return d
+
+        score = f"proxy accuracy {dense_score:.2%}" if task.classification else f"proxy score {dense_score:.4g}"
+        self.log(
+            f"{self.ref.id} on {self.device.name}: dense {dense_ms:.4g} ms measured, {score}; budget {budget_ms:.4g} "
+            f"ms; {cfg.search} over {problem.dim} groups, {cfg.cost} constraint {problem.budget:.4g} {problem.unit}"
+        )
+        loop = SearchLoop(
+            problem,
+            searcher,
+            evaluator,
+            store,
+            describe=describe,
+            plan_hash=lambda c: evaluator.plan(c).hash(),
+            progress=progress,
+            log=self.log,
+        )
+        return search.run(loop, task), evaluator, loop
+
+    def finish(self, s, choice, evaluator, loop, problem, store, figures: dict):
+        """The pruned model (BatchNorm recalibrated), its result, and the run's files."""
+        from edgeprune.training import recalibrate_bn_on
+
+        row, m = choice.row, choice.measurement
+        counts = [int(c) for c in row["counts"]]
+        plan = evaluator.plan(counts)
+        pruned = plan.apply(self.model)
+        recalibrate_bn_on(pruned, self.task.train.inputs(20, seed=0, input_of=self.task.input_of))
+        distinct = [r for r in loop.rows if not r["duplicate"]]
+        scores = np.maximum.accumulate([r["score"] for r in distinct])
+        dense_ms = figures["dense_ms"]
+        record = {
+            "run_dir": None if self.run is None else str(self.run),
+            "model": self.ref.id,
+            "dataset": self.config.get("data"),
+            "task": self.task.metric,
+            "device": self.device.name,
+            "search": self.cfg.search,
+            "cost": self.cfg.cost,
+            "budget_ms": figures["budget_ms"],
+            "margin": self.cfg.margin,
+            "target_ms": figures["target_ms"],
+            "search_budget": problem.budget,
+            # measured where a round missed, or where the table rated every plan over the budget
+            "smallest_plan_ms": store.get("smallest_plan_ms"),
+            "loosened": store.get("loosened_from") is not None,
+            "table": self._table_record(),
+            "anchor": self.predictor.scale if self.predictor is not None else None,
+            "dense": {
+                "measured_ms": dense_ms,
+                "proxy_accuracy": store.get("dense_score"),
+                "macs": s.macs(),
+                "params": s.params(),
+            },
+            "chosen": {
+                "counts": counts,
+                "proxy_accuracy": row["score"],
+                "predicted_ms": row.get("predicted_ms"),
+                "measured_ms": m["measured_ms"],
+                "macs": s.macs(counts),
+                "params": s.params(counts),
+                "removed_blocks": plan.drop,
+                "plan_hash": row["plan_hash"],
+            },
+            "met_budget": choice.met,
+            "speedup": dense_ms / m["measured_ms"],
+            "evals": len(distinct),
+            "evals_to_99pct": int(np.argmax(scores >= 0.99 * scores[-1]) + 1),
+            "rounds": choice.rounds,
+            "seconds_per_eval": float(np.median(evaluator.seconds)) if evaluator.seconds else None,
+            "seconds": round(time.monotonic() - figures["started"], 1),
+            "searcher": loop.searcher.state(),
+        }
+        if self.run is not None:
+            record["files"] = self._write_run(plan, pruned, record, loop, store)
+            write_json(self.run / "results.json", record)
+        return pruned, PruneResult(plan, record, None if self.run is None else self.run.path)
+
+    def _table_record(self) -> dict | None:
+        t = self.table
+        if t is None:
+            return None
+        return {
+            "path": str(self.table_path),
+            "device": t.device,
+            "fingerprint": t.fingerprint,
+            "step": t.step,
+            "entries": len(t.entries),
+            "calibration": t.calibration,
+            "refit": self.refit,
+        }
+
+    def keep_dense(self) -> None:
+        """The dense model in the run (dense.pt): the later stages distil from it and compare with it."""
+        from edgeprune.checkpoint import Checkpoint, save_checkpoint
+
+        run, ref, config = self.run, self.ref, self.config
+        if run is None or (run / "dense.pt").is_file():
+            return
+        meta = {
+            **config.get("dense_meta", {}),
+            "source": config.get("weights") or "python",
+            "model_hash": config["model_hash"],
+        }
+        shape = tuple(self.x.shape[1:])
+        ckpt = Checkpoint(ref.name, ref.num_classes, shape, config.get("data"), self.model.state_dict(), meta, ref=ref)
+        save_checkpoint(ckpt, run / "dense.pt")
+
+    def _write_run(self, plan, pruned, record, loop, store) -> dict:
+        from edgeprune.checkpoint import Checkpoint, save_checkpoint
+        from edgeprune.report import convergence_plot, scatter_plot
+
+        run, ref, c, budget_ms = self.run, self.ref, record["chosen"], record["budget_ms"]
+        plan.save(run / "plan.json")
+        meta = {
+            "base_checkpoint": str(run / "dense.pt"),
+            "proxy_accuracy": c["proxy_accuracy"],
+            "measured_ms": c["measured_ms"],
+        }
+        shape, data = tuple(self.x.shape[1:]), self.config.get("data")
+        pruned_ckpt = Checkpoint(ref.name, ref.num_classes, shape, data, pruned.state_dict(), meta, plan.to_dict(), ref)
+        save_checkpoint(pruned_ckpt, run / "pruned.pt")
+        distinct = [r for r in loop.rows if not r["duplicate"]]
+        convergence_plot(
+            {record["search"]: [r["score"] for r in distinct]},
+            run / "convergence.png",
+            title=f"{record['search']} on {ref.id}, budget {budget_ms:.4g} ms ({record['cost']})",
+        )
+        scatter_plot(
+            loop.rows,
+            run / "scatter.png",
+            budget_ms=budget_ms,
+            measured=store.measurements(),
+            chosen={"measured_ms": c["measured_ms"], "score": c["proxy_accuracy"]},
+            title=f"{ref.id}: proxy score vs latency on {self.device.name}",
+        )
+        names = ("plan.json", "pruned.pt", "dense.pt", "convergence.png", "scatter.png", "evals.sqlite")
+        return {k: str(run / k) for k in names}
 
 
 def prune(
@@ -224,13 +448,11 @@ def prune(
     from edgeprune.devices import Device
     from edgeprune.models.onnx import example_tensor
     from edgeprune.pruning import space
-    from edgeprune.search.measured import MeasuredSearch, PlanMeter
+    from edgeprune.search.measured import PlanMeter
     from edgeprune.task import make_task
 
     started = time.monotonic()
-    model = model.eval()
-    x = example_tensor(example_input)
-    ref = _reference(model, model_ref)
+    model, x, ref = model.eval(), example_tensor(example_input), _reference(model, model_ref)
     budget = Budget.parse(budget)
     device_name = device if isinstance(device, (str, os.PathLike)) else device.spec.path or device.name
     device = Device.load(device) if isinstance(device, (str, os.PathLike)) else device
@@ -245,7 +467,7 @@ def prune(
         "input_shape": list(x.shape),
         "model_hash": model_hash(model),
         "table": None if table is None or not isinstance(table, (str, os.PathLike)) else str(table),
-        **{k: v for k, v in (_extra or {}).items() if k != "dense_meta"},  # the CLI's: how model and data were named
+        **(_extra or {}),  # the CLI's: how the model and data were named
     }
     config, cfg = _run_config(run, resume, inputs, settings)
     task = make_task(
@@ -256,276 +478,19 @@ def prune(
         input_fn=input_fn,
         heldout_images=cfg.heldout_images,
     )
-    advice = profile_advice(config, ref)
-    table_path, table_obj = _table(config.get("table") or table, device, ref.id, x.shape, cfg, advice, log)
-    s = space(
-        model,
-        x,
-        step=(table_obj.step if table_obj else None) or device.spec.channel_step or 8,
-        min_keep_ratio=cfg.min_keep,
-        depth=cfg.depth,
-    )
+    job = Pruning(model, x, ref, device, budget, run, config, cfg, task, log)
+    job.load_table(config.get("table") or table)
+    step = (job.table.step if job.table else None) or device.spec.channel_step or 8
+    s = space(model, x, step=step, min_keep_ratio=cfg.min_keep, depth=cfg.depth)
     if not resume and run is not None:  # a start that failed before its search began leaves no run behind
         (run / "evals.sqlite").unlink(missing_ok=True)
     store = RunStore(None if run is None else run.path)
     meter = PlanMeter(s, device, criterion=cfg.criterion, relative=budget.relative, progress=progress, log=log)
     try:
-        if store.get("dense_ms") is None:
-            log(f"measuring the dense {ref.id} on {device.name} ...")
-            store.set("dense_ms", meter.measure_dense())
-        meter.dense_ms = dense_ms = store.get("dense_ms")
-        budget_ms = budget.ms(dense_ms)
-        target_ms = budget_ms * (1 - cfg.margin)  # what candidates must measure, leaving room for noise
-        predictor, refit = (None, "")
-        if table_obj is not None:
-            predictor, refit = _latency_side(s, table_obj, table_path, ref.id, device, cfg, dense_ms, advice, log)
-        cost, unit, first, dense_cost = _search_budget(
-            s,
-            cfg,
-            predictor,
-            budget_ms,
-            target_ms,
-            dense_ms,
-            store.get("search_budget") is not None,
-            log,
-            device.name,
-            ref.id,
-        )
-        from edgeprune.search import BudgetProblem
-
-        problem = BudgetProblem.create(
-            s, cost, store.get("search_budget", first), max_keep=cfg.max_keep, fix=cfg.fix, unit=unit, check=False
-        )
-        search = MeasuredSearch(
-            problem=problem,
-            meter=meter,
-            store=store,
-            settings=cfg,
-            budget_ms=budget_ms,
-            target_ms=target_ms,
-            dense_cost=dense_cost,
-            log=log,
-        )
-        search.start(first, refit)
-        if run is not None:  # the budget is reachable: from here on, a run to resume
-            config["table"] = None if table_path is None else str(table_path)
-            write_json(run / CONFIG, {**config, **cfg.to_dict()})
-            _keep_dense(run, model, ref, x, config, (_extra or {}).get("dense_meta"))
-        choice, evaluator, loop = _search(
-            s, task, cfg, problem, search, store, predictor, ref, device, budget_ms, dense_ms, progress, log
-        )
-        return _finish(
-            model,
-            s,
-            task,
-            cfg,
-            choice,
-            evaluator,
-            loop,
-            problem,
-            run,
-            store,
-            config,
-            budget_ms,
-            target_ms,
-            predictor,
-            table_obj,
-            table_path,
-            ref,
-            device,
-            dense_ms,
-            started,
-        )
+        return job.execute(s, store, meter, progress, started)
     finally:
         store.close()
         meter.close()
-
-
-def _keep_dense(run: RunDir, model: nn.Module, ref, x: torch.Tensor, config: dict, meta: dict | None) -> None:
-    """The dense model in the run (dense.pt): the later stages distil from it and compare with it."""
-    from edgeprune.checkpoint import Checkpoint, save_checkpoint
-
-    if (run / "dense.pt").is_file():
-        return
-    classes = ref.num_classes
-    meta = {**(meta or {}), "source": config.get("weights") or "python", "model_hash": config["model_hash"]}
-    ckpt = Checkpoint(ref.name, classes, tuple(x.shape[1:]), config.get("data"), model.state_dict(), meta, ref=ref)
-    save_checkpoint(ckpt, run / "dense.pt")
-
-
-def _search(s, task, cfg, problem, search, store, predictor, ref, device, budget_ms, dense_ms, progress, log):
-    """Score plans with the proxy and run the measured search; (choice, evaluator, loop)."""
-    from edgeprune.pruning import acp_widths
-    from edgeprune.search import ProxyEvaluator, SearchLoop, make_searcher
-
-    evaluator = ProxyEvaluator(
-        s,
-        task,
-        criterion=cfg.criterion,
-        calibration_batches=cfg.calibration_batches,
-        seed=cfg.seed,
-        train_steps=cfg.proxy_steps,
-    )
-    dense_score = evaluator(s.full_counts())
-    store.set("dense_score", dense_score)
-    acp = acp_widths(s, evaluator.calibration) if cfg.search == "pso" else None
-    searcher = make_searcher(
-        cfg.search,
-        problem,
-        evals=cfg.evals,
-        seed=cfg.seed,
-        clusters=cfg.clusters,
-        acp_counts=acp,
-        particles=cfg.particles,
-    )
-
-    def describe(counts) -> dict:
-        d = {"macs": float(s.cost.macs(counts))}
-        if predictor is not None:
-            d["predicted_ms"] = float(predictor(np.asarray([counts]))[0])
-        return d
-
-    score = f"proxy accuracy {dense_score:.2%}" if task.classification else f"proxy score {dense_score:.4g}"
-    log(
-        f"{ref.id} on {device.name}: dense {dense_ms:.4g} ms measured, {score}; budget {budget_ms:.4g} ms; "
-        f"{cfg.search} over {problem.dim} groups, {cfg.cost} constraint {problem.budget:.4g} {problem.unit}"
-    )
-    loop = SearchLoop(
-        problem,
-        searcher,
-        evaluator,
-        store,
-        describe=describe,
-        plan_hash=lambda c: evaluator.plan(c).hash(),
-        progress=progress,
-        log=log,
-    )
-    return search.run(loop, task), evaluator, loop
-
-
-def _finish(
-    model,
-    s,
-    task,
-    cfg,
-    choice,
-    evaluator,
-    loop,
-    problem,
-    run,
-    store,
-    config,
-    budget_ms,
-    target_ms,
-    predictor,
-    table,
-    table_path,
-    ref,
-    device,
-    dense_ms,
-    started,
-):
-    """The pruned model (BatchNorm recalibrated), its result, and the run's files."""
-    from edgeprune.training import recalibrate_bn_on
-
-    row, m = choice.row, choice.measurement
-    counts = [int(c) for c in row["counts"]]
-    plan = evaluator.plan(counts)
-    pruned = plan.apply(model)
-    recalibrate_bn_on(pruned, task.train.inputs(20, seed=0, input_of=task.input_of))
-    distinct = [r for r in loop.rows if not r["duplicate"]]
-    scores = np.maximum.accumulate([r["score"] for r in distinct])
-    record = {
-        "run_dir": None if run is None else str(run),
-        "model": ref.id,
-        "dataset": config.get("data"),
-        "task": task.metric,
-        "device": device.name,
-        "search": cfg.search,
-        "cost": cfg.cost,
-        "budget_ms": budget_ms,
-        "margin": cfg.margin,
-        "target_ms": target_ms,
-        "search_budget": problem.budget,
-        # measured where a round missed, or where the table rated every plan over the budget
-        "smallest_plan_ms": store.get("smallest_plan_ms"),
-        "loosened": store.get("loosened_from") is not None,
-        "table": None
-        if table is None
-        else {
-            "path": str(table_path),
-            "device": table.device,
-            "fingerprint": table.fingerprint,
-            "step": table.step,
-            "entries": len(table.entries),
-            "calibration": table.calibration,
-        },
-        "anchor": predictor.scale if predictor is not None else None,
-        "dense": {
-            "measured_ms": dense_ms,
-            "proxy_accuracy": store.get("dense_score"),
-            "macs": s.macs(),
-            "params": s.params(),
-        },
-        "chosen": {
-            "counts": counts,
-            "proxy_accuracy": row["score"],
-            "predicted_ms": row.get("predicted_ms"),
-            "measured_ms": m["measured_ms"],
-            "macs": s.macs(counts),
-            "params": s.params(counts),
-            "removed_blocks": plan.drop,
-            "plan_hash": row["plan_hash"],
-        },
-        "met_budget": choice.met,
-        "speedup": dense_ms / m["measured_ms"],
-        "evals": len(distinct),
-        "evals_to_99pct": int(np.argmax(scores >= 0.99 * scores[-1]) + 1),
-        "rounds": choice.rounds,
-        "seconds_per_eval": float(np.median(evaluator.seconds)) if evaluator.seconds else None,
-        "seconds": round(time.monotonic() - started, 1),
-        "searcher": loop.searcher.state(),
-    }
-    if run is not None:
-        record["files"] = _write_run(run, plan, pruned, ref, config, record, loop, store, budget_ms, device)
-        write_json(run / "results.json", record)
-    return pruned, PruneResult(plan, record, None if run is None else run.path)
-
-
-def _write_run(run, plan, pruned, ref, config, record, loop, store, budget_ms, device) -> dict:
-    from edgeprune.checkpoint import Checkpoint, save_checkpoint
-    from edgeprune.report import convergence_plot, scatter_plot
-
-    plan.save(run / "plan.json")
-    c = record["chosen"]
-    meta = {
-        "base_checkpoint": str(run / "dense.pt"),
-        "proxy_accuracy": c["proxy_accuracy"],
-        "measured_ms": c["measured_ms"],
-    }
-    shape = tuple(config["input_shape"][1:])
-    save_checkpoint(
-        Checkpoint(
-            ref.name, ref.num_classes, shape, config.get("data"), pruned.state_dict(), meta, plan.to_dict(), ref
-        ),
-        run / "pruned.pt",
-    )
-    distinct = [r for r in loop.rows if not r["duplicate"]]
-    convergence_plot(
-        {record["search"]: [r["score"] for r in distinct]},
-        run / "convergence.png",
-        title=f"{record['search']} on {ref.id}, budget {budget_ms:.4g} ms ({record['cost']})",
-    )
-    scatter_plot(
-        loop.rows,
-        run / "scatter.png",
-        budget_ms=budget_ms,
-        measured=store.measurements(),
-        chosen={"measured_ms": c["measured_ms"], "score": c["proxy_accuracy"]},
-        title=f"{ref.id}: proxy score vs latency on {device.name}",
-    )
-    names = ("plan.json", "pruned.pt", "dense.pt", "convergence.png", "scatter.png", "evals.sqlite")
-    return {k: str(run / k) for k in names}
 
 
 def _reference(model: nn.Module, model_ref):
@@ -536,16 +501,22 @@ def _reference(model: nn.Module, model_ref):
     return ModelRef.python(model) if model_ref is None else ModelRef.parse(str(model_ref))
 
 
-def profile_advice(config: dict, ref) -> str:
+def profile_advice(config: dict, ref, *, step: int | None = None, out=None, recalibrate: bool = False) -> str:
     """The command that profiles this model on this device (prune's warnings end with it): the
-    model as the CLI was given it, or how to do it in Python."""
-    if config.get("model_args"):
-        model = config["model_args"]
-    elif ref.kind in ("python", "pickle"):
-        return f"edgeprune.profile(model, example_input, device={config['device']!r}, out=TABLE)"
-    else:
-        model = f"--model {ref.name}" + "".join(f" --model-arg {k}={v}" for k, v in ref.kwargs.items())
-    return f"edgeprune profile {model} --device {config['device']}"
+    model as the CLI was given it, or the call in Python for a model passed in Python."""
+    if not config.get("model_args") and ref.kind in ("python", "pickle"):
+        args = [f"device={config['device']!r}", f"out={str(out or 'TABLE')!r}"]
+        args += [f"step={step}"] if step else []
+        args += ["recalibrate=True"] if recalibrate else []
+        return f"edgeprune.profile(model, example_input, {', '.join(args)})"
+    model = config.get("model_args") or f"--model {ref.name}" + "".join(
+        f" --model-arg {k}={v}" for k, v in ref.kwargs.items()
+    )
+    shape = ",".join(map(str, config["input_shape"]))
+    command = f"edgeprune profile {model} --device {config['device']} --input-shape {shape}"
+    command += f" --step {step}" if step else ""
+    command += f" --out {out}" if out else ""
+    return command + (" --recalibrate" if recalibrate else "")
 
 
 MODEL_INPUTS = (

@@ -31,8 +31,13 @@ class CostModel:
     a_out: np.ndarray  # layers x groups: output channels removed per channel pruned from the group
     a_in: np.ndarray
     widths: np.ndarray
-    other_params: int  # parameters outside conv/linear/norm layers (e.g. ConvNeXt's layer scale), counted as unpruned
+    other_params: int  # parameters outside conv/linear/norm layers that no group prunes, counted whole
     gate: np.ndarray  # per layer, the group whose keep-count 0 removes its residual block (-1: none)
+    # parameters outside any layer that a group prunes (ConvNeXt's layer scale): their size per
+    # channel, their channels, and how their channels fall with each group's removed channels
+    free_per_channel: np.ndarray = None
+    free_c0: np.ndarray = None
+    a_free: np.ndarray = None
 
     @classmethod
     def from_space(cls, space) -> CostModel:
@@ -94,6 +99,21 @@ class CostModel:
                 kernel.append(1)
                 bias.append(sum(p.numel() for p in m.parameters(recurse=False)) > c)
         total = sum(p.numel() for p in model.parameters())
+        free = dict(model.named_parameters())
+        free_names = sorted({d.layer for g in space.groups for d in g.layers if d.dim == "param" and d.layer in free})
+        a_free = np.zeros((len(free_names), G))
+        for g in space.groups:
+            for d in g.layers:
+                if d.dim == "param" and d.layer in free_names:
+                    a_free[free_names.index(d.layer), g.index] = d.factor
+        free_c0 = np.array(
+            [
+                a_free[i][a_free[i] > 0][0] * space.groups[int(np.flatnonzero(a_free[i])[0])].width
+                for i in range(len(free_names))
+            ]
+        )
+        free_per_channel = np.array([free[n].numel() for n in free_names]) / np.maximum(free_c0, 1)
+        counted += sum(free[n].numel() for n in free_names)
         gate = [-1 if g is None else g for g in map(space.gate_of, names)]
         arr = np.asarray
         return cls(
@@ -111,6 +131,9 @@ class CostModel:
             arr(space.widths),
             total - counted,
             arr(gate, int),
+            free_per_channel,
+            free_c0,
+            a_free,
         )
 
     def _shapes(self, counts):
@@ -146,7 +169,10 @@ class CostModel:
         norm_affine = (self.kind == 2) & (weights > 0)
         weights = np.where(norm_affine, out * np.where(self.has_bias, 2, 1), weights)
         bias = np.where((self.kind != 2) & self.has_bias, out, 0)
-        return np.round(((weights + bias) * self._alive(counts)).sum(-1)) + self.other_params
+        free = 0.0
+        if self.a_free is not None and len(self.a_free):
+            free = ((self.free_c0 - (self.widths - counts) @ self.a_free.T) * self.free_per_channel).sum(-1)
+        return np.round(((weights + bias) * self._alive(counts)).sum(-1) + free) + self.other_params
 
     def params(self, counts: Sequence[int]) -> int:
         return int(self.params_many(counts)[0])

@@ -50,9 +50,10 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
     except ZeroDivisionError:
         where = _failing_reshape(DG)
         raise EdgepruneError(
-            f"cannot prune this model: a reshape after layer {where!r} mixes channels across groups "
-            "(channel shuffle, as in ShuffleNet), a pattern the dependency graph cannot follow; "
-            "exclude those layers or choose another architecture"
+            f"cannot prune this model: a reshape after layer {where!r} mixes channels across groups (a channel "
+            "shuffle, as in ShuffleNet), which torch-pruning's dependency graph cannot follow anywhere in the "
+            "model (holding layers at full width does not help); prune another architecture (e.g. "
+            "mobilenet_v3_small or regnet_x_400mf for a small, fast one)"
         ) from None
     except Exception as e:
         raise EdgepruneError(

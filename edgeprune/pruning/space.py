@@ -26,8 +26,8 @@ from edgeprune.pruning.graph import ROOT_TYPES, build_graph, module_name
 class LayerDim:
     """One layer dimension a group's channels run through: `factor` entries per group channel."""
 
-    layer: str
-    dim: str  # "out" or "in"
+    layer: str  # a layer's name (or, for dim "param", a parameter's outside any layer)
+    dim: str  # "out", "in", or "param" (a free parameter that runs along the group's channels)
     factor: float = 1.0  # a concatenation's part: its share of the group (see ChannelGroup.parts)
 
 
@@ -260,6 +260,11 @@ def _layer_dims(DG: tp.DependencyGraph, group, width: int) -> list[LayerDim]:
     dims: dict[tuple[str, str], float] = {}
     for dep, idxs in group:
         module = dep.target.module
+        if isinstance(module, nn.Parameter):  # a parameter outside any layer (ConvNeXt's layer scale)
+            name = DG._param_to_name.get(module)
+            if name is not None:
+                dims[(name, "param")] = max(dims.get((name, "param"), 0.0), len(idxs) / width)
+            continue
         name = module_name(DG, module)
         if name is None or not isinstance(
             module, (*ROOT_TYPES, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.PReLU)

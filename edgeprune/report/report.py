@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import os
 import sqlite3
 from pathlib import Path
 
 from edgeprune.runs import write_text
-
-
-def _load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _pct(v) -> str:
@@ -167,14 +162,13 @@ figcaption{font-size:0.85em;color:#555;text-align:center}.pass{color:#070}.fail{
 def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
     """Write report.md and report.html (and prediction.png) into the run directory."""
     from edgeprune.report.plots import prediction_plot
+    from edgeprune.runs import RunDir
 
-    run = Path(run_dir)
-    config = _load(run / "config.json") or {}
-    results = _load(run / "results.json")
-    fine = _load(run / "finetune.json")
-    export = _load(run / "export.json")
-    manifest = _load(Path(export["manifest"])) if export else None
-    val = _load(run / "validation.json")
+    folder = RunDir(run_dir)
+    run = folder.path
+    config = folder.read("config.json") or {}
+    results, fine, val = folder.read("results.json"), folder.read("finetune.json"), folder.read("validation.json")
+    manifest = folder.manifest()
     doc = _Doc()
     model = results["model"] if results else config.get("weights", "?")
     device = results["device"] if results else config.get("device", "?")  # the profile's name, not its path
