@@ -33,7 +33,7 @@ def main() -> None:
 
     from edgeprune.checkpoint import load_checkpoint
     from edgeprune.devices import Device
-    from edgeprune.export import export_onnx, simplify_and_check
+    from edgeprune.formats import export_onnx, simplify_and_check
     from edgeprune.latency.interleave import measure_interleaved, spread
     from edgeprune.latency.measurement import Protocol
     from edgeprune.zoo import resolve_weights

@@ -242,7 +242,7 @@ def _seeds_line(args, model: str, device: str, budget: str) -> str | None:
 
 def claim_check(args) -> None:
     from edgeprune.devices import Device
-    from edgeprune.export import export_onnx
+    from edgeprune.formats import export_onnx
     from edgeprune.latency.check import predictor_for
     from edgeprune.latency.interleave import measure_interleaved, noisy_rounds
     from edgeprune.latency.table import LatencyTable

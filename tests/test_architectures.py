@@ -35,7 +35,7 @@ CASES = [
     ("tinynet", user("tinynet", width=16), (1, 1, 28, 28)),  # concat + SE, grouped conv, hard-swish, residual add
     ("twohead", user("twohead", width=16), (1, 1, 24, 24)),  # dict outputs, FPN-style fused scales, resize
     ("googlenet", tv("googlenet"), (1, 3, 64, 64)),
-    ("inception_v3", tv("inception_v3"), (1, 3, 96, 96)),
+    pytest.param("inception_v3", tv("inception_v3"), (1, 3, 96, 96), marks=pytest.mark.slow, id="inception_v3"),
     ("densenet121", tv("densenet121"), (1, 3, 64, 64)),
     ("convnext_tiny", tv("convnext_tiny"), (1, 3, 64, 64)),
     ("efficientnet_b0", tv("efficientnet_b0"), (1, 3, 64, 64)),

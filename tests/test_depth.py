@@ -11,7 +11,7 @@ from torch import nn
 
 from edgeprune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from edgeprune.errors import EdgepruneError
-from edgeprune.export import export_onnx
+from edgeprune.formats import export_onnx
 from edgeprune.latency.layers import ModelLayers
 from edgeprune.latency.predictor import Predictor
 from edgeprune.latency.table import LatencyTable

@@ -77,10 +77,10 @@ def test_prune_settings_are_defined_once():
     "module,forbidden",
     [
         ("agent/client.py", ("edgeprune.agent.server", "fastapi")),
-        ("latency", ("edgeprune.export", "edgeprune.pipeline", "edgeprune.search")),
-        ("pruning", ("edgeprune.latency", "edgeprune.search", "edgeprune.pipeline", "edgeprune.export")),
+        ("latency", ("edgeprune.formats", "edgeprune.pipeline", "edgeprune.search")),
+        ("pruning", ("edgeprune.latency", "edgeprune.search", "edgeprune.pipeline", "edgeprune.formats")),
         ("models", ("edgeprune.latency", "edgeprune.pruning", "edgeprune.search", "edgeprune.pipeline")),
-        ("search", ("edgeprune.pipeline", "edgeprune.export")),
+        ("search", ("edgeprune.pipeline", "edgeprune.formats")),
         ("training", ("edgeprune.pipeline", "edgeprune.search", "edgeprune.latency")),
     ],
 )

@@ -207,7 +207,7 @@ class _ExportsSomethingElse(torch.nn.Module):
 
 
 def test_an_export_that_computes_something_else_fails_parity(tiny_run, digits16, tmp_path):
-    from edgeprune.export import export_model, parity_failures
+    from edgeprune.formats import export_model, parity_failures
     from edgeprune.task import Task
 
     net = load_checkpoint(tiny_run["weights"]).build().eval()

@@ -9,7 +9,7 @@ import torch
 from edgeprune.backends import OnnxRuntimeBackend
 from edgeprune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from edgeprune.errors import EdgepruneError
-from edgeprune.export import export_onnx
+from edgeprune.formats import export_onnx
 from edgeprune.models import BUILTINS, build_model
 from edgeprune.pruning import Plan, allowed_counts, count_macs, random_counts, space
 

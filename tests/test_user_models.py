@@ -36,15 +36,16 @@ def _python(code: str, env: dict | None = None) -> str:
 
 
 @pytest.fixture(scope="module")
-def user_weights(tmp_path_factory, digits16):
-    """TinyNet (examples/tinynet.py) trained briefly on digits at 16x16, saved the way a training
+def user_weights(tmp_path_factory):
+    """TinyNet (examples/tinynet.py) trained briefly on digits at 24x24, saved the way a training
     script does: torch.save(model.state_dict())."""
+    from edgeprune.data import load_dataset
     from edgeprune.models.reference import ModelRef
     from edgeprune.training import Recipe, fit
 
     torch.manual_seed(0)
     model = ModelRef.parse(TINYNET, kwargs={"width": 16}).build()
-    fit(model, digits16, Recipe(epochs=6, lr=0.05), progress=False)
+    fit(model, load_dataset("digits:24"), Recipe(epochs=4, lr=0.05), progress=False)
     path = tmp_path_factory.mktemp("user") / "tinynet.pt"
     torch.save(model.state_dict(), path)
     return path
@@ -56,12 +57,12 @@ def test_a_user_model_file_and_state_dict_through_the_cli(user_weights, fast_dev
     (from the factory reference, plan and state dict) and compute what the exported file computes."""
     model = ["--model", TINYNET, "--model-arg", "width=16", "--weights", str(user_weights)]
     table = tmp_path / "tinynet.json"
-    r = cli("profile", *model, "--input-shape", "1,1,16,16", "--device", fast_device, "--step", "16",
+    r = cli("profile", *model, "--input-shape", "1,1,24,24", "--device", fast_device, "--step", "32",
             "--calibrate", "4", "--out", str(table), "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["model"] == "tinynet.tinynet"
     run = tmp_path / "run"
-    args = ["prune", *model, "--data", "digits:16", "--device", fast_device, "--table", str(table), "--out", str(run),
+    args = ["prune", *model, "--data", "digits:24", "--device", fast_device, "--table", str(table), "--out", str(run),
             "--budget-ms", "85%", "--search", "random", "--evals", "6", "--measure-top", "2", "--heldout-images", "300",
             "--margin", "0.1"]  # fmt: skip
     r = cli(*args, "--json")
@@ -71,7 +72,7 @@ def test_a_user_model_file_and_state_dict_through_the_cli(user_weights, fast_dev
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["name"].endswith("tinynet.py:tinynet") and config["model"]["kwargs"] == {"width": 16}
     # the table predicts the user's model on the device (anchored on the dense model, as prune does)
-    r = cli("predict", *model, "--input-shape", "1,1,16,16", "--table", str(table), "--check", "4", "--device",
+    r = cli("predict", *model, "--input-shape", "1,1,24,24", "--table", str(table), "--check", "4", "--device",
             fast_device, "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["check"]["table_anchored"]["median_abs_pct"] < 20, r.stdout
@@ -89,7 +90,7 @@ def test_a_user_model_file_and_state_dict_through_the_cli(user_weights, fast_dev
     assert r.returncode in (0, 1), r.stderr  # over the budget or not, a verdict (the host's noise decides)
     assert json.loads(r.stdout)["speedup"] > 0
     # a fresh process rebuilds the finetuned model from its checkpoint alone
-    x = np.random.default_rng(0).standard_normal((1, 1, 16, 16)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((1, 1, 24, 24)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     out = _python(
         "import numpy as np, torch; from edgeprune.checkpoint import load_checkpoint\n"
@@ -301,7 +302,8 @@ def test_edgeprune_run_on_a_user_model_file_and_an_imagefolder(fmnist, fast_devi
         "image_size": 32,
         "train": {"epochs": 3, "lr": 0.02, "batch_size": 32},
         "device": fast_device,
-        "profile": {"step": 16, "calibrate": 4},
+        "table": str(tmp_path / "tinynet.json"),  # profiled by the run (not into the repository's latency_tables/)
+        "profile": {"step": 32, "calibrate": 4},
         "prune": {"budget": "85%", "search": "random", "evals": 6, "measure_top": 2, "margin": 0.1},
         "finetune": {"epochs": 1, "batch_size": 32},
         "export": {"formats": ["onnx"], "out": str(tmp_path / "export")},
@@ -327,10 +329,10 @@ def test_a_table_follows_the_model_it_is_given(fast_device, cli, tmp_path):
     profile), and its calibration refit on the model now profiled; another input size is named."""
     table = tmp_path / "r20.json"
     common = ["--model", "resnet20", "--input-shape", "1,1,16,16", "--device", fast_device, "--out", str(table)]
-    r = cli("profile", *common, "--step", "32", "--calibrate", "3", "--json")
+    r = cli("profile", *common, "--step", "32", "--calibrate", "2", "--json")
     assert r.returncode == 0, r.stderr
     first = json.loads(r.stdout)
-    r = cli("profile", *common, "--num-classes", "3", "--step", "32", "--calibrate", "3", "--json")
+    r = cli("profile", *common, "--num-classes", "3", "--step", "32", "--calibrate", "2", "--json")
     assert r.returncode == 0, r.stderr
     said = " ".join(r.stderr.split())
     assert "2 to measure, 25 already in" in said, said  # the new head's gemm (at its input's 2 widths) only

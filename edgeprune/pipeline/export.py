@@ -43,7 +43,7 @@ def export(
     inputs with `score_fn` run on each file (any task); with neither, on the example input."""
     from edgeprune.backends import TensorRtBackend
     from edgeprune.backends.tensorrt import MISSING
-    from edgeprune.export import export_model, parity_failures, parse_formats
+    from edgeprune.formats import export_model, parity_failures, parse_formats
     from edgeprune.models.onnx import example_tensor
     from edgeprune.task import make_task
 
@@ -53,9 +53,13 @@ def export(
     if "tensorrt" in fmts and not TensorRtBackend.available():
         raise EdgepruneError(MISSING)  # before any work: nothing half-exported
     x = example_tensor(example_input)
-    if data is None and score_fn is None:  # outputs compared on the example input alone
-        score_fn, train_data = (lambda m: 0.0), [x]
-    task = make_task(data=data, score_fn=score_fn, train_data=train_data, input_fn=input_fn)
+    if data is None and score_fn is None:  # outputs compared on the example input alone, nothing scored
+        from edgeprune.task import Task
+        from edgeprune.training import TrainData, output_matching
+
+        task = Task(score=None, train=TrainData([x]), loss=output_matching)
+    else:
+        task = make_task(data=data, score_fn=score_fn, train_data=train_data, input_fn=input_fn)
     shape = tuple(x.shape)
     target = Path(out_dir)
     started = time.monotonic()
@@ -69,7 +73,7 @@ def export(
         accuracy_images=accuracy_images,
         log=log,
     )
-    reference = {"pytorch_test": task.report_score(model)}
+    reference = {"pytorch_test": task.report_score(model) if task.score is not None else None}
     reference.update(
         {
             f"{k}_test": v["parity"]["test_accuracy"]
@@ -116,7 +120,7 @@ def export_run(
     log=print,
 ) -> dict:
     """`export` of a run's model into `out` (default export/RUN-NAME), with the run's figures."""
-    from edgeprune.export import parse_formats
+    from edgeprune.formats import parse_formats
     from edgeprune.pipeline.finetune import run_task_data
 
     run = RunDir(run_dir)

@@ -463,6 +463,7 @@ def prune(
         "device": str(device_name),
         "budget": str(budget),
         "data": getattr(data, "name", data),
+        "data_options": getattr(data, "options", None) or None,
         "task": "custom" if score_fn is not None else "top-1",
         "input_shape": list(x.shape),
         "model_hash": model_hash(model),

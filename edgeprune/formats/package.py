@@ -143,7 +143,7 @@ def check_parity(
     if task.classification:
         result["top1_agreement"] = float(np.mean(got[0].argmax(1) == ref[0].argmax(1)))
         result.update(_runtime_accuracy(run, task.dataset, accuracy_images, label))
-    else:
+    elif task.score is not None:
         with _progress(f"score by {label or 'runtime'}"):
             result["runtime_score"] = float(task.report_score(RuntimeModule(run, model(x[:1]))))
     return result
@@ -198,9 +198,9 @@ def export_model(
 ) -> dict:
     """Write every format into `out_dir`; returns {format: {path, sha256, bytes, parity, ...}}.
     With `task` (edgeprune.task), each file's parity is checked against PyTorch by its runtime."""
-    from edgeprune.export.onnx import export_onnx, simplify_and_check
-    from edgeprune.export.openvino import onnx_to_openvino
-    from edgeprune.export.tensorrt import onnx_to_engine
+    from edgeprune.formats.onnx import export_onnx, simplify_and_check
+    from edgeprune.formats.openvino import onnx_to_openvino
+    from edgeprune.formats.tensorrt import onnx_to_engine
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
