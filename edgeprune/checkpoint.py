@@ -57,32 +57,22 @@ class Checkpoint:
         self.model = self.ref.name
 
     def build(self, *, trust_pickle: bool = False) -> nn.Module:
-        """The model with these weights, in eval mode."""
-        model = self.ref.build(trust_pickle=trust_pickle)
+        """The model with these weights, in eval mode (built from its reference)."""
+        return self.restore(self.ref.build(trust_pickle=trust_pickle), inplace=True)
+
+    def restore(self, base: nn.Module, *, inplace: bool = False) -> nn.Module:
+        """These weights on `base`, the dense model (built by the caller where edgeprune cannot
+        build it: a model passed in Python), pruned by the plan first where there is one."""
+        model = base.eval()
         if self.plan is not None:
             from edgeprune.pruning.plan import Plan
 
-            model = Plan.from_dict(self.plan).apply(model, inplace=True)
+            model = Plan.from_dict(self.plan).apply(model, inplace=inplace)
         try:
             model.load_state_dict(self.state_dict)
         except RuntimeError as e:
             first = str(e).strip().splitlines()[-1].strip()
             raise EdgepruneError(f"checkpoint weights do not fit model {self.model!r}: {first}") from None
-        return model.eval()
-
-    def restore(self, base: nn.Module) -> nn.Module:
-        """These weights on `base`, the dense model built by the caller (a model edgeprune cannot
-        build by itself: one passed in Python), pruned by the plan first where there is one."""
-        model = base.eval()
-        if self.plan is not None:
-            from edgeprune.pruning.plan import Plan
-
-            model = Plan.from_dict(self.plan).apply(model)
-        try:
-            model.load_state_dict(self.state_dict)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[-1].strip()
-            raise EdgepruneError(f"checkpoint weights do not fit the model given: {first}") from None
         return model.eval()
 
     @property

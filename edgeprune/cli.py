@@ -71,19 +71,21 @@ Std = Annotated[str | None, typer.Option(help="imagefolder: normalisation std, R
 InputShape = Annotated[str | None, typer.Option(help="N,C,H,W input shape (default: the data's or checkpoint's).")]
 
 
-def _model_inputs(model, weights, model_arg, num_classes, trust_pickle, data, data_root, image_size, mean, std) -> dict:
-    return {
-        "model": model,
-        "weights": weights,
-        "model_kwargs": model_arg or None,
-        "num_classes": num_classes,
-        "trust_pickle": trust_pickle,
-        "data": data,
-        "data_root": data_root,
-        "image_size": image_size,
-        "mean": mean,
-        "std": std,
-    }
+def _shape_only(model, weights, model_arg, num_classes, trust_pickle, data, image_size, input_shape):
+    """The model and its input shape, as profile and predict need them (no images loaded)."""
+    from edgeprune.resolve import resolve
+
+    return resolve(
+        model,
+        weights,
+        model_kwargs=model_arg,
+        num_classes=num_classes,
+        trust_pickle=trust_pickle,
+        data=data,
+        image_size=image_size,
+        input_shape=input_shape,
+        load_data=False,
+    )
 
 
 @app.command()
@@ -313,19 +315,8 @@ def profile(
     from edgeprune.devices import Device
     from edgeprune.latency.profiler import profile as profile_fn
     from edgeprune.latency.table import find_table
-    from edgeprune.resolve import resolve
 
-    r = resolve(
-        model,
-        weights,
-        model_kwargs=model_arg,
-        num_classes=num_classes,
-        trust_pickle=trust_pickle,
-        data=data,
-        image_size=image_size,
-        input_shape=input_shape,
-        load_data=False,
-    )
+    r = _shape_only(model, weights, model_arg, num_classes, trust_pickle, data, image_size, input_shape)
     dev = Device.load(device)
     if step == "profile":
         step_value: int | str | None = None
@@ -397,19 +388,8 @@ def predict(
     from edgeprune.latency.check import check_predictor, predictor_for
     from edgeprune.latency.table import LatencyTable, find_table
     from edgeprune.pruning import Plan
-    from edgeprune.resolve import resolve
 
-    r = resolve(
-        model,
-        weights,
-        model_kwargs=model_arg,
-        num_classes=num_classes,
-        trust_pickle=trust_pickle,
-        data=data,
-        image_size=image_size,
-        input_shape=input_shape,
-        load_data=False,
-    )
+    r = _shape_only(model, weights, model_arg, num_classes, trust_pickle, data, image_size, input_shape)
     net, model_id, shape = r.model, r.id, r.shape
     dev = Device.load(device) if check or strict or table_path is None else None
     table_path = find_table(dev, model_id, table_path)

@@ -13,6 +13,19 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.models import BUILTINS
 
 DATA_SHAPES = {"fashion-mnist": (1, 28, 28), "digits": (1, 8, 8), "cifar10": (3, 32, 32)}
+# how a user names a model and its data: `resolve`'s arguments, the keys of a config file
+MODEL_OPTIONS = (
+    "model",
+    "model_kwargs",
+    "weights",
+    "num_classes",
+    "trust_pickle",
+    "data",
+    "data_root",
+    "image_size",
+    "mean",
+    "std",
+)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

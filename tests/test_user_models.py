@@ -35,62 +35,47 @@ def _python(code: str, env: dict | None = None) -> str:
     return r.stdout
 
 
-@pytest.fixture(scope="module")
-def user_weights(tmp_path_factory):
-    """TinyNet (examples/tinynet.py) trained briefly on digits at 24x24, saved the way a training
-    script does: torch.save(model.state_dict())."""
-    from edgeprune.data import load_dataset
-    from edgeprune.models.reference import ModelRef
-    from edgeprune.training import Recipe, fit
-
-    torch.manual_seed(0)
-    model = ModelRef.parse(TINYNET, kwargs={"width": 16}).build()
-    fit(model, load_dataset("digits:24"), Recipe(epochs=4, lr=0.05), progress=False)
-    path = tmp_path_factory.mktemp("user") / "tinynet.pt"
-    torch.save(model.state_dict(), path)
-    return path
-
-
-def test_a_user_model_file_and_state_dict_through_the_cli(user_weights, fast_device, cli, tmp_path):
-    """--model file.py:factory --model-arg --weights state_dict.pt: profile, prune, finetune, export,
-    validate, each in a process of its own; the pruned checkpoints then rebuild in a fresh process
-    (from the factory reference, plan and state dict) and compute what the exported file computes."""
-    model = ["--model", TINYNET, "--model-arg", "width=16", "--weights", str(user_weights)]
-    table = tmp_path / "tinynet.json"
-    r = cli("profile", *model, "--input-shape", "1,1,24,24", "--device", fast_device, "--step", "32",
-            "--calibrate", "4", "--out", str(table), "--json")  # fmt: skip
+def test_a_user_model_file_and_state_dict_through_the_cli(tinynet_28, cli_here, cli, tmp_path):
+    """--model file.py:factory --model-arg --weights state_dict.pt: profile (into a table of this
+    setup: only what it lacks), prune, predict --check, the refit prune advises, finetune; export
+    in a process of its own, which rebuilds the pruned model from the run's files alone (the
+    factory reference, plan and state dict), as a fresh process does once more after it."""
+    model = ["--model", TINYNET, "--model-arg", "width=16", "--weights", str(tinynet_28["weights"])]
+    device, table = tinynet_28["device"], tmp_path / "tinynet.json"
+    table.write_bytes(tinynet_28["table"].read_bytes())
+    r = cli_here("profile", *model, "--input-shape", "1,1,28,28", "--device", device, "--out", table, "--calibrate",
+                 "4", "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["model"] == "tinynet.tinynet"
+    assert json.loads(r.stdout)["model"] == "tinynet.tinynet" and "0 to measure" in r.stderr
     run = tmp_path / "run"
-    args = ["prune", *model, "--data", "digits:24", "--device", fast_device, "--table", str(table), "--out", str(run),
-            "--budget-ms", "85%", "--search", "random", "--evals", "6", "--measure-top", "2", "--heldout-images", "300",
-            "--margin", "0.1"]  # fmt: skip
-    r = cli(*args, "--json")
+    r = cli_here("prune", *model, "--data", "digits:28", "--device", device, "--table", table, "--out", run,
+                 "--budget-ms", "85%", "--search", "random", "--evals", "6", "--measure-top", "2", "--heldout-images",
+                 "300", "--margin", "0.1", "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["model"] == "tinynet.tinynet" and res["task"] == "top-1" and res["chosen"]["macs"] < res["dense"]["macs"]
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["name"].endswith("tinynet.py:tinynet") and config["model"]["kwargs"] == {"width": 16}
     # the table predicts the user's model on the device (anchored on the dense model, as prune does)
-    r = cli("predict", *model, "--input-shape", "1,1,24,24", "--table", str(table), "--check", "4", "--device",
-            fast_device, "--json")  # fmt: skip
+    r = cli_here("predict", *model, "--input-shape", "1,1,28,28", "--table", table, "--check", "4", "--device",
+                 device, "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["check"]["table_anchored"]["median_abs_pct"] < 20, r.stdout
     # prune's advice to refit the table works when followed
     refit = shlex.split(res["table"]["refit"])
     assert refit[:2] == ["edgeprune", "profile"] and "--recalibrate" in refit and str(table) in refit
-    r = cli(*refit[1:], "--calibrate", "2")
+    r = cli_here(*refit[1:], "--calibrate", "2")
     assert r.returncode == 0, r.stderr
-    r = cli("finetune", str(run), "--epochs", "1", "--json")
+    r = cli_here("finetune", run, "--epochs", "1", "--json")
     assert r.returncode == 0, r.stderr
     r = cli("export", str(run), "--out", str(tmp_path / "export"), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["formats"]["onnx"]["parity"]["passed"]
-    r = cli("validate", str(run), "--no-sparse", "--repeats", "5", "--json")
+    r = cli_here("validate", run, "--no-sparse", "--repeats", "5", "--json")
     assert r.returncode in (0, 1), r.stderr  # over the budget or not, a verdict (the host's noise decides)
     assert json.loads(r.stdout)["speedup"] > 0
     # a fresh process rebuilds the finetuned model from its checkpoint alone
-    x = np.random.default_rng(0).standard_normal((1, 1, 24, 24)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     out = _python(
         "import numpy as np, torch; from edgeprune.checkpoint import load_checkpoint\n"
@@ -104,7 +89,8 @@ def test_a_user_model_file_and_state_dict_through_the_cli(user_weights, fast_dev
     assert np.abs(rebuilt - exported).max() < 1e-4
 
 
-def test_weights_that_do_not_fit_are_one_line(user_weights, cli, tmp_path):
+def test_weights_that_do_not_fit_are_one_line(tinynet_28, cli_here, tmp_path):
+    cli, user_weights = cli_here, tinynet_28["weights"]
     model = ["--model", TINYNET, "--input-shape", "1,1,16,16"]
     # the factory's other width: every layer of another shape
     line = _one_line_error(cli("predict", *model, "--model-arg", "width=8", "--weights", str(user_weights)))
@@ -145,7 +131,8 @@ def test_a_pickled_module_needs_the_opt_in(cli, tmp_path):
     assert r.returncode != 0 and "changed since the checkpoint was made from it" in r.stderr
 
 
-def test_torchvision_weights_come_from_the_local_cache_only(cli, tmp_path):
+def test_torchvision_weights_come_from_the_local_cache_only(cli_here, tmp_path):
+    cli = cli_here
     env = {"TORCH_HOME": str(tmp_path / "hub")}
     args = ["predict", "--weights", "torchvision:ResNet18_Weights.IMAGENET1K_V1", "--input-shape", "1,3,32,32"]
     line = _one_line_error(cli(*args, env=env))
@@ -324,7 +311,8 @@ def test_edgeprune_run_on_a_user_model_file_and_an_imagefolder(fmnist, fast_devi
     assert (run / "report.html").stat().st_size > 5000
 
 
-def test_a_table_follows_the_model_it_is_given(fast_device, cli, tmp_path):
+def test_a_table_follows_the_model_it_is_given(fast_device, cli_here, tmp_path):
+    cli = cli_here
     """A table profiled for one head gets only the configurations another head adds (not a new
     profile), and its calibration refit on the model now profiled; another input size is named."""
     table = tmp_path / "r20.json"

@@ -47,10 +47,7 @@ def finetune(
     from edgeprune.task import make_task
     from edgeprune.training import DistillConfig, Recipe, finetune_model
 
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise EdgepruneError(f"--epochs must be a whole number of at least 1, got {epochs!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise EdgepruneError(f"--lr must be a positive number, got {lr!r}")
+    _check_recipe(epochs, lr)
     distill = DistillConfig(temperature=temperature, alpha=alpha)
     task = make_task(
         data=data,
@@ -66,6 +63,13 @@ def finetune(
     return finetune_model(
         model, teacher=teacher, task=task, recipe=recipe, store=store, device=device, progress=progress
     )
+
+
+def _check_recipe(epochs, lr) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise EdgepruneError(f"--epochs must be a whole number of at least 1, got {epochs!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise EdgepruneError(f"--lr must be a positive number, got {lr!r}")
 
 
 def run_task_data(run: RunDir):
@@ -103,8 +107,7 @@ def finetune_run(
     run = RunDir(run_dir)
     if not (run / "pruned.pt").is_file():
         raise EdgepruneError(f"{run} has no pruned.pt: run `edgeprune prune --out {run}` first")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise EdgepruneError(f"--epochs must be at least 1, got {epochs}")
+    _check_recipe(epochs, lr)
     dense, student = run.dense(), load_checkpoint(run / "pruned.pt")
     data = run_task_data(run)
     recipe = Recipe(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, max_batches_per_epoch=max_batches)

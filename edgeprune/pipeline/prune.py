@@ -520,30 +520,16 @@ def profile_advice(config: dict, ref, *, step: int | None = None, out=None, reca
     return command + (" --recalibrate" if recalibrate else "")
 
 
-MODEL_INPUTS = (
-    "model",
-    "weights",
-    "model_kwargs",
-    "num_classes",
-    "trust_pickle",
-    "data",
-    "data_root",
-    "image_size",
-    "mean",
-    "std",
-)
-
-
 def prune_run(out: str | os.PathLike, *, resume: bool = False, progress: bool = True, log=print, **given) -> dict:
     """The CLI's prune: the model named by `given` (model, weights, model_kwargs, num_classes,
     trust_pickle; data, data_root, image_size, mean, std; device, budget, table and PruneSettings
     fields) pruned into the run folder `out`; returns results.json. `resume=True` continues the
     run in `out` from its own files (its dense.pt, data and device), with what `given` repeats."""
-    from edgeprune.resolve import check_classes, resolve
+    from edgeprune.resolve import MODEL_OPTIONS, check_classes, resolve
 
     run = RunDir(out)
     settings = {k: v for k, v in given.items() if k in PruneSettings.names()}
-    unknown = set(given) - PruneSettings.names() - set(MODEL_INPUTS) - {"device", "budget", "table"}
+    unknown = set(given) - PruneSettings.names() - set(MODEL_OPTIONS) - {"device", "budget", "table"}
     if unknown:
         raise EdgepruneError(f"unknown prune setting(s) {sorted(unknown)}")
     PruneSettings.create(settings)  # every value checked before any expensive work
@@ -567,7 +553,7 @@ def prune_run(out: str | os.PathLike, *, resume: bool = False, progress: bool = 
             raise EdgepruneError(f"prune needs {', '.join(missing)}")
         if resume:
             raise EdgepruneError(f"{out} holds no pruning run to resume ({CONFIG} missing); start one without --resume")
-        r = resolve(**{k: given.get(k) for k in MODEL_INPUTS}, log=log)
+        r = resolve(**{k: given.get(k) for k in MODEL_OPTIONS}, log=log)
         model_args = r.args
         device, budget = given["device"], given["budget"]
     if r.data is None:

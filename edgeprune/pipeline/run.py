@@ -34,22 +34,11 @@ from pathlib import Path
 import yaml
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.resolve import MODEL_OPTIONS
 from edgeprune.runs import RunDir, write_json
 
 STAGES = ("train", "profile", "prune", "finetune", "export", "validate", "report")
-MODEL_KEYS = (
-    "model",
-    "model_kwargs",
-    "weights",
-    "num_classes",
-    "trust_pickle",
-    "data",
-    "data_root",
-    "image_size",
-    "mean",
-    "std",
-)
-SECTIONS = {"name", "out", "device", "table", *MODEL_KEYS, *STAGES}
+SECTIONS = {"name", "out", "device", "table", *MODEL_OPTIONS, *STAGES}
 
 QUICKSTART = {
     "name": "quickstart",
@@ -148,7 +137,7 @@ class Pipeline:
 
     def model_inputs(self, *, trained: bool = True) -> dict:
         """How the config names the dense model (after the train stage: the checkpoint it wrote)."""
-        given = {k: self.cfg.get(k) for k in MODEL_KEYS}
+        given = {k: self.cfg.get(k) for k in MODEL_OPTIONS}
         if trained and self.cfg.get("train"):
             given.update(
                 model=None,
