@@ -126,7 +126,8 @@ def resolve(
     data_name = data or (ckpt.dataset if ckpt is not None else None)
     options = _image_options(data_name, image_size, mean, std, loaded, ckpt)
     dataset = None
-    if data_name and (load_data or data_name.startswith("imagefolder:") and not image_size and not input_shape):
+    size_known = input_shape or options.get("size") or not data_name.startswith("imagefolder:") if data_name else True
+    if data_name and (load_data or not size_known):
         from edgeprune.data import load_dataset
 
         dataset = load_dataset(data_name, root=data_root, options=options)

@@ -77,25 +77,33 @@ def anchor_scale(table: LatencyTable, dense_counts: Sequence[int], dense_ms: flo
 class _CompiledUnit:
     """One unit's latency over the distinct channel counts of its forms (NaN where unreachable)."""
 
-    c0: np.ndarray  # (F,) each form's dense channels
-    a: np.ndarray  # (F, G) how each form's channels fall with the groups' removed channels
-    values: list[np.ndarray]  # per form, the channel counts it reaches (ascending)
-    ms: np.ndarray  # latency over the product of `values`
+    cols: tuple[int, ...]  # its forms, as columns of the predictor's channel counts
+    luts: list[tuple[int, np.ndarray]]  # per form: (smallest count, count - smallest -> position in ms)
+    ms: np.ndarray  # latency over the product of the forms' distinct counts
     gate: int | None  # the group whose keep-count 0 removes the unit
 
-    def __call__(self, removed: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        channels = np.rint(self.c0 - removed @ self.a.T)  # (N, F)
-        idx = tuple(np.clip(np.searchsorted(v, channels[:, f]), 0, len(v) - 1) for f, v in enumerate(self.values))
+    def __call__(self, channels: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        idx = tuple(lut[np.clip(channels[:, c] - lo, 0, len(lut) - 1)] for c, (lo, lut) in zip(self.cols, self.luts))
         ms = self.ms[idx]
         return ms if self.gate is None else np.where(counts[:, self.gate] > 0, ms, 0.0)
 
 
+def _lut(values: np.ndarray) -> tuple[int, np.ndarray]:
+    lo = int(values[0])
+    lut = np.zeros(int(values[-1]) - lo + 1, dtype=np.intp)
+    lut[values.astype(int) - lo] = np.arange(len(values))
+    return lo, lut
+
+
 @dataclass
 class CompiledPredictor:
-    """A Predictor as arrays: each unit's latency over the channel counts it can take, so
-    predicting N plans is one product with the removed channels and a gather per unit."""
+    """A Predictor as arrays: every tensor's channel count is one product of the removed channels
+    with a (tensors x groups) matrix, and each unit's latency a lookup by those counts, so
+    predicting N plans costs a matrix product and a gather per unit."""
 
     widths: np.ndarray  # per group, its full width
+    c0: np.ndarray  # (T,) the dense channel count of every tensor a unit reads
+    a: np.ndarray  # (T, G) how those counts fall with each group's removed channels
     units: list[_CompiledUnit]
     constant_ms: float  # units no group changes
     calibration: dict  # the table's (its weights term, where it has one, needs each plan's weights)
@@ -105,7 +113,7 @@ class CompiledPredictor:
     def build(cls, predictor: Predictor) -> CompiledPredictor:
         layers, entries = predictor.layers, predictor.table.entries
         overhead = predictor.table.overhead_ms
-        constant, units, missing = 0.0, [], []
+        constant, units, missing, tensors = 0.0, [], [], {}
         for u, unit in enumerate(layers.units):
             grid = layers.unit_grid(u)
             ms = np.full(tuple(len(v) for v in grid.values), np.nan)
@@ -114,27 +122,29 @@ class CompiledPredictor:
                     ms[index] = max(0.0, entries[cfg.key]["median_ms"] - overhead)
                 else:
                     missing.append(cfg.key)
-            c0, a = zip(*(layers.form(t) for t in grid.forms))
-            if not np.abs(np.stack(a)).sum() and unit.gate is None:
+            if not any(np.abs(layers.form(t)[1]).sum() for t in grid.forms) and unit.gate is None:
                 constant += float(np.nan_to_num(ms.flat[0]))
                 continue
+            cols = tuple(tensors.setdefault(t, len(tensors)) for t in grid.forms)
             gate = unit.gate if grid.removable else None
-            units.append(_CompiledUnit(np.asarray(c0, float), np.stack(a), grid.values, ms, gate))
+            units.append(_CompiledUnit(cols, [_lut(v) for v in grid.values], ms, gate))
         if missing:
             raise EdgepruneError(
                 f"latency table lacks {len(missing)} reachable layer configurations of this model (e.g. {missing[0]}); "
                 "profile this model on this device with `edgeprune profile` (it measures only what is missing)"
             )
-        cal = predictor.table.calibration
+        forms = [layers.form(t) for t in tensors]
+        c0 = np.array([f[0] for f in forms], float)
+        a = np.stack([f[1] for f in forms]) if forms else np.zeros((0, len(layers.space.groups)))
         widths = np.asarray(layers.space.widths, float)
-        return cls(widths, units, constant, dict(cal), layers.space.cost.params_many)
+        return cls(widths, c0, a, units, constant, dict(predictor.table.calibration), layers.space.cost.params_many)
 
     def unit_sum(self, counts) -> np.ndarray:
         counts = np.atleast_2d(np.asarray(counts))
-        removed = self.widths - counts
+        channels = np.rint(self.c0 - (self.widths - counts) @ self.a.T).astype(np.intp)  # (N, T)
         total = np.full(len(counts), self.constant_ms)
         for unit in self.units:
-            total += unit(removed, counts)
+            total += unit(channels, counts)
         return total
 
     def predict(self, counts) -> np.ndarray:
