@@ -3,7 +3,7 @@
 Pruning scores candidates (the accuracy proxy), finetunes the winner distilled from the dense
 model, and reports a figure; for a classifier on one of edgeprune's data sets those are top-1 on
 the held-out split, knowledge distillation plus cross-entropy, and top-1 on the test split
-(`Task.classification`). For anything else (a detector, a segmenter, a regressor) they are the
+(`Task.classification_on`). For anything else (a detector, a segmenter, a regressor) they are the
 user's: `Task.custom(score_fn=..., train_data=..., loss_fn=...)`. Without a `loss_fn`, a custom
 task distils by matching the dense model's outputs (every tensor of a tuple or dict), which needs
 no labels at all.
@@ -39,7 +39,9 @@ class HeldoutTop1:
             self._x = torch.cat([x for x, _ in batches])[: self.images]
             self._y = torch.cat([y for _, y in batches])[: self.images]
         model.eval()
-        correct = sum((model(x).argmax(1) == y).sum().item() for x, y in zip(self._x.split(500), self._y.split(500)))
+        device = next(model.parameters()).device  # a finetune on a GPU scores there
+        pairs = zip(self._x.split(500), self._y.split(500))
+        correct = sum((model(x.to(device)).argmax(1).cpu() == y).sum().item() for x, y in pairs)
         return correct / len(self._y)
 
 
