@@ -126,8 +126,8 @@ def resolve(
     data_name = data or (ckpt.dataset if ckpt is not None else None)
     options = _image_options(data_name, image_size, mean, std, loaded, ckpt)
     dataset = None
-    size_known = input_shape or options.get("size") or not data_name.startswith("imagefolder:") if data_name else True
-    if data_name and (load_data or not size_known):
+    folder_size_unknown = bool(data_name) and data_name.startswith("imagefolder:") and not options.get("size")
+    if data_name and (load_data or folder_size_unknown and not input_shape):
         from edgeprune.data import load_dataset
 
         dataset = load_dataset(data_name, root=data_root, options=options)

@@ -73,28 +73,13 @@ def export(
         accuracy_images=accuracy_images,
         log=log,
     )
-    reference = {"pytorch_test": task.report_score(model) if task.score is not None else None}
-    reference.update(
-        {
-            f"{k}_test": v["parity"]["test_accuracy"]
-            for k, v in artifacts.items()
-            if "test_accuracy" in v.get("parity", {})
-        }
-    )
-    reference.update(
-        {
-            f"{k}_score": v["parity"]["runtime_score"]
-            for k, v in artifacts.items()
-            if "runtime_score" in v.get("parity", {})
-        }
-    )
     manifest = {
         "input_shape": list(shape),
         "input": {"name": "input", "dtype": "float32"},
         "plan": plan,
         "formats": artifacts,
         "metric": task.metric,
-        "accuracy": reference,
+        "accuracy": _scores(model, task, artifacts),
         "latency": latency or {},
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -108,6 +93,19 @@ def export(
             f"than the model, do not ship it; the files and manifest.json are in {target}"
         )
     return manifest
+
+
+def _scores(model: nn.Module, task, artifacts: dict) -> dict:
+    """The task's figure by PyTorch, and by each file's runtime (a classifier's test accuracy, the
+    user's score_fn on the file)."""
+    scores = {"pytorch_test": task.report_score(model) if task.score is not None else None}
+    for fmt, a in artifacts.items():
+        parity = a.get("parity", {})
+        if "test_accuracy" in parity:
+            scores[f"{fmt}_test"] = parity["test_accuracy"]
+        if "runtime_score" in parity:
+            scores[f"{fmt}_score"] = parity["runtime_score"]
+    return scores
 
 
 def export_run(

@@ -99,21 +99,8 @@ class CostModel:
                 kernel.append(1)
                 bias.append(sum(p.numel() for p in m.parameters(recurse=False)) > c)
         total = sum(p.numel() for p in model.parameters())
-        free = dict(model.named_parameters())
-        free_names = sorted({d.layer for g in space.groups for d in g.layers if d.dim == "param" and d.layer in free})
-        a_free = np.zeros((len(free_names), G))
-        for g in space.groups:
-            for d in g.layers:
-                if d.dim == "param" and d.layer in free_names:
-                    a_free[free_names.index(d.layer), g.index] = d.factor
-        free_c0 = np.array(
-            [
-                a_free[i][a_free[i] > 0][0] * space.groups[int(np.flatnonzero(a_free[i])[0])].width
-                for i in range(len(free_names))
-            ]
-        )
-        free_per_channel = np.array([free[n].numel() for n in free_names]) / np.maximum(free_c0, 1)
-        counted += sum(free[n].numel() for n in free_names)
+        free_per_channel, free_c0, a_free, free_params = _free_parameters(space)
+        counted += free_params
         gate = [-1 if g is None else g for g in map(space.gate_of, names)]
         arr = np.asarray
         return cls(
@@ -199,3 +186,20 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
         for h in hooks:
             h.remove()
     return int(total)
+
+
+def _free_parameters(space) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Parameters outside any layer that a group prunes (ConvNeXt's layer scale): their size per
+    channel, their channels, how their channels fall with each group's removed channels, and how
+    many weights they hold in all."""
+    free = dict(space.base.named_parameters())
+    names = sorted({d.layer for g in space.groups for d in g.layers if d.dim == "param" and d.layer in free})
+    a_free = np.zeros((len(names), len(space.groups)))
+    for g in space.groups:
+        for d in g.layers:
+            if d.dim == "param" and d.layer in names:
+                a_free[names.index(d.layer), g.index] = d.factor
+    first = [int(np.flatnonzero(row)[0]) for row in a_free]
+    c0 = np.array([a_free[i, g] * space.groups[g].width for i, g in enumerate(first)])
+    per_channel = np.array([free[n].numel() for n in names]) / np.maximum(c0, 1)
+    return per_channel, c0, a_free, sum(free[n].numel() for n in names)
