@@ -214,13 +214,11 @@ class Pipeline:
         resume = (self.run / "config.json").is_file()
         if resume and (self.run / "results.json").is_file():
             return
+        # the table: the config's, else the one prune looks up itself (find_table, as `table` does
+        # here); a resume reads the table its run started on (config.json)
         settings = {"device": self.cfg["device"], **self.model_inputs(), "budget": "50%", **self.prune_settings}
-        if not resume:  # a resume reads the table its run started on (config.json)
-            from edgeprune.resolve import resolve
-
-            found = self.table(resolve(**self.model_inputs(), load_data=False))
-            if self.prune_settings.get("cost", "latency") == "latency" or found.is_file():
-                settings["table"] = str(found)
+        if not resume:
+            settings["table"] = self.cfg.get("table")
         prune_run(
             self.run.path,
             resume=resume,
