@@ -282,8 +282,14 @@ def profile(
     model_arg: ModelArg = None,
     num_classes: NumClasses = None,
     trust_pickle: TrustPickle = False,
-    device: Annotated[str, typer.Option(help="Device profile name or YAML path.")] = "cpu-onnxruntime",
-    out_path: Annotated[Path | None, typer.Option("--out", help=TABLE_OUT_HELP)] = None,
+    device: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Device profile name or YAML path (default cpu-onnxruntime); repeat it to profile several "
+            "devices at once."
+        ),
+    ] = None,
+    out_path: Annotated[list[Path] | None, typer.Option("--out", help=TABLE_OUT_HELP + " One per --device.")] = None,
     step: Annotated[
         str, typer.Option(help="Channel step: N, auto (detect it), or profile (the device profile's channel_step).")
     ] = "profile",
@@ -317,50 +323,64 @@ def profile(
     from edgeprune.latency.table import find_table
 
     r = _shape_only(model, weights, model_arg, num_classes, trust_pickle, data, image_size, input_shape)
-    dev = Device.load(device)
-    if step == "profile":
-        step_value: int | str | None = None
-    elif step == "auto":
-        step_value = "auto"
-    elif step.isdigit() and int(step) > 0:
-        step_value = int(step)
-    else:
-        raise EdgepruneError(f"--step must be a positive number or auto, got {step!r}")
-    target = find_table(dev, r.id, out_path, writing=True)
+    devices = [Device.load(d) for d in device or ["cpu-onnxruntime"]]
+    step_value = _step_option(step)
+    if out_path and len(out_path) != len(devices):
+        raise EdgepruneError(f"{len(devices)} --device but {len(out_path)} --out: give one --out per --device, or none")
+    targets = [
+        find_table(dev, r.id, (out_path or [None] * len(devices))[i], writing=True) for i, dev in enumerate(devices)
+    ]
     log = _log(json_out)
-    table = profile_fn(
+    tables = profile_fn(
         r.model,
         r.shape,
         model_id=r.id,
-        device=dev,
-        out=target,
+        device=devices if len(devices) > 1 else devices[0],
+        out=targets if len(devices) > 1 else targets[0],
         step=step_value,
         copies=copies,
         calibrate=calibrate,
         recalibrate=recalibrate,
         log=log,
     )
-    summary = {
-        "table": str(target),
-        "device": dev.name,
-        "model": r.id,
-        "step": table.step,
-        "unit_copies": table.unit_copies,
-        "entries": len(table.entries),
-        "calibration": table.calibration,
-        "profile_seconds": table.meta.get("profile_seconds"),
-    }
+    tables = tables if isinstance(tables, list) else [tables]
+    summaries = [_profile_summary(t, target, dev, r.id) for t, target, dev in zip(tables, targets, devices)]
+    if json_out:
+        _print_json(summaries[0] if len(summaries) == 1 else {"tables": summaries})
+        return
     from edgeprune.latency.calibration import describe as describe_calibration
 
-    if json_out:
-        _print_json(summary)
-    else:
+    for table, target in zip(tables, targets):
         cal = table.calibration
         out.print(
             f"wrote {target}: {len(table.entries)} entries at step {table.step}, "
             f"{describe_calibration(cal)} on {cal['n']} whole models "
             f"(median miss {cal.get('fit_median_abs_err') or 0:.1%})"
         )
+
+
+def _step_option(step: str) -> int | str | None:
+    """--step as profile takes it: None (the device profile's), "auto" or a number."""
+    if step == "profile":
+        return None
+    if step == "auto":
+        return "auto"
+    if step.isdigit() and int(step) > 0:
+        return int(step)
+    raise EdgepruneError(f"--step must be a positive number or auto, got {step!r}")
+
+
+def _profile_summary(table, target, dev, model_id: str) -> dict:
+    return {
+        "table": str(target),
+        "device": dev.name,
+        "model": model_id,
+        "step": table.step,
+        "unit_copies": table.unit_copies,
+        "entries": len(table.entries),
+        "calibration": table.calibration,
+        "profile_seconds": table.meta.get("profile_seconds"),
+    }
 
 
 @app.command()
@@ -440,6 +460,19 @@ def predict(
         out.print(t)
 
 
+Workers = Annotated[
+    int | None, typer.Option(help="Score candidates (and finetune seeds) on a local Ray of N workers (loopback only).")
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option("--ray", help="Run the workers on your Ray cluster: auto, HOST:PORT or ray://HOST:10001."),
+]
+WorkerCpus = Annotated[float | None, typer.Option(help="CPUs each worker task asks for (default 1).")]
+WorkerGpus = Annotated[
+    float | None, typer.Option(help="GPUs each worker task asks for (default 0; 0.25 shares a GPU).")
+]
+
+
 def _prune_inputs(
     out_path: Annotated[
         Path, typer.Option("--out", help="Run directory (created; holds evals.sqlite, plan, checkpoints).")
@@ -461,6 +494,10 @@ def _prune_inputs(
     table: Annotated[str | None, typer.Option(help=TABLE_HELP)] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out (after a crash or kill).")] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (scoring).")] = None,
+    workers: Workers = None,
+    ray: RayAddress = None,
+    worker_cpus: WorkerCpus = None,
+    worker_gpus: WorkerGpus = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None: ...
 
@@ -541,32 +578,44 @@ def _print_pruned(result: dict) -> None:
 
 @app.command("finetune")
 def finetune_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `edgeprune prune`.", metavar="RUN")],
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(help="Run directory written by `edgeprune prune` (several with --seeds).", metavar="RUN"),
+    ],
     epochs: Annotated[int, typer.Option(help="Finetune epochs (cosine schedule).")] = 5,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.05,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 4.0,
     alpha: Annotated[float, typer.Option(help="Weight of the distillation term (the rest: labels).")] = 0.9,
+    seed: Annotated[int, typer.Option(help="Seed of the finetune (batch order, augmentation).")] = 0,
+    seeds: Annotated[
+        int | None,
+        typer.Option(
+            help="Finetune each RUN with N seeds (--seed onwards), each in a copy RUN/seeds/sK, as tasks (with "
+            "--workers/--ray, in parallel); prints each run's mean and spread."
+        ),
+    ] = None,
     max_batches: Annotated[int | None, typer.Option(help="Batches per epoch, for smoke runs.")] = None,
     train_device: Annotated[str, typer.Option(help="torch device to train on (cpu, cuda).")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    workers: Workers = None,
+    ray: RayAddress = None,
+    worker_cpus: WorkerCpus = None,
+    worker_gpus: WorkerGpus = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Finetune a run's pruned model, distilled from its dense parent; rerun to resume."""
     from edgeprune.pipeline import finetune_run
 
     _threads(threads)
-    r = finetune_run(
-        run_dir,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        temperature=temperature,
-        alpha=alpha,
-        max_batches=max_batches,
-        device=train_device,
-        log=_log(json_out),
-    )
+    recipe = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "temperature": temperature, "alpha": alpha}
+    recipe.update(max_batches=max_batches, device=train_device)
+    if seeds is not None or workers is not None or ray is not None:
+        _finetune_seeds(run_dirs, seed, seeds or 1, recipe, workers, ray, worker_cpus, worker_gpus, json_out)
+        return
+    if len(run_dirs) > 1:
+        raise EdgepruneError("several runs are finetuned with --seeds N (each in copies of its own); give one RUN")
+    r = finetune_run(run_dirs[0], seed=seed, log=_log(json_out), **recipe)
     if json_out:
         _print_json(r)
         return
@@ -575,6 +624,37 @@ def finetune_cmd(
         f"(best epoch {r['best_epoch']}), test {r['test_accuracy']:.2%} (dense {r['dense_test_accuracy']:.2%}); "
         f"wrote {r['checkpoint']}"
     )
+
+
+def _finetune_seeds(runs, first: int, n: int, recipe: dict, workers, ray, cpus, gpus, json_out: bool) -> None:
+    from edgeprune.cluster.finetunes import finetune_seeds, seed_table
+
+    if n < 1:
+        raise EdgepruneError(f"--seeds must be at least 1, got {n}")
+    cluster = {"worker_cpus": cpus, "worker_gpus": gpus}
+    records = finetune_seeds(
+        runs,
+        seeds=range(first, first + n),
+        workers=workers,
+        ray=ray,
+        log=_log(json_out),
+        **{k: v for k, v in cluster.items() if v is not None},
+        **recipe,
+    )
+    rows = seed_table(runs, records)
+    if json_out:
+        _print_json({"runs": rows, "finetunes": records})
+        return
+    t = Table(title=f"test accuracy after {recipe['epochs']} epochs, per seed")
+    for col in ("run", *(f"seed {s}" for s in range(first, first + n)), "mean", "sd"):
+        t.add_column(col, justify="right")
+    for row in rows:
+        accs = row["test_accuracy"]
+        cells = [f"{accs[s]:.2%}" if s in accs else "-" for s in range(first, first + n)]
+        mean = "-" if row["mean"] is None else f"{row['mean']:.2%}"
+        sd = "-" if row["sd"] is None else f"{row['sd'] * 100:.2f}"
+        t.add_row(row["run"], *cells, mean, sd)
+    out.print(t)
 
 
 @app.command("export")

@@ -35,10 +35,11 @@ class _Task:
 class PlainProgress:
     """The subset of `rich.progress.Progress` edgeprune uses, printing plain periodic lines."""
 
-    def __init__(self, stream=None, every_s: float = 10.0, enabled: bool = True) -> None:
+    def __init__(self, stream=None, every_s: float = 10.0, enabled: bool = True, label: str = "") -> None:
         self.stream = stream or sys.stderr
         self.every_s = every_s
         self.enabled = enabled
+        self.label = label
         self.tasks: list[_Task] = []
 
     def __enter__(self) -> PlainProgress:
@@ -83,11 +84,16 @@ class PlainProgress:
         if t.total and t.completed:
             eta = f" eta {max(0.0, elapsed * (t.total - t.completed) / t.completed):.0f}s"
         status = t.fields.get("status", "")
-        print(f"{t.description}: {t.completed:g}{of} {status} [{elapsed:.0f}s{eta}]", file=self.stream, flush=True)
+        line = f"{self.label}{t.description}: {t.completed:g}{of} {status} [{elapsed:.0f}s{eta}]"
+        print(line, file=self.stream, flush=True)
 
 
-def progress_bar(*, enabled: bool = True, console: Console | None = None) -> Progress | PlainProgress:
+def progress_bar(*, enabled: bool | str = True, console: Console | None = None) -> Progress | PlainProgress:
+    """A progress display; `enabled` as a string: plain lines starting with it (work running beside
+    other work, e.g. one device of several profiled at once: a terminal holds one live display)."""
     console = console or Console(file=sys.stderr)
+    if isinstance(enabled, str):
+        return PlainProgress(console.file, label=enabled)
     if not console.is_terminal:
         return PlainProgress(console.file, enabled=enabled)
     return Progress(

@@ -47,13 +47,15 @@ def test_prune_settings_are_defined_once():
     """PruneSettings is the one definition: the CLI's prune options are generated from it, config
     files are checked against it, and the README lists every one of them with its default."""
     from edgeprune.cli import prune_cmd
+    from edgeprune.pipeline.prune import CLUSTER
     from edgeprune.pipeline.run import stage_settings
     from edgeprune.pruning.criteria import CRITERIA
     from edgeprune.search import SEARCHERS
 
     options = set(prune_cmd.__signature__.parameters)
     assert PruneSettings.names() <= options
-    assert stage_settings()["prune"] == PruneSettings.names() | {"budget"}
+    assert stage_settings()["prune"] == PruneSettings.names() | {"budget"} | set(CLUSTER)
+    assert set(CLUSTER) <= options
     fields = {f.name: f for f in dataclasses.fields(PruneSettings)}
     assert fields["search"].metadata["choices"] == tuple(SEARCHERS)
     assert fields["criterion"].metadata["choices"] == tuple(CRITERIA)

@@ -511,8 +511,10 @@ def test_prune_errors_are_one_line(tiny_run, tmp_path, cli):
 
 
 def test_prune_resumes_after_kill_9(tiny_run, tmp_path, cli):
+    """A run scoring its candidates on a local Ray of two workers is killed (the driver: SIGKILL);
+    resumed without workers, it loses and rewrites nothing (the driver alone wrote the store)."""
     out = tmp_path / "run"
-    args = prune_args(tiny_run, out, budget_ms="80%", search="bo", evals=16, measure_top=2)
+    args = prune_args(tiny_run, out, budget_ms="80%", search="bo", evals=16, measure_top=2, workers=2)
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgeprune", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -612,6 +614,7 @@ def test_after_loosening_a_plan_within_the_proxy_s_resolution_spends_the_budget(
     assert "measured over 0.276 ms" in lines[-1]
 
 
+@pytest.mark.slow  # ~32 s: an edge of the measured check
 def test_a_table_that_rates_every_plan_over_the_budget_is_held_against_the_device(tiny_run, tmp_path, cli):
     """A line fitted while the device was busy can come out flat: here it rates the smallest plan at
     95 % of the dense model, which measures ~56 %. A 75 % budget is not refused on the table's word:

@@ -268,6 +268,7 @@ def _imagefolder_tree(root, fmnist, classes=(0, 1, 7), train=48, val=16):
     return root
 
 
+@pytest.mark.slow  # ~32 s; the user's model file through the CLI is in the default suite
 def test_edgeprune_run_on_a_user_model_file_and_an_imagefolder(fmnist, fast_device, cli, tmp_path):
     """The realistic flow from a config: the user's model file and weights trained elsewhere (another
     head: 10 classes), their own images in an ImageFolder tree at their size (32 px); the train stage

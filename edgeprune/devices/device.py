@@ -1,7 +1,8 @@
 """A device: a profile plus a transport. Local devices measure in a worker process of their own
 (edgeprune/backends/worker.py: only the runtime loaded, as in deployment); remote ones send the
 work to an agent, which does the same on the device. The profiler and validator use
-`measure`/`measure_many` and never know which."""
+`measure`/`measure_many` and never know which. Every measurement waits for the physical
+device's turn (devices/queue.py): never two at once on one device."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from edgeprune.devices.queue import DeviceQueue, physical_key
 from edgeprune.devices.spec import DeviceSpec
 from edgeprune.latency.measurement import Measurement, Protocol
 
@@ -21,6 +23,7 @@ class Device:
         self._client = None
         self._worker = None
         self._fingerprint: dict | None = None
+        self.queue = DeviceQueue(physical_key(spec))
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike) -> Device:
@@ -57,7 +60,8 @@ class Device:
             weakref.finalize(self, self._worker.stop)  # the process ends with the device
         path = Path(onnx_path).resolve()
         try:
-            status, payload = self._worker.run(str(path), tuple(input_shape), protocol.to_dict())
+            with self.queue.turn():
+                status, payload = self._worker.run(str(path), tuple(input_shape), protocol.to_dict())
         except (WorkerDied, JobTimeout) as e:
             raise EdgepruneError(f"measuring {path.name} on {self.name}: {e}") from None
         if status != "ok":
@@ -89,7 +93,9 @@ class Device:
         (what a comparison or a drift check needs). A local device always measures."""
         protocol = protocol or self.spec.protocol
         if self.remote:
-            return self.client.measure(Path(onnx_path).read_bytes(), tuple(input_shape), protocol, fresh=fresh)
+            data = Path(onnx_path).read_bytes()
+            with self.queue.turn():
+                return self.client.measure(data, tuple(input_shape), protocol, fresh=fresh)
         return self._measure_local(onnx_path, input_shape, protocol)
 
     def measure_many(
@@ -103,9 +109,9 @@ class Device:
         """Measure several models; `on_result(i, m)` is called as each one finishes (`fresh`: see measure)."""
         protocol = protocol or self.spec.protocol
         if self.remote:
-            return self.client.measure_many(
-                [(Path(p).read_bytes(), tuple(s)) for p, s in items], protocol, on_result=on_result, fresh=fresh
-            )
+            models = [(Path(p).read_bytes(), tuple(s)) for p, s in items]
+            with self.queue.turn():
+                return self.client.measure_many(models, protocol, on_result=on_result, fresh=fresh)
         results = []
         for i, (path, shape) in enumerate(items):
             m = self._measure_local(path, shape, protocol)

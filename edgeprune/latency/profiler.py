@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -156,7 +157,7 @@ def profile(
     model: nn.Module,
     example_input: torch.Tensor | tuple[int, ...],
     *,
-    device: Device | str,
+    device: Device | str | Sequence[Device | str],
     out: str | os.PathLike | None = None,
     model_id: str | None = None,
     step: int | str | None = None,
@@ -179,10 +180,30 @@ def profile(
     `recalibrate`: measure the dense model and `calibrate` plans anew, all together, and fit the
     line on them alone (the units are kept): a device drifts over days, and points measured at
     different times do not lie on one line. The replaced calibration is kept in
-    `meta["previous_calibrations"]`."""
+    `meta["previous_calibrations"]`.
+
+    Several devices (a list; `out` then a list of paths, or None) are profiled at once, one
+    thread each, and a list of tables is returned: devices measure in parallel, while each
+    physical device still measures one model at a time (two profiles of one CPU take turns)."""
     from edgeprune.models.onnx import example_tensor
     from edgeprune.pruning import space
 
+    if isinstance(device, (list, tuple)):
+        return profile_devices(
+            model,
+            example_input,
+            devices=device,
+            outs=out,
+            model_id=model_id,
+            step=step,
+            copies=copies,
+            calibrate=calibrate,
+            recalibrate=recalibrate,
+            batch=batch,
+            seed=seed,
+            progress=progress,
+            log=log,
+        )
     device = Device.load(device) if isinstance(device, (str, os.PathLike)) else device
     input_shape = tuple(example_tensor(example_input).shape)
     model_id = model_id or type(model).__name__
@@ -209,6 +230,36 @@ def profile(
     if out is not None:
         table.save(out)
     return table
+
+
+def profile_devices(model, example_input, *, devices: Sequence, outs=None, progress=True, log=print, **kw) -> list:
+    """`profile` on each of `devices` at once (a thread each, a copy of the model each); the tables in order."""
+    import copy
+    from concurrent.futures import ThreadPoolExecutor
+
+    devices = [Device.load(d) if isinstance(d, (str, os.PathLike)) else d for d in devices]
+    outs = [None] * len(devices) if outs is None else list(outs)
+    if len(outs) != len(devices):
+        raise EdgepruneError(f"{len(devices)} devices but {len(outs)} table paths: give one --out per --device")
+    names = [d.name for d in devices]
+    if len(set(names)) < len(names):
+        raise EdgepruneError(f"a device profile is named twice ({', '.join(names)}): each device gets one table")
+
+    def one(i: int) -> LatencyTable:
+        label = f"[{names[i]}] "
+        return profile(
+            copy.deepcopy(model),
+            example_input,
+            device=devices[i],
+            out=outs[i],
+            # one live display per terminal: each device's progress as plain lines, labelled
+            progress=label if progress else False,
+            log=lambda s, label=label: log(label + s),
+            **kw,
+        )
+
+    with ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix="edgeprune-profile") as pool:
+        return list(pool.map(one, range(len(devices))))
 
 
 def _step(step, device: Device, input_shape, progress: bool, log) -> tuple[int, dict | None]:

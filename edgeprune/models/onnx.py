@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +54,11 @@ def example_tensor(example: torch.Tensor | Sequence[int]) -> torch.Tensor:
     return torch.randn(*[int(d) for d in example])
 
 
+# The TorchScript exporter keeps its state in module globals: one export at a time in a process
+# (devices profiled at once export from several threads).
+_ONE_EXPORT = threading.Lock()
+
+
 def export_onnx(
     model: nn.Module,
     example_input: torch.Tensor | Sequence[int],
@@ -78,7 +84,7 @@ def export_onnx(
     x = example_tensor(example_input)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with _ONE_EXPORT, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             names = output_names(model(x))
             torch.onnx.export(

@@ -14,6 +14,8 @@ checkpoint or a reference (a name, file.py:factory, ...) and its weights, then c
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import os
 import time
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeprune.cluster.session import ClusterOptions, RaySession
 from edgeprune.errors import EdgepruneError
 from edgeprune.pipeline.settings import PruneSettings
 from edgeprune.runs import RunDir, RunStore, write_json
@@ -121,6 +124,8 @@ class Pruning:
         self.run, self.config, self.cfg, self.task, self.log = run, config, cfg, task, log
         self.table = self.table_path = self.predictor = None
         self.refit = ""
+        self.session = None  # a RaySession: candidates are scored on its workers
+        self.scoring = {"where": "this process", "workers": 1, "nodes": 1, "requeued": 0}
 
     def execute(self, s, store, meter, progress: bool, started: float):
         """Measure the dense model, set the budget and the search problem, search, finish."""
@@ -262,6 +267,7 @@ class Pruning:
         )
         dense_score = evaluator(s.full_counts())
         store.set("dense_score", dense_score)
+        pool = self.scoring_pool(s, evaluator)
         acp = acp_widths(s, evaluator.calibration) if cfg.search == "pso" else None
         searcher = make_searcher(
             cfg.search,
@@ -290,12 +296,42 @@ class Pruning:
             searcher,
             evaluator,
             store,
+            batch=cfg.batch,
             describe=describe,
             plan_hash=lambda c: evaluator.plan(c).hash(),
             progress=progress,
             log=self.log,
         )
-        return search.run(loop, task), evaluator, loop
+        try:
+            return search.run(loop, task), evaluator, loop
+        finally:
+            if pool is not None:
+                self.scoring = pool.summary()
+                pool.close()
+
+    def scoring_pool(self, s, evaluator):
+        """Ray workers scoring candidates for `evaluator` (None without a cluster)."""
+        if self.session is None:
+            return None
+        from edgeprune.cluster.scoring import ScoringPool
+
+        cfg = self.cfg
+        self.log(f"scoring candidates on {self.session.options.describe()}, {cfg.batch} at a time ...")
+        evaluator.pool = ScoringPool(
+            self.session,
+            model=self.model,
+            example_input=self.x,
+            space_args={"step": s.step, "min_keep_ratio": cfg.min_keep, "depth": cfg.depth},
+            task=self.task,
+            evaluator_args={
+                "criterion": cfg.criterion,
+                "calibration_batches": cfg.calibration_batches,
+                "seed": cfg.seed,
+                "train_steps": cfg.proxy_steps,
+            },
+            log=self.log,
+        )
+        return evaluator.pool
 
     def finish(self, s, choice, evaluator, loop, problem, store, figures: dict):
         """The pruned model (BatchNorm recalibrated), its result, and the run's files."""
@@ -348,6 +384,8 @@ class Pruning:
             "evals_to_99pct": int(np.argmax(scores >= 0.99 * scores[-1]) + 1),
             "rounds": choice.rounds,
             "seconds_per_eval": float(np.median(evaluator.seconds)) if evaluator.seconds else None,
+            "seconds_scoring": round(loop.seconds, 1),
+            "scoring": {**self.scoring, "batch": self.cfg.batch},
             "seconds": round(time.monotonic() - figures["started"], 1),
             "searcher": loop.searcher.state(),
         }
@@ -433,6 +471,10 @@ def prune(
     run_dir: str | os.PathLike | None = None,
     resume: bool = False,
     model_ref=None,
+    workers: int | None = None,
+    ray: str | None = None,
+    worker_cpus: float = 1.0,
+    worker_gpus: float = 0.0,
     progress: bool = True,
     log=print,
     _extra: dict | None = None,
@@ -444,7 +486,9 @@ def prune(
     split scores candidates); or `score_fn(model) -> float` (higher is better) with `train_data`
     (an iterable of batches: BatchNorm recalibration, and distillation with `loss_fn`) for any
     task. `table`: a LatencyTable or its path (default: the device's table of this model).
-    `settings`: PruneSettings fields (search, evals, ...). `run_dir`: log there (and resume)."""
+    `settings`: PruneSettings fields (search, evals, ...). `run_dir`: log there (and resume).
+    `workers=N` scores candidates on a local Ray of N workers, `ray="auto" | ADDRESS` on a cluster
+    you run, each task asking `worker_cpus` and `worker_gpus` (see edgeprune/cluster/)."""
     from edgeprune.devices import Device
     from edgeprune.models.onnx import example_tensor
     from edgeprune.pruning import space
@@ -454,6 +498,7 @@ def prune(
     started = time.monotonic()
     model, x, ref = model.eval(), example_tensor(example_input), _reference(model, model_ref)
     budget = Budget.parse(budget)
+    cluster = ClusterOptions(workers=workers, address=ray, worker_cpus=worker_cpus, worker_gpus=worker_gpus)
     device_name = device if isinstance(device, (str, os.PathLike)) else device.spec.path or device.name
     device = Device.load(device) if isinstance(device, (str, os.PathLike)) else device
     run = None if run_dir is None else RunDir(run_dir)
@@ -462,9 +507,7 @@ def prune(
         "model_id": ref.id,
         "device": str(device_name),
         "budget": str(budget),
-        "data": getattr(data, "name", data),
-        "data_options": getattr(data, "options", None) or None,
-        "task": "custom" if score_fn is not None else "top-1",
+        **_data_inputs(data, score_fn),
         "input_shape": list(x.shape),
         "model_hash": model_hash(model),
         "table": None if table is None or not isinstance(table, (str, os.PathLike)) else str(table),
@@ -488,10 +531,28 @@ def prune(
     store = RunStore(None if run is None else run.path)
     meter = PlanMeter(s, device, criterion=cfg.criterion, relative=budget.relative, progress=progress, log=log)
     try:
-        return job.execute(s, store, meter, progress, started)
+        with RaySession(cluster, log=log) if cluster.enabled else contextlib.nullcontext() as session:
+            job.session = session
+            job.cfg = cfg = dataclasses.replace(cfg, batch=cfg.batch or default_batch(session, cfg.evals))
+            return job.execute(s, store, meter, progress, started)
     finally:
         store.close()
         meter.close()
+
+
+def _data_inputs(data, score_fn) -> dict:
+    """What the run's config records of its data: the data set's name and options, or a custom task."""
+    return {
+        "data": getattr(data, "name", data),
+        "data_options": getattr(data, "options", None) or None,
+        "task": "custom" if score_fn is not None else "top-1",
+    }
+
+
+def default_batch(session, evals: int) -> int:
+    """One candidate per worker, but at most a third of the evaluations (a batch of q is chosen on
+    what the searcher knew before it: the larger q, the less each choice learns)."""
+    return 1 if session is None else max(1, min(session.slots, evals // 3))
 
 
 def _reference(model: nn.Module, model_ref):
@@ -529,10 +590,12 @@ def prune_run(out: str | os.PathLike, *, resume: bool = False, progress: bool = 
 
     run = RunDir(out)
     settings = {k: v for k, v in given.items() if k in PruneSettings.names()}
-    unknown = set(given) - PruneSettings.names() - set(MODEL_OPTIONS) - {"device", "budget", "table"}
+    unknown = set(given) - PruneSettings.names() - set(MODEL_OPTIONS) - {"device", "budget", "table"} - set(CLUSTER)
     if unknown:
         raise EdgepruneError(f"unknown prune setting(s) {sorted(unknown)}")
     PruneSettings.create(settings)  # every value checked before any expensive work
+    cluster = {k: given[k] for k in CLUSTER if given.get(k) is not None}
+    ClusterOptions(**{CLUSTER[k]: v for k, v in cluster.items()})
     if given.get("budget") is not None:
         Budget.parse(given["budget"])
     if resume and (run / CONFIG).is_file():
@@ -586,9 +649,13 @@ def prune_run(out: str | os.PathLike, *, resume: bool = False, progress: bool = 
         progress=progress,
         log=log,
         _extra=extra,
+        **cluster,
         **settings,
     )
     return result.record
+
+
+CLUSTER = {"workers": "workers", "ray": "address", "worker_cpus": "worker_cpus", "worker_gpus": "worker_gpus"}
 
 
 def _image_args(options: dict | None) -> dict:

@@ -67,6 +67,8 @@ def load_config(path: str | os.PathLike) -> dict:
 def check_config(cfg: dict) -> dict:
     """Every section and setting checked before the first stage: a misspelt or out-of-range
     setting is one line now, not a failure minutes later."""
+    from edgeprune.cluster.session import ClusterOptions
+    from edgeprune.pipeline.prune import CLUSTER
     from edgeprune.pipeline.settings import PruneSettings
 
     unknown = set(cfg) - SECTIONS
@@ -86,7 +88,8 @@ def check_config(cfg: dict) -> dict:
                 f"unknown {stage} setting(s) {sorted(unknown)} in the config; known: {', '.join(sorted(known[stage]))}"
             )
     prune = dict(cfg.get("prune") or {})
-    PruneSettings.create({k: v for k, v in prune.items() if k != "budget"})
+    PruneSettings.create({k: v for k, v in prune.items() if k != "budget" and k not in CLUSTER})
+    ClusterOptions(**{CLUSTER[k]: v for k, v in prune.items() if k in CLUSTER})
     if prune.get("budget") is not None:
         from edgeprune.search.budget import Budget
 
@@ -99,6 +102,7 @@ def stage_settings() -> dict[str, set[str]]:
     the pipeline sets itself left out)."""
     from edgeprune.pipeline.export import export_run
     from edgeprune.pipeline.finetune import finetune_run
+    from edgeprune.pipeline.prune import CLUSTER
     from edgeprune.pipeline.settings import PruneSettings
     from edgeprune.pipeline.validate import validate_run
     from edgeprune.training import Recipe
@@ -110,7 +114,7 @@ def stage_settings() -> dict[str, set[str]]:
     return {
         "train": set(Recipe.__dataclass_fields__),
         "profile": {"step", "calibrate"},
-        "prune": PruneSettings.names() | {"budget"},
+        "prune": PruneSettings.names() | {"budget"} | set(CLUSTER),  # where it runs: local, or on Ray
         "finetune": keywords(finetune_run),
         "export": keywords(export_run),
         "validate": keywords(validate_run, "report"),  # progress and log: the pipeline's

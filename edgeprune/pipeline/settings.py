@@ -126,6 +126,13 @@ class PruneSettings:
         "recalibration only); ranks by what a finetune recovers.",
         lo=0,
     )
+    batch: int | None = setting(
+        None,
+        "Candidates proposed and scored at once (q; BO/BOCR choose them jointly); default: one per worker "
+        "(1 without --workers/--ray).",
+        lo=1,
+        optional=True,
+    )
     measure_top: int = setting(5, "Candidates measured on the device per round.", lo=1)
     max_rounds: int = setting(
         4,

@@ -4,6 +4,11 @@ A searcher proposes points in the unit cube of a BudgetProblem (`ask`); the sear
 each to the budget, scores it and hands back the evaluation (`tell`), realised point included, so
 the searcher learns where its candidate really landed. A searcher's proposals depend only on its
 seed and what it was told: a resumed run replays the stored evaluations and carries on.
+
+A batch of q candidates (scored in parallel) is asked one by one before any is told: each ask
+sees the batch's earlier proposals as `pending` (their plans are taken, their points count for
+the random state), so a batch is q distinct plans, and with q = 1 every searcher proposes
+exactly what it proposes alone.
 """
 
 from __future__ import annotations
@@ -35,14 +40,34 @@ class Searcher:
         self.seed = seed
         self.history: list[Evaluation] = []
         self.seen: set[tuple[int, ...]] = set()
+        self.pending: list[tuple[np.ndarray, tuple[int, ...]]] = []  # the batch asked, not yet told: (u, counts)
 
     def ask(self) -> np.ndarray:
         """The next candidate, a point in [0, 1]^dim."""
         raise NotImplementedError
 
+    def pend(self, u: np.ndarray, counts) -> None:
+        """Hold a proposal of the batch being asked (where repair put it, and its plan) until it is told."""
+        self.pending.append((np.asarray(u, float), tuple(int(c) for c in counts)))
+
+    def room(self) -> int:
+        """How many more proposals the batch being asked may take before the searcher must be told."""
+        return 1 << 30
+
+    @property
+    def asked(self) -> int:
+        """Proposals so far, the pending ones included: what a proposal's random state is keyed by."""
+        return self.n + len(self.pending)
+
+    def taken(self) -> set[tuple[int, ...]]:
+        """Plans a new proposal must avoid: those scored and those of the batch being asked."""
+        return self.seen | {counts for _, counts in self.pending}
+
     def tell(self, evaluation: Evaluation) -> None:
         self.history.append(evaluation)
         self.seen.add(tuple(int(c) for c in evaluation.counts))
+        if self.pending:
+            self.pending.pop(0)
 
     def replay(self, evaluation: Evaluation) -> None:
         """Re-enter a stored evaluation on resume (ask first, so any random state advances as before)."""

@@ -6,6 +6,12 @@ log expected improvement, so the GP is asked only about plans that can actually 
 and it learns from the points where candidates really landed. Plans already evaluated are
 skipped. The GP works in a space of `dim` coordinates that `expand` maps to the full cube
 (the identity here; BOCR's clusters of groups elsewhere).
+
+A batch (q candidates scored at once) is chosen greedily, botorch's sequential way: the first
+point by log-EI as above, each further one by q-log-noisy-EI with the batch's earlier points as
+pending (the GP integrates over their unknown scores, so the batch spreads out instead of
+proposing one optimum q times), all on one GP fitted per batch. Its quasi-Monte-Carlo samples are
+seeded, so a seed gives the same batches.
 """
 
 from __future__ import annotations
@@ -38,6 +44,24 @@ def fit_gp(X: np.ndarray, Y: np.ndarray, *, seed: int = 0):
     return gp
 
 
+def log_nei_pending(gp, X: np.ndarray, pending: np.ndarray, candidates: np.ndarray, *, seed: int) -> np.ndarray:
+    """q-log-noisy-EI of each candidate given the observed points `X` and the `pending` ones."""
+    from botorch.acquisition.logei import qLogNoisyExpectedImprovement
+    from botorch.sampling import SobolQMCNormalSampler
+
+    acq = qLogNoisyExpectedImprovement(
+        gp,
+        X_baseline=torch.as_tensor(X, dtype=torch.float64),
+        sampler=SobolQMCNormalSampler(sample_shape=torch.Size([128]), seed=seed),
+        X_pending=torch.as_tensor(pending, dtype=torch.float64),
+        prune_baseline=True,
+        cache_root=False,
+    )
+    with torch.no_grad():
+        x = torch.as_tensor(candidates, dtype=torch.float64).unsqueeze(1)
+        return np.concatenate([acq(chunk).numpy() for chunk in x.split(256)])
+
+
 def log_ei(gp, best_f: float, candidates: np.ndarray) -> np.ndarray:
     from botorch.acquisition import LogExpectedImprovement
 
@@ -65,6 +89,7 @@ class BayesOpt(Searcher):
         self.n_candidates = n_candidates
         self.local_share = local_share
         self.box = (np.zeros(self.dim), np.ones(self.dim))
+        self._gp: tuple[int, object] | None = None  # (history length, GP fitted on it): one fit per batch
 
     # ----- the GP's coordinates -----
     @property
@@ -88,9 +113,9 @@ class BayesOpt(Searcher):
 
     def _candidates(self) -> np.ndarray:
         lo, hi = self.box
-        rng = np.random.default_rng([self.seed, self.n, 1])
+        rng = np.random.default_rng([self.seed, self.asked, 1])
         n_local = int(self.n_candidates * self.local_share)
-        parts = [self._sobol(self.n_candidates - n_local, seed=self.seed * 1000 + self.n)]
+        parts = [self._sobol(self.n_candidates - n_local, seed=self.seed * 1000 + self.asked)]
         best = self.ranked()[:5]
         if best and n_local:
             centres = self.project(self.X()[best])
@@ -99,23 +124,32 @@ class BayesOpt(Searcher):
         return np.concatenate(parts)
 
     def ask(self) -> np.ndarray:
-        if self.n < self.n_init:
-            return self.expand(self._sobol(self.n_init, seed=self.seed)[self.n : self.n + 1])[0]
+        if self.asked < self.n_init or self.n < 2:  # Sobol starts (a batch larger than them: more of the sequence)
+            k = self.asked
+            return self.expand(self._sobol(max(self.n_init, k + 1), seed=self.seed)[k : k + 1])[0]
         repaired = self.problem.repair(self.expand(self._candidates()), fill=self.fill)
         keys = [tuple(int(c) for c in row) for row in repaired.counts]
-        fresh, taken = [], set(self.seen)
+        fresh, taken = [], self.taken()
         for i, k in enumerate(keys):
             if k not in taken:
                 fresh.append(i)
                 taken.add(k)
         if not fresh:  # every candidate was seen: try anywhere
-            return np.random.default_rng([self.seed, self.n, 2]).random(self.problem.dim)
-        feasible = self.feasible()
-        Y = self.Y()
-        best_f = float(Y[feasible].max()) if feasible.any() else float(Y.max())
-        gp = fit_gp(self.project(self.X()), Y, seed=self.seed + self.n)
-        acq = log_ei(gp, best_f, self.project(repaired.u[fresh]))
+            return np.random.default_rng([self.seed, self.asked, 2]).random(self.problem.dim)
+        gp, candidates = self._fitted(), self.project(repaired.u[fresh])
+        if self.pending:
+            pending = self.project(np.array([u for u, _ in self.pending]))
+            acq = log_nei_pending(gp, self.project(self.X()), pending, candidates, seed=self.seed * 1000 + self.asked)
+        else:
+            feasible, Y = self.feasible(), self.Y()
+            acq = log_ei(gp, float(Y[feasible].max()) if feasible.any() else float(Y.max()), candidates)
         return repaired.u[fresh[int(np.argmax(acq))]]
+
+    def _fitted(self):
+        """The GP on the history, fitted once per batch."""
+        if self._gp is None or self._gp[0] != self.n:
+            self._gp = (self.n, fit_gp(self.project(self.X()), self.Y(), seed=self.seed + self.n))
+        return self._gp[1]
 
     def replay(self, evaluation) -> None:
         # proposals are a function of (seed, history): nothing to advance but the history

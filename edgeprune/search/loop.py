@@ -1,6 +1,9 @@
 """The search loop: ask, repair to the budget, score, record, tell, until N distinct plans are scored.
 
-Every evaluation is committed to the run's SQLite store before the next starts. On resume the
+Candidates go in batches of `batch` (q): asked one by one (each seeing the earlier ones as
+pending), scored together (in parallel where the scorer has workers: `score.many`), then
+recorded and told in the order they were asked, so a seed gives the same run however the scores
+arrive. Every evaluation is committed to the run's SQLite store once its batch is scored. On resume the
 stored evaluations are replayed into a fresh searcher (same seed), each under the budget it was
 made with, so the search continues exactly where it stopped and nothing is scored twice.
 A proposal that lands on a plan already scored is recorded and told (with its cached score)
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,6 +26,28 @@ from edgeprune.search.problem import BudgetProblem
 MAX_IDLE_PROPOSALS = 50  # proposals in a row that find no new plan: the space near the budget is exhausted
 
 
+@dataclass
+class Proposal:
+    """One candidate of a batch: as asked, as repaired, and whether its plan was scored before."""
+
+    u_raw: np.ndarray
+    u: np.ndarray
+    counts: np.ndarray
+    cost: float
+    duplicate: bool
+
+
+def score_many(score, plans: list) -> list[tuple[float, float]]:
+    """(score, seconds) of each plan: through the scorer's own `many` (parallel workers), or one by one."""
+    if hasattr(score, "many"):
+        return score.many(plans)
+    out = []
+    for counts in plans:
+        t0 = time.perf_counter()
+        out.append((float(score(counts)), time.perf_counter() - t0))
+    return out
+
+
 class SearchLoop:
     def __init__(
         self,
@@ -30,16 +56,20 @@ class SearchLoop:
         score: Callable[[np.ndarray], float],
         store: RunStore,
         *,
+        batch: int = 1,
         describe: Callable[[np.ndarray], dict] | None = None,
         plan_hash: Callable[[np.ndarray], str] | None = None,
         progress: bool = True,
         log=print,
     ) -> None:
-        self.problem, self.searcher, self.score, self.store = problem, searcher, score, store
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        self.problem, self.searcher, self.score, self.store, self.batch = problem, searcher, score, store, batch
         self.describe = describe or (lambda counts: {})
         self.plan_hash = plan_hash or (lambda counts: ",".join(map(str, counts)))
         self.progress, self.log = progress, log
         self.rows = store.evals()
+        self.seconds = 0.0  # wall time spent scoring batches (this process's share of the run)
         self._replay()
 
     def _replay(self) -> None:
@@ -80,32 +110,48 @@ class SearchLoop:
         with progress_bar(enabled=self.progress) as bar:
             task = bar.add_task(f"search {name}", total=evals, completed=self.distinct, status=self._status())
             while self.distinct < evals and not self.searcher.done and idle < MAX_IDLE_PROPOSALS:
-                u_raw = np.asarray(self.searcher.ask(), float)
-                repaired = self.problem.repair(u_raw[None], fill=self.searcher.fill)
-                counts = repaired.counts[0]
-                duplicate = tuple(int(c) for c in counts) in self.searcher.seen
+                proposals = self._ask(min(self.batch, evals - self.distinct))
                 t0 = time.perf_counter()
-                score = float(self.score(counts))
-                seconds = time.perf_counter() - t0
-                evaluation = Evaluation(u_raw, repaired.u[0], counts, float(repaired.cost[0]), score)
-                row = {
-                    "i": len(self.rows),
-                    "round": stage,
-                    "u_raw": [float(v) for v in u_raw],
-                    "u": [float(v) for v in evaluation.u],
-                    "counts": [int(c) for c in counts],
-                    "plan_hash": self.plan_hash(counts),
-                    **self.describe(counts),
-                    "cost": evaluation.cost,
-                    "budget": self.problem.budget,
-                    "score": score,
-                    "seconds": seconds,
-                    "duplicate": int(duplicate),
-                }
-                self.store.add_eval(row)
-                self.rows.append(row)
-                self.searcher.tell(evaluation)
-                idle = idle + 1 if duplicate else 0
+                scored = score_many(self.score, [p.counts for p in proposals])
+                self.seconds += time.perf_counter() - t0
+                for p, (score, seconds) in zip(proposals, scored):
+                    self._record(p, score, seconds, stage)
+                    idle = idle + 1 if p.duplicate else 0
                 bar.update(task, completed=self.distinct, status=self._status())
         if idle >= MAX_IDLE_PROPOSALS:
             self.log(f"{name}: {idle} proposals in a row found no new plan near the budget; stopping early")
+
+    def _ask(self, q: int) -> list[Proposal]:
+        """Up to q candidates, each repaired to the budget and held as pending while the rest are asked."""
+        proposals: list[Proposal] = []
+        taken = set(self.searcher.seen)
+        while len(proposals) < q and self.searcher.room() > 0 and not self.searcher.done:
+            u_raw = np.asarray(self.searcher.ask(), float)
+            repaired = self.problem.repair(u_raw[None], fill=self.searcher.fill)
+            counts = repaired.counts[0]
+            key = tuple(int(c) for c in counts)
+            proposals.append(Proposal(u_raw, repaired.u[0], counts, float(repaired.cost[0]), key in taken))
+            taken.add(key)
+            self.searcher.pend(repaired.u[0], counts)
+        return proposals
+
+    def _record(self, p: Proposal, score: float, seconds: float, stage: int) -> None:
+        """Commit one scored candidate to the store, then tell the searcher."""
+        evaluation = Evaluation(p.u_raw, p.u, p.counts, p.cost, float(score))
+        row = {
+            "i": len(self.rows),
+            "round": stage,
+            "u_raw": [float(v) for v in p.u_raw],
+            "u": [float(v) for v in p.u],
+            "counts": [int(c) for c in p.counts],
+            "plan_hash": self.plan_hash(p.counts),
+            **self.describe(p.counts),
+            "cost": p.cost,
+            "budget": self.problem.budget,
+            "score": float(score),
+            "seconds": seconds,
+            "duplicate": int(p.duplicate),
+        }
+        self.store.add_eval(row)
+        self.rows.append(row)
+        self.searcher.tell(evaluation)

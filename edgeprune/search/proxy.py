@@ -11,6 +11,9 @@ at deep prune ratios two plans can swap order after training. With `train_steps`
 first trains that many SGD steps distilled from the dense model (the finetune's loss, on a short
 cosine schedule), a short-training fitness in the spirit of ACP's 3-epoch one at a fraction of
 its cost. The training batches and the teacher's targets are also drawn once.
+
+`many(plans)` scores a batch: on the evaluator's `pool` of Ray workers where it has one
+(edgeprune/cluster/scoring.py, each worker holding an evaluator of its own), else here in turn.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch import nn
 
 from edgeprune.pruning.space import PrunableSpace
 from edgeprune.training.evaluate import recalibrate_bn_on
-from edgeprune.training.train import Recipe, sgd
+from edgeprune.training.train import Recipe, sgd, to_device
 
 
 class ProxyEvaluator:
@@ -40,10 +43,12 @@ class ProxyEvaluator:
         seed: int = 0,
         train_steps: int = 0,
         train_lr: float = 0.05,
+        device: str = "cpu",
     ) -> None:
         self.space = space
         self.task = task
         self.criterion = criterion
+        self.device = device  # where a candidate is scored (a worker given a GPU: cuda)
         self.calibration = task.train.inputs(calibration_batches, seed=seed, input_of=task.input_of)
         self.train_lr = train_lr
         self.train_batches: list[tuple[object, object]] = []  # (batch, the dense model's outputs on it)
@@ -57,25 +62,48 @@ class ProxyEvaluator:
             del self.train_batches[train_steps:]
         self.cache: dict[str, float] = {}
         self.seconds: list[float] = []  # wall time of each evaluation actually computed
+        self.pool = None  # a ScoringPool: `many` scores on its workers
 
     def plan(self, counts: Sequence[int]):
         return self.space.plan([int(c) for c in counts], criterion=self.criterion)
 
-    @torch.no_grad()
     def __call__(self, counts: Sequence[int]) -> float:
         """The task's score (higher is better) of the base model pruned to `counts`, BN recalibrated."""
         plan = self.plan(counts)
         key = plan.hash()
         if key not in self.cache:
             t0 = time.perf_counter()
-            model = plan.apply(self.space.base)
-            if self.train_batches:
-                with torch.enable_grad():
-                    self._train(model)
-            recalibrate_bn_on(model, self.calibration)
-            self.cache[key] = float(self.task.score(model.eval()))
+            self.cache[key] = self.compute(plan)
             self.seconds.append(time.perf_counter() - t0)
         return self.cache[key]
+
+    def many(self, plans: Sequence[Sequence[int]]) -> list[tuple[float, float]]:
+        """(score, seconds spent) of each plan: the new ones on the pool's workers where there is a
+        pool, a plan already scored from the cache (0 s)."""
+        if self.pool is None:
+            out = []
+            for counts in plans:
+                before = len(self.seconds)
+                score = self(counts)
+                out.append((score, self.seconds[-1] if len(self.seconds) > before else 0.0))
+            return out
+        keys = [self.plan(c).hash() for c in plans]
+        todo = {k: c for k, c in zip(keys, plans) if k not in self.cache}  # a plan twice in a batch: once
+        spent = dict.fromkeys(keys, 0.0)
+        for k, (score, seconds) in zip(list(todo), self.pool.score(list(todo.values()), list(todo))):
+            self.cache[k], spent[k] = score, seconds
+            self.seconds.append(seconds)
+        return [(self.cache[k], spent.pop(k, 0.0)) for k in keys]
+
+    @torch.no_grad()
+    def compute(self, plan) -> float:
+        """Score `plan` (no cache): prune a copy, train where asked, recalibrate BatchNorm, score."""
+        model = plan.apply(self.space.base).to(self.device)
+        if self.train_batches:
+            with torch.enable_grad():
+                self._train(model)
+        recalibrate_bn_on(model, (to_device(x, self.device) for x in self.calibration))
+        return float(self.task.score(model.eval()))
 
     def _train(self, model: nn.Module) -> None:
         """One distilled SGD step per training batch: the finetune's loss and optimizer, cosine from `train_lr`."""
@@ -85,6 +113,7 @@ class ProxyEvaluator:
         for step, (batch, target) in enumerate(self.train_batches):
             for g in opt.param_groups:
                 g["lr"] = recipe.lr_at(step, len(self.train_batches), len(self.train_batches))
+            batch, target = to_device(batch, self.device), to_device(target, self.device)
             loss = self.task.loss(model(self.task.input_of(batch)), target, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()

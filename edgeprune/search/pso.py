@@ -65,26 +65,34 @@ class ParticleSwarm(Searcher):
             pop_size=particles, sampling=np.concatenate(init), adaptive=False, w=inertia[0], c1=c1, c2=c2
         )
         self.algorithm.setup(self._problem, seed=seed, verbose=False)
+        self.particles = particles
         self.generation = 0
         self._pop = None
         self._told: list[Evaluation] = []
+
+    def room(self) -> int:
+        """The rest of the generation: a swarm is scored as one batch at most (pymoo is told whole generations)."""
+        if self._pop is None or len(self._told) == len(self._pop):
+            return self.particles
+        return len(self._pop) - len(self._told) - len(self.pending)
 
     def ask(self) -> np.ndarray:
         if self._pop is None or len(self._told) == len(self._pop) and self._advance():
             self._pop = self.algorithm.ask()
             self._told = []
-        particle = self._pop[len(self._told)]
+        particle = self._pop[len(self._told) + len(self.pending)]
         x = self._fresh(np.asarray(particle.X, float))
         particle.set("X", x)
         return x
 
     def _fresh(self, x: np.ndarray, tries: int = 20) -> np.ndarray:
         """`x`, or the first random move of it (step growing from 0.05) whose repaired plan is new."""
-        rng = np.random.default_rng([self.seed, self.n, 3])
+        rng = np.random.default_rng([self.seed, self.asked, 3])
+        taken = self.taken()
         for t in range(tries + 1):
             y = x if t == 0 else np.clip(x + rng.normal(0, 0.05 * t, x.shape), 0.0, 1.0)
             counts = self.problem.repair(y[None], fill=self.fill).counts[0]
-            if tuple(int(c) for c in counts) not in self.seen:
+            if tuple(int(c) for c in counts) not in taken:
                 return y
         return y
 

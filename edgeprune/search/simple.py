@@ -53,6 +53,9 @@ class Uniform(Searcher):
                 return problem.u_of_counts(self._counts(self.ratio(removed=removed), removed))[0]
         raise AssertionError("unreachable")
 
+    def room(self) -> int:
+        return 1 - len(self.pending)  # one candidate
+
     @property
     def done(self) -> bool:
         return self.n >= 1 and tuple(self.history[-1].counts) == tuple(self.problem.counts(self.ask())[0])
@@ -64,4 +67,4 @@ class RandomSearch(Searcher):
     name = "random"
 
     def ask(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.n]).random(self.problem.dim)
+        return np.random.default_rng([self.seed, self.asked]).random(self.problem.dim)
