@@ -12,6 +12,7 @@ on storage every node of the cluster sees (a local cluster's are).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -20,7 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeprune.cluster.session import ClusterOptions, RaySession
+import torch
+
+from edgeprune.cluster.session import ClusterOptions, RaySession, error_line
 from edgeprune.errors import EdgepruneError
 
 COPIED = ("config.json", "plan.json", "pruned.pt", "dense.pt", "results.json")
@@ -71,8 +74,6 @@ def seed_jobs(runs: Sequence[str | os.PathLike], seeds: Sequence[int], out: str 
 
 def _finetune_job(folder: str, seed: int, recipe: dict, threads: int) -> dict:
     """One job's finetune (on a worker, or here)."""
-    import torch
-
     from edgeprune.pipeline.finetune import finetune_run
 
     torch.set_num_threads(max(1, threads))
@@ -113,21 +114,13 @@ def finetune_seeds(
         for k, j in enumerate(todo):
             if stop_after is not None and time.monotonic() - started > stop_after:
                 break
-            r = _finetune_job(str(j.folder), j.seed, recipe, torch_threads())
+            r = _finetune_job(str(j.folder), j.seed, recipe, torch.get_num_threads())
             log(f"{k + 1}/{len(todo)} {j.name}: test {r['test_accuracy']:.2%} ({r['seconds']:.0f} s)")
-    import json
-
     return [
         {**json.loads((j.folder / "finetune.json").read_text()), "run": str(j.run), "seed": j.seed}
         for j in jobs
         if j.done
     ]
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _on_ray(session, todo: list, recipe: dict, stop_after: float | None, started: float, log) -> None:
@@ -154,9 +147,7 @@ def _on_ray(session, todo: list, recipe: dict, stop_after: float | None, started
         try:
             r = ray.get(ref)
         except Exception as e:  # a finetune's own error: the others go on, and it is said
-            from edgeprune.cluster.scoring import _one_line
-
-            failed.append(f"{j.folder}: {_one_line(e)}")
+            failed.append(f"{j.folder}: {error_line(e)}")
             log(f"{j.name}: finetune failed: {failed[-1]}")
             continue
         done += 1

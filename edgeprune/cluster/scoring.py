@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
+from edgeprune.cluster.session import error_line
 from edgeprune.errors import EdgepruneError
 
 MAX_ATTEMPTS = 3
@@ -83,7 +84,7 @@ class ScoringPool:
             self.where = ray.get([a.process.remote(self.shared) for a in self.actors])
         except Exception as e:
             self.close()
-            raise EdgepruneError(f"the scoring workers could not be started: {_one_line(e)}") from None
+            raise EdgepruneError(f"the scoring workers could not be started: {error_line(e)}") from None
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -150,16 +151,6 @@ def _task_code(task) -> list:
     train = getattr(task, "train", None)
     found.append(getattr(train, "source", None))
     return [f for f in found if f is not None]
-
-
-def _one_line(error) -> str:
-    """The innermost error's own line (Ray wraps a worker's error in several layers of traceback)."""
-    cause = error
-    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
-        cause = cause.cause
-    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
-    named = [ln for ln in lines if ln.split(":")[0].endswith(("Error", "Exception"))]
-    return (named or lines or [type(cause).__name__])[-1][:300]
 
 
 def _cause(error) -> Exception:

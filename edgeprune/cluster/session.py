@@ -170,3 +170,13 @@ def _import_ray(*, local: bool):
     if local:
         ray_constants.ENABLE_RAY_CLUSTER = False  # where Ray was imported before this was set
     return ray
+
+
+def error_line(error) -> str:
+    """The innermost error's own line (Ray wraps a worker's error in several layers of traceback)."""
+    cause = error
+    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
+        cause = cause.cause
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    named = [ln for ln in lines if ln.split(":")[0].endswith(("Error", "Exception"))]
+    return (named or lines or [type(cause).__name__])[-1][:300]

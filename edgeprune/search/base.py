@@ -47,7 +47,8 @@ class Searcher:
         raise NotImplementedError
 
     def pend(self, u: np.ndarray, counts) -> None:
-        """Hold a proposal of the batch being asked (where repair put it, and its plan) until it is told."""
+        """Hold a proposal of the batch being asked (where repair put it, and its plan) until it is
+        told; the batch is told in the order it was asked."""
         self.pending.append((np.asarray(u, float), tuple(int(c) for c in counts)))
 
     def room(self) -> int:

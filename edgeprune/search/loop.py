@@ -124,14 +124,12 @@ class SearchLoop:
     def _ask(self, q: int) -> list[Proposal]:
         """Up to q candidates, each repaired to the budget and held as pending while the rest are asked."""
         proposals: list[Proposal] = []
-        taken = set(self.searcher.seen)
         while len(proposals) < q and self.searcher.room() > 0 and not self.searcher.done:
             u_raw = np.asarray(self.searcher.ask(), float)
             repaired = self.problem.repair(u_raw[None], fill=self.searcher.fill)
             counts = repaired.counts[0]
-            key = tuple(int(c) for c in counts)
-            proposals.append(Proposal(u_raw, repaired.u[0], counts, float(repaired.cost[0]), key in taken))
-            taken.add(key)
+            duplicate = tuple(int(c) for c in counts) in self.searcher.taken()
+            proposals.append(Proposal(u_raw, repaired.u[0], counts, float(repaired.cost[0]), duplicate))
             self.searcher.pend(repaired.u[0], counts)
         return proposals
 

@@ -81,12 +81,7 @@ class ProxyEvaluator:
         """(score, seconds spent) of each plan: the new ones on the pool's workers where there is a
         pool, a plan already scored from the cache (0 s)."""
         if self.pool is None:
-            out = []
-            for counts in plans:
-                before = len(self.seconds)
-                score = self(counts)
-                out.append((score, self.seconds[-1] if len(self.seconds) > before else 0.0))
-            return out
+            return [self._timed(counts) for counts in plans]
         keys = [self.plan(c).hash() for c in plans]
         todo = {k: c for k, c in zip(keys, plans) if k not in self.cache}  # a plan twice in a batch: once
         spent = dict.fromkeys(keys, 0.0)
@@ -94,6 +89,10 @@ class ProxyEvaluator:
             self.cache[k], spent[k] = score, seconds
             self.seconds.append(seconds)
         return [(self.cache[k], spent.pop(k, 0.0)) for k in keys]
+
+    def _timed(self, counts: Sequence[int]) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        return self(counts), time.perf_counter() - t0
 
     @torch.no_grad()
     def compute(self, plan) -> float:
