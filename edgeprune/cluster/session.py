@@ -75,10 +75,22 @@ class RaySession:
         self._owned = False
 
     def __enter__(self) -> RaySession:
-        ray = _import_ray(local=self.options.address is None)
+        ray = _import_ray()
         self.ray = ray
         if not ray.is_initialized():
-            self._connect(ray)
+            from ray._private import ray_constants
+
+            # Ray binds its servers to loopback only where its node address is loopback, and it
+            # replaces 127.0.0.1 by the host's address unless clusters are "disabled" (its switch
+            # for laptops): a local cluster of this process is exactly that. A cluster the user
+            # runs is joined as it was started. Ray reads the switch when it starts; it is put back after.
+            self._cluster_switch = ray_constants.ENABLE_RAY_CLUSTER
+            if self.options.address is None:
+                ray_constants.ENABLE_RAY_CLUSTER = False
+            try:
+                self._connect(ray)
+            finally:
+                ray_constants.ENABLE_RAY_CLUSTER = self._cluster_switch
             self._owned = True
         return self
 
@@ -153,22 +165,13 @@ def _user_module(thing):
     return None if any(os.path.abspath(path).startswith(os.path.abspath(d)) for d in installed) else module
 
 
-def _import_ray(*, local: bool):
-    """Ray, imported so that a local cluster listens on loopback only and reports no usage.
-
-    Ray binds its servers to loopback only where its node address is loopback, and it replaces
-    127.0.0.1 by the host's address unless clusters are "disabled" (its switch for laptops); a
-    local cluster of this process is exactly that. A cluster the user runs is left as they started it."""
+def _import_ray():
+    """Ray, imported with its usage reporting off (nothing leaves this machine)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if local:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
-        from ray._private import ray_constants
     except ImportError:
         raise EdgepruneError(RAY_HINT) from None
-    if local:
-        ray_constants.ENABLE_RAY_CLUSTER = False  # where Ray was imported before this was set
     return ray
 
 
