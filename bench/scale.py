@@ -2,6 +2,7 @@
 
     python bench/scale.py [--weights zoo:resnet20-fashion-mnist] [--device cpu-onnxruntime]
                           [--budget 50%] [--search bocr] [--evals 24] [--batch 2] [--proxy-steps 0]
+                          [--worker-gpus 0.25] [--no-devices]
 
 Three real `edgeprune.prune` runs of one seeded search (same searcher, seed, batch of q
 candidates), differing only in where the candidates are scored:
@@ -75,7 +76,8 @@ def run(args, name: str, **where) -> dict:
     t0 = time.perf_counter()
     record = prune_run(
         out, weights=args.weights, device=args.device, budget=args.budget, search=args.search, evals=args.evals,
-        batch=args.batch, seed=0, proxy_steps=args.proxy_steps, progress=False, log=lambda s: None, **where,
+        batch=args.batch, seed=0, proxy_steps=args.proxy_steps, progress=False, log=lambda s: None,
+        **({"worker_gpus": args.worker_gpus} if args.worker_gpus else {}), **where,
     )  # fmt: skip
     record["wall_s"] = time.perf_counter() - t0
     from edgeprune.runs import RunStore
@@ -123,6 +125,7 @@ def main() -> None:
     ap.add_argument("--evals", type=int, default=24)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--proxy-steps", type=int, default=0)
+    ap.add_argument("--worker-gpus", type=float, default=0.0, help="GPUs each scoring task asks for (a GPU host)")
     ap.add_argument("--no-devices", action="store_true", help="skip the two-profiles-at-once part")
     args = ap.parse_args()
     torch.set_num_threads(1)  # the driver's own share: the searcher and the device's exports
