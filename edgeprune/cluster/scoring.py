@@ -86,9 +86,6 @@ class ScoringPool:
             self.close()
             raise EdgepruneError(f"the scoring workers could not be started: {error_line(e)}") from None
 
-    def __len__(self) -> int:
-        return len(self.actors)
-
     def summary(self) -> dict:
         """Where the scoring ran (results.json's `scoring`)."""
         return {

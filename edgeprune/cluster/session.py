@@ -113,7 +113,7 @@ class RaySession:
                 )
         except (ConnectionError, ValueError, RuntimeError) as e:
             where = self.options.address or "a local cluster"
-            raise EdgepruneError(f"could not start Ray on {where}: {str(e).splitlines()[0]}") from None
+            raise EdgepruneError(f"could not start Ray on {where}: {error_line(e)}") from None
         finally:
             ray_logger.setLevel(level)
 

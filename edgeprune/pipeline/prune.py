@@ -127,6 +127,13 @@ class Pruning:
         self.session = None  # a RaySession: candidates are scored on its workers
         self.scoring = {"where": "this process", "workers": 1, "nodes": 1, "requeued": 0}
 
+    def execute_on(self, cluster, s, store, meter, progress: bool, started: float):
+        """`execute`, its candidates scored on `cluster` where one is given (a batch per its workers)."""
+        with RaySession(cluster, log=self.log) if cluster.enabled else contextlib.nullcontext() as session:
+            self.session = session
+            self.cfg = dataclasses.replace(self.cfg, batch=self.cfg.batch or default_batch(session, self.cfg.evals))
+            return self.execute(s, store, meter, progress, started)
+
     def execute(self, s, store, meter, progress: bool, started: float):
         """Measure the dense model, set the budget and the search problem, search, finish."""
         from edgeprune.search.measured import MeasuredSearch
@@ -531,10 +538,7 @@ def prune(
     store = RunStore(None if run is None else run.path)
     meter = PlanMeter(s, device, criterion=cfg.criterion, relative=budget.relative, progress=progress, log=log)
     try:
-        with RaySession(cluster, log=log) if cluster.enabled else contextlib.nullcontext() as session:
-            job.session = session
-            job.cfg = cfg = dataclasses.replace(cfg, batch=cfg.batch or default_batch(session, cfg.evals))
-            return job.execute(s, store, meter, progress, started)
+        return job.execute_on(cluster, s, store, meter, progress, started)
     finally:
         store.close()
         meter.close()
