@@ -7,6 +7,7 @@ see models/reference.py) and, for a pruned model, its plan.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import tempfile
@@ -23,6 +24,15 @@ from edgeprune.models.reference import ModelRef
 
 FORMAT = "edgeprune.checkpoint"
 FORMAT_VERSION = 2  # 2: the model reference (factory, arguments, head) beside the name
+
+
+def state_hash(state_dict: dict[str, torch.Tensor]) -> str:
+    """The weights' identity (names and values): what ties a run folder's files to its model."""
+    h = hashlib.sha256()
+    for k, v in state_dict.items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def library_versions() -> dict[str, str]:

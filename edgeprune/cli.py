@@ -5,9 +5,12 @@ Every verb is a thin face of a library function; errors the user can fix print o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import inspect
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -32,7 +35,9 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 def _threads(threads: int | None) -> None:
-    if threads:
+    from edgeprune.checks import THREADS, check_value
+
+    if check_value("threads", threads, THREADS):
         import torch
 
         torch.set_num_threads(threads)
@@ -319,12 +324,14 @@ def profile(
     """Profile every layer configuration reachable by pruning a model into a latency table (resumable; a table of
     this device setup gets only what it lacks)."""
     from edgeprune.devices import Device
+    from edgeprune.latency.profiler import check_options as check_profile
     from edgeprune.latency.profiler import profile as profile_fn
     from edgeprune.latency.table import find_table
 
-    r = _shape_only(model, weights, model_arg, num_classes, trust_pickle, data, image_size, input_shape)
-    devices = [Device.load(d) for d in device or ["cpu-onnxruntime"]]
     step_value = _step_option(step)
+    check_profile(step=step_value, calibrate=calibrate, copies=copies, recalibrate=recalibrate)
+    devices = [Device.load(d) for d in device or ["cpu-onnxruntime"]]
+    r = _shape_only(model, weights, model_arg, num_classes, trust_pickle, data, image_size, input_shape)
     if out_path and len(out_path) != len(devices):
         raise EdgepruneError(f"{len(devices)} --device but {len(out_path)} --out: give one --out per --device, or none")
     targets = [
@@ -343,9 +350,12 @@ def profile(
         recalibrate=recalibrate,
         log=log,
     )
-    tables = tables if isinstance(tables, list) else [tables]
-    summaries = [_profile_summary(t, target, dev, r.id) for t, target, dev in zip(tables, targets, devices)]
+    _print_profiled(tables if isinstance(tables, list) else [tables], targets, devices, r.id, json_out)
+
+
+def _print_profiled(tables: list, targets: list, devices: list, model_id: str, json_out: bool) -> None:
     if json_out:
+        summaries = [_profile_summary(t, target, dev, model_id) for t, target, dev in zip(tables, targets, devices)]
         _print_json(summaries[0] if len(summaries) == 1 else {"tables": summaries})
         return
     from edgeprune.latency.calibration import describe as describe_calibration
@@ -409,6 +419,8 @@ def predict(
     from edgeprune.latency.table import LatencyTable, find_table
     from edgeprune.pruning import Plan
 
+    if check < 0:
+        raise EdgepruneError(f"--check must be a number of plans (0: none), got {check}")
     r = _shape_only(model, weights, model_arg, num_classes, trust_pickle, data, image_size, input_shape)
     net, model_id, shape = r.model, r.id, r.shape
     dev = Device.load(device) if check or strict or table_path is None else None
@@ -419,6 +431,13 @@ def predict(
     )
     plan_obj = Plan.load(plan) if plan else None
     s, predictor = predictor_for(net, shape, table, depth=bool(plan_obj and plan_obj.drop))
+    if why := table.other_model(model_id, predictor.layers.signature()):
+        # no measurement corrects a prediction here (prune's measured check does): refuse, as prune's advice says
+        raise EdgepruneError(
+            f"{table_path}: {why}; a prediction of {model_id} would rest on that model's line: profile {model_id} "
+            f"into a table of its own (only what it lacks is measured): edgeprune profile {r.args} --device {device} "
+            f"--step {table.step}"
+        )
     counts = s.counts_of(plan_obj) if plan_obj else s.full_counts()
     result = {
         "model": model_id,
@@ -427,37 +446,49 @@ def predict(
         "macs": s.macs(counts),
         "params": s.params(counts),
     }
+    if not json_out:  # the prediction first: the check measures for a while after it
+        out.print(
+            f"{model_id}: predicted {result['predicted_ms']:.4f} ms ({result['macs'] / 1e6:.2f} M MACs, "
+            f"{result['params']:,} params)"
+        )
     if check:
         result["check"] = check_predictor(
-            model=net, input_shape=shape, table=table, device=dev, n=check, depth=depth, progress=not json_out
+            model=net,
+            input_shape=shape,
+            table=table,
+            device=dev,
+            n=check,
+            depth=depth,
+            progress=not json_out,
+            log=_log(json_out),
         )
     if json_out:
         _print_json(result)
         return
-    out.print(
-        f"{model_id}: predicted {result['predicted_ms']:.4f} ms ({result['macs'] / 1e6:.2f} M MACs, "
-        f"{result['params']:,} params)"
-    )
     if check:
-        c = result["check"]
-        t = Table(title=f"prediction error over {check} random plans measured on {dev.name}")
-        for col in ("predictor", "within ±5%", "within ±10%", "median |err|", "max |err|"):
-            t.add_column(col, justify="right")
-        rows = (
-            ("latency table", "table"),
-            ("table, anchored on dense", "table_anchored"),
-            ("FLOPs-proportional", "flops_baseline"),
+        _print_check(result["check"])
+
+
+def _print_check(c: dict) -> None:
+    """`predict --check`'s table: the prediction error of each predictor over the plans measured."""
+    t = Table(title=f"prediction error over {len(c['plans'])} random plans measured on {c['device']}")
+    for col in ("predictor", "within ±5%", "within ±10%", "median |err|", "max |err|"):
+        t.add_column(col, justify="right")
+    rows = (
+        ("latency table", "table"),
+        ("table, anchored on dense", "table_anchored"),
+        ("FLOPs-proportional", "flops_baseline"),
+    )
+    for label, key in rows:
+        e = c[key]
+        t.add_row(
+            label,
+            f"{e['within_5']:.0%}",
+            f"{e['within_10']:.0%}",
+            f"{e['median_abs_pct']:.2f}%",
+            f"{e['max_abs_pct']:.1f}%",
         )
-        for label, key in rows:
-            e = c[key]
-            t.add_row(
-                label,
-                f"{e['within_5']:.0%}",
-                f"{e['within_10']:.0%}",
-                f"{e['median_abs_pct']:.2f}%",
-                f"{e['max_abs_pct']:.1f}%",
-            )
-        out.print(t)
+    out.print(t)
 
 
 Workers = Annotated[
@@ -761,12 +792,14 @@ def run(
     t.add_row("dense", f"{s['dense_test_accuracy']:.2%}", f"{s['dense_ms']:.4g}", "1.00x")
     t.add_row("pruned", f"{s['pruned_test_accuracy']:.2%}", f"{s['measured_ms']:.4g}", f"{s['speedup']:.2f}x")
     out.print(t)
+    out.print(s["chosen_plan"], markup=False, highlight=False)
     verdict = "[green]within[/green]" if s["meets_budget"] else "[red]OVER[/red]"
     predicted = ""  # none where the search's constraint was FLOPs
     if s["predicted_ms"] is not None:
         carried = ", carried to the dense model as it measures now" if s["prediction_carried"] else ""
         predicted = f"; predicted {s['predicted_ms']:.4g} ms ({s['prediction_error_pct']:+.1f} % error{carried})"
-    out.print(f"measured {s['measured_ms']:.4g} ms: {verdict} the {s['budget_ms']:.4g} ms budget{predicted}")
+    referred = f" ({s['referred']})" if s["referred"] else ""
+    out.print(f"measured {s['measured_ms']:.4g} ms: {verdict} the {s['budget_ms']:.4g} ms budget{referred}{predicted}")
     out.print(f"ONNX: {s['onnx']}\nreport: {s['report']}\n({s['seconds']:.0f} s)")
 
 
@@ -799,15 +832,95 @@ def agent_serve(
     )
 
 
-def main() -> None:
+class Stopped(Exception):
+    """Ctrl-C in a verb: what was kept and the command that goes on (printed by `main`, exit 130)."""
+
+    def __init__(self, kept: str, resume: str) -> None:
+        super().__init__(kept)
+        self.kept, self.resume = kept, resume
+
+
+def _resume_command(verb: str, given: dict) -> str:
+    """The command line as given, with what makes it resume (prune: --resume)."""
+    import shlex
+
+    args = sys.argv[1:]
+    if verb == "prune" and "--resume" not in args and (Path(given["out_path"]) / "config.json").is_file():
+        args = [*args, "--resume"]
+    return shlex.join(["edgeprune", *args])
+
+
+def _what_was_kept(verb: str, given: dict) -> str:
+    """What an interrupted verb leaves to resume from, read from what it wrote."""
+    if verb == "prune":
+        db = Path(given["out_path"]) / "evals.sqlite"
+        if not (Path(given["out_path"]) / "config.json").is_file():
+            return "the search had not started: nothing to keep"
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            n = con.execute("SELECT COUNT(*) FROM evals").fetchone()[0]
+        return f"{n} evaluations and every device measurement are kept in {db}"
+    kept = {
+        "profile": "every batch of units measured so far is kept in the table",
+        "finetune": "the finetune's resume file keeps its position, finetuned.pt its best epoch",
+        "run": "finished stages are kept, and the interrupted one keeps what it did",
+        "train": "the resume file keeps the training's position",
+    }
+    return kept.get(verb, "nothing half-written was kept")
+
+
+def _interruptible(verb: str, command):
+    """`command`, a Ctrl-C in it turned into `Stopped` (Typer would end it silently, exit 130)."""
+
+    @functools.wraps(command)
+    def call(**given):
+        try:
+            return command(**given)
+        except KeyboardInterrupt as e:
+            kept = getattr(e, "kept", None) or _what_was_kept(verb, given)
+            raise Stopped(kept, _resume_command(verb, given)) from None
+
+    return call
+
+
+for _info in app.registered_commands:
+    _info.callback = _interruptible(_info.name or _info.callback.__name__, _info.callback)
+
+
+def _click_exceptions():
+    """The click exceptions Typer raises (its own copy of click since Typer 0.2x, click before)."""
     try:
-        app()
+        from typer._click import exceptions
+    except ImportError:  # older Typer: click itself
+        from click import exceptions
+    return exceptions
+
+
+def main() -> None:
+    """Run a verb; errors the user can fix (a bad value, a missing file) print one `error:` line, exit 2."""
+    click = _click_exceptions()
+    try:
+        code = app(standalone_mode=False)
     except EdgepruneError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted")
+    except click.ClickException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare `edgeprune`: the help, as Typer shows it
+            app(["--help"], standalone_mode=False)
+            sys.exit(0)
+        ctx = getattr(e, "ctx", None)
+        where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        err.print(f"[red]error:[/red] {e.format_message().rstrip('.')}{where}", highlight=False)
+        sys.exit(2)
+    except (Stopped, typer.Abort, KeyboardInterrupt) as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while this prints: no traceback
+        if isinstance(e, Stopped):
+            err.print(f"interrupted: {e.kept}; to go on: {e.resume}", highlight=False, markup=False)
+        else:
+            err.print("interrupted", highlight=False)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

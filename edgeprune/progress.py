@@ -1,7 +1,9 @@
 """One progress-bar factory so every long stage looks the same.
 
 On a terminal: a rich progress bar. Elsewhere (CI logs, `nohup`, pipes): one plain line per
-task every few seconds, so long work is never silent in a log file either.
+task when it starts, then one every few seconds and one when it ends, so long work is never
+silent in a log file either (a step's first update can be many seconds away: a search's first
+evaluation, a measurement's first round).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class _Task:
     fields: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     last_print: float = 0.0
+    printed: tuple = ()  # what the last line showed: the closing line is not a repeat of it
 
 
 class PlainProgress:
@@ -47,10 +50,12 @@ class PlainProgress:
 
     def __exit__(self, *exc) -> None:
         for t in self.tasks:
-            self._print(t)
+            if t.printed != self._shown(t):
+                self._print(t)
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields) -> int:
         self.tasks.append(_Task(description, total, completed, fields))
+        self._print(self.tasks[-1])  # the step is under way: said now, not at its first update
         return len(self.tasks) - 1
 
     def update(
@@ -74,10 +79,14 @@ class PlainProgress:
     def advance(self, task_id: int, advance: float = 1) -> None:
         self.update(task_id, advance=advance)
 
+    @staticmethod
+    def _shown(t: _Task) -> tuple:
+        return (t.description, t.completed, t.total, t.fields.get("status", ""))
+
     def _print(self, t: _Task) -> None:
         if not self.enabled:
             return
-        t.last_print = time.monotonic()
+        t.last_print, t.printed = time.monotonic(), self._shown(t)
         elapsed = t.last_print - t.started
         of = f"/{t.total:g}" if t.total else ""
         eta = ""

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
 import os
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+LOCK = ".lock"  # in a run folder: who writes it now (a flock, and the holder's PID and command)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -44,6 +51,27 @@ def new_run_dir(root: str | os.PathLike = "runs", name: str = "run") -> Path:
         path, k = Path(f"{base}-{k}"), k + 1
     path.mkdir(parents=True)
     return path
+
+
+def writes_run(stage):
+    """`stage(run_dir, ...)` run while holding the run folder (`RunDir.writing`)."""
+
+    @functools.wraps(stage)
+    def call(run_dir, *args, **kwargs):
+        with RunDir(run_dir).writing(create=False):
+            return stage(run_dir, *args, **kwargs)
+
+    return call
+
+
+def _holder(f) -> dict:
+    """Who holds a run folder's lock, as it wrote itself into the file (empty where unreadable)."""
+    try:
+        f.seek(0)
+        holder = json.loads(f.read() or "{}")
+        return holder if isinstance(holder, dict) else {}
+    except ValueError:
+        return {}
 
 
 class RunStore:
@@ -173,8 +201,49 @@ class RunDir:
         from edgeprune.zoo import resolve_weights
 
         if (self.path / "dense.pt").is_file():
-            return load_checkpoint(self.path / "dense.pt")
-        return load_checkpoint(resolve_weights(self.config["weights"]))
+            return self.check_lineage("dense.pt", load_checkpoint(self.path / "dense.pt"))
+        return self.check_lineage("dense.pt", load_checkpoint(resolve_weights(self.config["weights"])))
+
+    def recorded_dense_accuracy(self, dense) -> float | None:
+        """The dense checkpoint's own test accuracy, where it was scored on this run's data set
+        (a checkpoint trained on Fashion-MNIST and pruned on other images says nothing of those)."""
+        if dense.dataset is None or dense.dataset != (self.read("config.json") or {}).get("data"):
+            return None
+        return dense.meta.get("test_accuracy")
+
+    def pruned(self):
+        """The search's pruned model (pruned.pt), checked to be this run's."""
+        from edgeprune.checkpoint import load_checkpoint
+
+        if not (self.path / "pruned.pt").is_file():
+            from edgeprune.errors import EdgepruneError
+
+            raise EdgepruneError(f"{self.path} has no pruned.pt: run `edgeprune prune --out {self.path}` first")
+        return self.check_lineage("pruned.pt", load_checkpoint(self.path / "pruned.pt"))
+
+    def check_lineage(self, name: str, ckpt):
+        """`ckpt` (this run's `name`), refused in one line where it is not this run's: the dense
+        model config.json recorded (its architecture, and its weights' hash), or that model pruned
+        by plan.json. A folder that mixes files of several runs would otherwise be finetuned,
+        exported or validated against the wrong parent, and its figures look plausible."""
+        from edgeprune.checkpoint import state_hash
+        from edgeprune.errors import EdgepruneError
+        from edgeprune.pruning.plan import Plan
+
+        config, plan = self.read("config.json") or {}, self.read("plan.json")
+        fix = "the folder mixes files of different runs: put the run's own file back, or prune again into a new --out"
+        if config.get("model") and ckpt.ref.to_dict() != config["model"]:
+            raise EdgepruneError(
+                f"{self.path / name} holds {ckpt.model}, but this run pruned {config.get('model_id')}; {fix}"
+            )
+        if ckpt.plan is None:
+            if config.get("model_hash") and state_hash(ckpt.state_dict) != config["model_hash"]:
+                raise EdgepruneError(
+                    f"{self.path / name} holds other weights than the dense model this run pruned; {fix}"
+                )
+        elif plan is not None and Plan.from_dict(ckpt.plan).hash() != Plan.from_dict(plan).hash():
+            raise EdgepruneError(f"{self.path / name} was pruned by another plan than this run's plan.json; {fix}")
+        return ckpt
 
     def shipped(self):
         """(path, checkpoint) of the model to ship: finetuned.pt once its finetune finished, else pruned.pt."""
@@ -182,12 +251,50 @@ class RunDir:
 
         for name in ("finetuned.pt", "pruned.pt"):
             if (self.path / name).is_file():
-                ckpt = load_checkpoint(self.path / name)
+                ckpt = self.check_lineage(name, load_checkpoint(self.path / name))
                 if name == "pruned.pt" or ckpt.meta.get("finished"):
                     return self.path / name, ckpt
         from edgeprune.errors import EdgepruneError
 
         raise EdgepruneError(f"{self.path} has no pruned.pt: run `edgeprune prune --out {self.path}` first")
+
+    @contextlib.contextmanager
+    def writing(self, *, create: bool = True) -> Iterator[None]:
+        """Hold the folder while this process writes it: a second writer (another prune on the same
+        --out, a finetune during the search) is refused in one line naming the holder, instead of
+        both corrupting each other's files. Nested holds in one process (`run` calling each
+        stage) pass through; the OS drops the lock when the process dies, however it dies."""
+        from edgeprune.errors import EdgepruneError
+
+        if not create and not self.path.is_dir():
+            yield  # nothing to guard: whoever reads it says it is missing
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / LOCK, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            holder = None
+        except BlockingIOError:
+            holder = _holder(f)
+            f.close()
+        if holder is not None:
+            if holder.get("pid") != os.getpid():
+                raise EdgepruneError(
+                    f"{self.path} is being written by another edgeprune process (PID {holder.get('pid', '?')}: "
+                    f"{holder.get('command', '?')}); wait for it to finish, or use another folder"
+                )
+            yield  # this process holds it already, further up the stack
+            return
+        try:
+            f.seek(0)
+            f.truncate()
+            command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]
+            f.write(json.dumps({"pid": os.getpid(), "command": command}))
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
 
     def manifest_path(self) -> Path | None:
         export = self.read("export.json")

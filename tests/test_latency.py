@@ -618,7 +618,7 @@ def test_profile_resumes_after_interruption(cli, tmp_path):
     r = cli("predict", "--model", "resnet20", "--table", str(out), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["predicted_ms"] > 0
     r = cli(*args, "--copies", "4")
-    assert r.returncode == 2 and "units measured with 1 copy, not 4); choose another --out" in r.stderr
+    assert r.returncode == 2 and "units measured with 1 copy, not 4: add --copies 1 to extend it" in r.stderr
     # refit on the dense model and the same plans measured anew, together; the old line is kept
     r = cli(*args, "--recalibrate", "--json")
     assert r.returncode == 0, r.stderr

@@ -87,7 +87,8 @@ def pipeline_run(tiny_run, tmp_path_factory, cli):
 def test_run_chains_every_stage(pipeline_run):
     s, run = pipeline_run["summary"], pipeline_run["run"]
     assert set(s["stages"]) == {"profile", "prune", "finetune", "export", "validate", "report"}
-    assert s["meets_budget"] and s["measured_ms"] <= s["budget_ms"] and s["speedup"] > 1
+    # the run's one budget figure (prune's), and the shipped model's time as held against it
+    assert s["meets_budget"] and s["held_ms"] <= s["budget_ms"] and s["speedup"] > 1
     assert 0 <= s["pruned_test_accuracy"] <= 1 and s["onnx"].endswith("model.onnx")
     v = json.loads((run / "validation.json").read_text())
     assert v["claim"]["claimed_speedup"] == 3.87 and v["claim"]["measured_speedup"] == pytest.approx(v["speedup"])

@@ -329,6 +329,10 @@ def serve(
     """Run the agent until interrupted."""
     import uvicorn
 
+    from edgeprune.checks import POSITIVE, Rule, check_values
+
+    checks = {"port": Rule(int, lo=1, hi=65535), "max_mb": POSITIVE, "job_timeout": Rule(float, lo=0, lo_open=True)}
+    check_values({"port": port, "max_mb": max_mb, "job_timeout": job_timeout_s}, checks, where="agent serve")
     spec = DeviceSpec.load(device)
     cache_dir = Path(cache or Path.home() / ".cache" / "edgeprune" / "agent" / spec.name).expanduser()
     token_path = Path(token_file).expanduser() if token_file else cache_dir / "token"

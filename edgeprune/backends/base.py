@@ -27,6 +27,20 @@ class Backend(ABC):
 
     name: str = ""
     package: str = ""  # the pip package that provides it
+    OPTIONS: dict = {}  # option name -> edgeprune.checks.Rule: what a device profile may set
+
+    @classmethod
+    def check_options(cls, options: dict, *, where: str) -> dict:
+        """A device profile's `options:` checked by the runtime's rules, without starting it: a
+        wrong thread count or precision is one line when the profile is read, not a measurement
+        taken with it."""
+        from edgeprune.checks import check_values
+        from edgeprune.errors import EdgepruneError
+
+        try:
+            return check_values(options, cls.OPTIONS, where=f"{cls.name} option", as_flag=False)
+        except EdgepruneError as e:
+            raise EdgepruneError(f"{where}: options: {e}") from None
 
     @classmethod
     def available(cls) -> bool:

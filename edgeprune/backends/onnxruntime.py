@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from edgeprune.backends.base import Backend, cpu_model
+from edgeprune.checks import POSITIVE, Rule
 from edgeprune.errors import EdgepruneError
 
 OPT_LEVELS = {
@@ -20,6 +21,11 @@ OPT_LEVELS = {
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     package = "onnxruntime"
+    OPTIONS = {
+        "threads": POSITIVE,
+        "providers": Rule(list, optional=True),
+        "graph_optimization": Rule(str, choices=tuple(OPT_LEVELS)),
+    }
 
     def __init__(self, *, threads: int = 1, providers: list[str] | None = None, graph_optimization: str = "all"):
         if graph_optimization not in OPT_LEVELS:

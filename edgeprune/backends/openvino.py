@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from edgeprune.backends.base import Backend, cpu_model
+from edgeprune.checks import POSITIVE, Rule
 from edgeprune.errors import EdgepruneError
 
 PRECISIONS = ("f32", "bf16", "f16")
@@ -15,6 +16,12 @@ PRECISIONS = ("f32", "bf16", "f16")
 class OpenVinoBackend(Backend):
     name = "openvino"
     package = "openvino"
+    OPTIONS = {
+        "threads": POSITIVE,
+        "precision": Rule(str, choices=PRECISIONS),
+        "device": Rule(str),
+        "pinning": Rule(bool),
+    }
 
     def __init__(self, *, threads: int = 1, precision: str = "f32", device: str = "CPU", pinning: bool = False):
         if precision not in PRECISIONS:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeprune.backends.base import Backend
+from edgeprune.checks import POSITIVE, Rule
 from edgeprune.errors import EdgepruneError
 
 MISSING = (
@@ -24,6 +25,11 @@ MISSING = (
 class TensorRtBackend(Backend):
     name = "tensorrt"
     package = "tensorrt"
+    OPTIONS = {
+        "precision": Rule(str, choices=("fp32", "fp16")),
+        "workspace_mb": POSITIVE,
+        "device_index": Rule(int, lo=0),
+    }
 
     def __init__(self, *, precision: str = "fp16", workspace_mb: int = 1024, device_index: int = 0) -> None:
         if precision not in ("fp32", "fp16"):

@@ -122,6 +122,9 @@ class Worker:
             text=True,
             bufsize=1,
             env=env,
+            # its own process group: a Ctrl-C at the terminal reaches the caller, which stops it
+            # (closing its input) and says what was kept, instead of a traceback from the worker
+            start_new_session=True,
         )
         self._send(self.spec_dict)
 

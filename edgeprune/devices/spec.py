@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from edgeprune.checks import Rule, check_values
 from edgeprune.errors import EdgepruneError, choices_error
 from edgeprune.latency.measurement import Protocol
 
@@ -79,6 +80,7 @@ class DeviceSpec:
         copies = d.get("unit_copies", 1)
         if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
             raise EdgepruneError(f"{where}: unit_copies must be a whole number >= 1 (1 = units alone), got {copies!r}")
+        _check_fields(d, where)
         return cls(
             name=name,
             backend=d["backend"],
@@ -120,6 +122,33 @@ class DeviceSpec:
         from edgeprune.backends import make_backend
 
         return make_backend(self.backend, **self.options)
+
+
+# the profile's own fields, besides the runtime's options and the protocol
+FIELD_RULES = {
+    "channel_step": Rule(int, lo=1, optional=True),
+    "timeout_s": Rule(float, lo=0, lo_open=True),
+    "agent": Rule(str, optional=True),
+    "token_env": Rule(str, optional=True),
+    "token_file": Rule(str, optional=True),
+}
+
+
+def _check_fields(d: dict, where: str) -> None:
+    """Every field of a profile checked (its options by its runtime's rules) when it is read."""
+    from edgeprune.backends import BACKENDS
+
+    try:
+        check_values({k: d[k] for k in FIELD_RULES if k in d}, FIELD_RULES, where="device profile", as_flag=False)
+    except EdgepruneError as e:
+        raise EdgepruneError(f"{where}: {e}") from None
+    options = d.get("options") or {}
+    if not isinstance(options, dict):
+        raise EdgepruneError(f"{where}: options must be a mapping (threads: 1, ...), got {options!r}")
+    BACKENDS[d["backend"]].check_options(options, where=where)
+    agent = d.get("agent")
+    if agent and not agent.startswith(("http://", "https://")):
+        raise EdgepruneError(f"{where}: agent must be the agent's URL, http(s)://HOST:PORT, got {agent!r}")
 
 
 def list_profiles() -> list[str]:

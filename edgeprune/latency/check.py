@@ -21,6 +21,7 @@ from edgeprune.latency.interleave import measure_interleaved, rounds_progress
 from edgeprune.latency.layers import ModelLayers
 from edgeprune.latency.predictor import Predictor, anchor_scale, error_stats
 from edgeprune.latency.table import LatencyTable
+from edgeprune.progress import progress_bar
 
 
 def predictor_for(model: nn.Module, input_shape, table: LatencyTable, *, depth: bool = False):
@@ -56,22 +57,33 @@ def check_predictor(
     mode: str = "uniform",
     depth: bool = False,
     progress: bool = True,
+    log=print,
 ) -> dict:
     """Measure `n` random plans on `device`; prediction error of the table and of the FLOPs baseline.
     With `depth`, the plans may also remove residual blocks."""
     from edgeprune.models.onnx import export_onnx
     from edgeprune.pruning import random_counts
 
+    # said first: building the space and exporting n + 1 models take seconds before the first round
+    plans_text = f"{n} random plan{'s' * (n != 1)}"
+    log(f"checking the table against {device.name}: the dense model and {plans_text}, exported and measured ...")
     s, predictor = predictor_for(model, input_shape, table, depth=depth)
     dense_predicted = predictor.predict()
     rng = np.random.default_rng(seed)
     plans = [random_counts(s, rng, mode=mode) for _ in range(n)]
     with tempfile.TemporaryDirectory() as d:
         # the dense model (the anchor: dense *now*) and the plans in turn, each its quietest window
-        items = [(export_onnx(model, input_shape, Path(d) / "dense.onnx"), input_shape)]
-        for i, counts in enumerate(plans):
-            items.append((export_onnx(s.plan(counts).apply(model), input_shape, Path(d) / f"p{i}.onnx"), input_shape))
-        with rounds_progress(f"check on {device.name}", len(items), enabled=progress) as shown:
+        with progress_bar(enabled=progress) as bar:  # a second or more each: seconds in all
+            task = bar.add_task(f"exporting the dense model and {plans_text}", total=n + 1, status="models")
+            items = [(export_onnx(model, input_shape, Path(d) / "dense.onnx"), input_shape)]
+            bar.advance(task)
+            for i, counts in enumerate(plans):
+                pruned = s.plan(counts).apply(model)
+                items.append((export_onnx(pruned, input_shape, Path(d) / f"p{i}.onnx"), input_shape))
+                bar.advance(task)
+        # the progress counts rounds (each measures every model once), not plans
+        what = f"measuring the dense model and {plans_text} on {device.name}"
+        with rounds_progress(what, len(items), enabled=progress) as shown:
             dense, *ms = measure_interleaved(device, items, on_result=shown)
     dense_ms = dense.median_ms
     rows = [

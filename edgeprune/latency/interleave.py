@@ -147,7 +147,8 @@ def rounds_progress(description: str, n: int, *, rounds: int = ROUNDS, enabled: 
     takes; yields the `on_result` to give measure_interleaved. `rounds`: those it takes at least
     (a comparison may measure on past them: the count then grows with it)."""
     with progress_bar(enabled=enabled) as bar:
-        task = bar.add_task(description, total=rounds, status="rounds")
+        # a round measures every model once: "5/15 rounds of 11 models", not to be read as 15 models
+        task = bar.add_task(description, total=rounds, status="rounds" + f" of {n} models" * (n > 1))
 
         def on_result(j: int, m: Measurement) -> None:
             done = (j + 1) // n
@@ -176,6 +177,33 @@ def noisy_rounds(rounds_ms: Sequence[float]) -> str:
 
 
 def noise_warning(label: str, rounds_ms: Sequence[float]) -> str:
-    """The line to log when a model's rounds disagree (see `noisy_rounds`), else ""."""
+    """The line to log when a model's rounds disagree (see `noisy_rounds`), with the figure (how far
+    they disagree), else ""."""
     rounds = noisy_rounds(rounds_ms)
-    return f"the {label} model measured {rounds}: the device is noisy; its quietest round counts" if rounds else ""
+    if not rounds:
+        return ""
+    return (
+        f"the device is noisy: the {label} model's rounds disagree by {spread(rounds_ms):.0%}, {rounds}; "
+        "each model's quietest round counts (said once per run)"
+    )
+
+
+class NoiseNote:
+    """Whether a run has said its device is noisy. Said once per run, with the first figure that
+    showed it: on a shared machine nearly every measurement disagrees with itself by more than
+    NOISY, and a line per measurement buries the lines that matter. Every later figure is kept
+    (`spreads`), not said. One per run (a prune, a validation, a whole `edgeprune run`), passed to
+    what measures in it; never module state, so two runs in one process each say it."""
+
+    def __init__(self) -> None:
+        self.said = ""  # the line, once said
+        self.spreads: list[float] = []  # every noisy model's spread seen in the run
+
+    def note(self, label: str, rounds_ms: Sequence[float], log) -> None:
+        """Record a model's rounds; on the run's first noisy one, log the warning."""
+        if not (warning := noise_warning(label, rounds_ms)):
+            return
+        self.spreads.append(spread(rounds_ms))
+        if not self.said:
+            self.said = warning
+            log(warning)

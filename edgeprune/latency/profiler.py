@@ -21,6 +21,7 @@ import onnx
 import torch
 from torch import nn
 
+from edgeprune.checks import POSITIVE, POSITIVE_OR_NONE, Rule, check_value, check_values
 from edgeprune.devices import Device
 from edgeprune.errors import EdgepruneError
 from edgeprune.latency.interleave import ROUNDS, measure_interleaved, rounds_progress
@@ -140,17 +141,41 @@ def _open_table(
             )
         if not fingerprint_diff(old.fingerprint, fingerprint) and old.step == step and old.unit_copies == copies:
             return old, len(old.entries)
-        diff = fingerprint_diff(old.fingerprint, fingerprint)
-        if diff:
-            why = f"{diff}: without --out, profile writes this setup's own table beside it"
-        elif old.step != step:
-            why = f"step {old.step}, not {step}: --step {old.step} extends it"
-        else:
-            why = f"units measured with {old.unit_copies} cop{'y' if old.unit_copies == 1 else 'ies'}, not {copies}"
-        raise EdgepruneError(f"{out} holds a table for another setup ({why}); choose another --out")
+        if diff := fingerprint_diff(old.fingerprint, fingerprint):
+            raise EdgepruneError(
+                f"{out} was profiled on another device setup ({diff}), and is left as it is: without --out, "
+                "profile writes this setup's own table beside it (where prune and predict find it)"
+            )
+        if old.step != step:  # one table, one channel step: say which extends it
+            raise EdgepruneError(
+                f"{out} is this device's table at channel step {old.step}, not {step}: add --step {old.step} to "
+                f"extend it, or give --out another file for a table at step {step}"
+            )
+        raise EdgepruneError(
+            f"{out} holds units measured with {old.unit_copies} cop{'y' if old.unit_copies == 1 else 'ies'}, not "
+            f"{copies}: add --copies {old.unit_copies} to extend it, or give --out another file"
+        )
     table = LatencyTable(device.name, fingerprint, UNIT_PROTOCOL.to_dict(), step, model_id, list(shape))
     table.meta["unit_copies"] = copies
     return table, 0
+
+
+# what each profile option may be (the CLI's, a config's profile: section, the Python keywords)
+RULES = {
+    "calibrate": Rule(int, lo=0),
+    "copies": POSITIVE_OR_NONE,
+    "recalibrate": Rule(bool),
+    "batch": POSITIVE,
+    "seed": Rule(int),
+}
+
+
+def check_options(*, step=None, **options) -> None:
+    """The profile's options checked (one line for the first that is wrong): `step` is a positive
+    number, "auto" or None (the device profile's)."""
+    if step not in (None, "auto"):
+        check_value("step", step, POSITIVE)
+    check_values(options, RULES, where="profile")
 
 
 def profile(
@@ -188,6 +213,7 @@ def profile(
     from edgeprune.models.onnx import example_tensor
     from edgeprune.pruning import space
 
+    check_options(step=step, copies=copies, calibrate=calibrate, recalibrate=recalibrate, batch=batch, seed=seed)
     if isinstance(device, (list, tuple)):
         return profile_devices(
             model,

@@ -151,13 +151,31 @@ def setup_name(fingerprint: dict) -> str:
     return f"{slug}-{hashlib.sha256(whole.encode()).hexdigest()[:6]}"
 
 
-def find_table(device, model_id: str, given: str | os.PathLike | None = None, *, writing: bool = False) -> Path:
+def find_table(
+    device, model_id: str, given: str | os.PathLike | None = None, *, writing: bool = False, log=None
+) -> Path:
     """The one place a table is chosen: `given` where the user named one, else the device profile's
     table of `model_id` for this setup (`default_table`; the device's fingerprint is asked only
-    where it decides)."""
-    if given:
-        return Path(given)
-    return default_table(device.name, model_id, device.fingerprint, writing=writing)
+    where it decides). A `given` table of another device setup gives way to this setup's own table
+    of the same device profile and model beside it (a config written on one machine names that
+    machine's table; on this one, its own predicts better): `log` says so."""
+    if not given:
+        return default_table(device.name, model_id, device.fingerprint, writing=writing)
+    given = Path(given)
+    if writing or device is None or not given.is_file():
+        return given
+    try:
+        theirs = json.loads(given.read_text())
+        if theirs.get("device") != device.name or theirs.get("model") not in (None, model_id):
+            return given  # another profile's or model's table: the user chose it, prune says what it is
+    except (OSError, ValueError, AttributeError):
+        return given  # LatencyTable.load says what is wrong with it
+    own = default_table(device.name, model_id, device.fingerprint, root=given.parent.parent)
+    if own != given and own.is_file() and own.parent.parent == given.parent:
+        if log is not None:
+            log(f"table: {own}, this device setup's own, instead of {given} (profiled on another setup)")
+        return own
+    return given
 
 
 def default_table(

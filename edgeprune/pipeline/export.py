@@ -18,8 +18,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgeprune.checks import POSITIVE_OR_NONE, Rule, check_values
 from edgeprune.errors import EdgepruneError
-from edgeprune.runs import RunDir, write_json
+from edgeprune.runs import RunDir, write_json, writes_run
+
+# what each export option may be (the CLI's, a config's export: section, the Python keywords);
+# formats are checked by the formats package, which knows them
+RULES = {
+    "formats": Rule(list),
+    "out": Rule(str, optional=True),
+    "tensorrt_precision": Rule(str, choices=("fp16", "fp32")),
+    "accuracy_images": POSITIVE_OR_NONE,
+}
+
+
+def check_options(*, formats, tensorrt_precision: str, accuracy_images: int | None, **others) -> list[str]:
+    """The export's options checked (one line for the first that is wrong); returns the formats."""
+    from edgeprune.formats import parse_formats
+
+    fmts = parse_formats(formats)
+    values = {"tensorrt_precision": tensorrt_precision, "accuracy_images": accuracy_images, **others}
+    check_values(values, RULES, where="export")
+    return fmts
 
 
 def export(
@@ -43,13 +63,11 @@ def export(
     inputs with `score_fn` run on each file (any task); with neither, on the example input."""
     from edgeprune.backends import TensorRtBackend
     from edgeprune.backends.tensorrt import MISSING
-    from edgeprune.formats import export_model, parity_failures, parse_formats
+    from edgeprune.formats import export_model, parity_failures
     from edgeprune.models.onnx import example_tensor
     from edgeprune.task import make_task
 
-    fmts = parse_formats(formats)
-    if accuracy_images is not None and accuracy_images < 1:
-        raise EdgepruneError(f"--accuracy-images must be at least 1, got {accuracy_images}")
+    fmts = check_options(formats=formats, tensorrt_precision=tensorrt_precision, accuracy_images=accuracy_images)
     if "tensorrt" in fmts and not TensorRtBackend.available():
         raise EdgepruneError(MISSING)  # before any work: nothing half-exported
     x = example_tensor(example_input)
@@ -73,6 +91,8 @@ def export(
         accuracy_images=accuracy_images,
         log=log,
     )
+    if task.score is not None:  # a whole test split through PyTorch: seconds, said before it starts
+        log("scoring the model by PyTorch on the test split (the manifest's reference figure) ...")
     manifest = {
         "input_shape": list(shape),
         "input": {"name": "input", "dtype": "float32"},
@@ -108,6 +128,7 @@ def _scores(model: nn.Module, task, artifacts: dict) -> dict:
     return scores
 
 
+@writes_run
 def export_run(
     run_dir: str | os.PathLike,
     *,
@@ -121,13 +142,11 @@ def export_run(
     from edgeprune.formats import parse_formats
     from edgeprune.pipeline.finetune import run_task_data
 
+    check_options(formats=formats, tensorrt_precision=tensorrt_precision, accuracy_images=accuracy_images)
     run = RunDir(run_dir)
-    parse_formats(formats)  # an unknown format, before anything is read
-    if accuracy_images is not None and accuracy_images < 1:
-        raise EdgepruneError(f"--accuracy-images must be at least 1, got {accuracy_images}")
     source, ckpt = run.shipped()
+    run.dense()  # checked to be this run's too: the manifest carries its figures
     results = run.read("results.json") or {}
-    _check_lineage(run, ckpt)
     data = run_task_data(run)
     target = Path(out) if out else Path("export") / run.name
     chosen = results.get("chosen", {})
@@ -159,13 +178,6 @@ def export_run(
     write_json(target / "manifest.json", manifest)
     write_json(run / "export.json", {"out": str(target), "manifest": str(target / "manifest.json")})
     return manifest
-
-
-def _check_lineage(run: RunDir, ckpt) -> None:
-    """The checkpoint to ship must be pruned from the run's dense model (the same architecture)."""
-    config = run.read("config.json") or {}
-    if config.get("model") and ckpt.ref.to_dict() != config["model"]:
-        raise EdgepruneError(f"{run}: its model is {config['model'].get('name')}, the checkpoint holds {ckpt.model}")
 
 
 def _forget_stale_export(run: RunDir, target: Path) -> None:

@@ -15,8 +15,9 @@ import time
 
 from torch import nn
 
+from edgeprune.checks import POSITIVE, POSITIVE_OR_NONE, Rule, check_torch_device, check_values
 from edgeprune.errors import EdgepruneError
-from edgeprune.runs import RunDir, write_json
+from edgeprune.runs import RunDir, write_json, writes_run
 
 
 def finetune(
@@ -47,7 +48,8 @@ def finetune(
     from edgeprune.task import make_task
     from edgeprune.training import DistillConfig, Recipe, finetune_model
 
-    _check_recipe(epochs, lr)
+    check_options(epochs=epochs, lr=lr, batch_size=batch_size, temperature=temperature, alpha=alpha, seed=seed)
+    check_options(max_batches=max_batches, device=device)
     distill = DistillConfig(temperature=temperature, alpha=alpha)
     task = make_task(
         data=data,
@@ -65,11 +67,26 @@ def finetune(
     )
 
 
-def _check_recipe(epochs, lr) -> None:
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise EdgepruneError(f"--epochs must be a whole number of at least 1, got {epochs!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise EdgepruneError(f"--lr must be a positive number, got {lr!r}")
+# what each finetune option may be: the CLI's options, a config's finetune: section and the
+# Python keywords are checked by these, before any model is loaded
+RULES = {
+    "epochs": POSITIVE,
+    "lr": Rule(float, lo=0, lo_open=True),
+    "batch_size": POSITIVE,
+    "temperature": Rule(float, lo=0, lo_open=True),
+    "alpha": Rule(float, lo=0, hi=1),
+    "seed": Rule(int),
+    "max_batches": POSITIVE_OR_NONE,
+    "heldout_limit": POSITIVE_OR_NONE,
+    "device": Rule(str),
+}
+
+
+def check_options(**options) -> None:
+    """The finetune's options, each checked by its rule (one line for the first that is wrong)."""
+    check_values(options, RULES, where="finetune")
+    if "device" in options:
+        check_torch_device(options["device"])
 
 
 def run_task_data(run: RunDir):
@@ -85,6 +102,7 @@ def run_task_data(run: RunDir):
     return load_dataset(config["data"], root=config.get("data_root"), options=config.get("data_options"))
 
 
+@writes_run
 def finetune_run(
     run_dir: str | os.PathLike,
     *,
@@ -104,11 +122,12 @@ def finetune_run(
     from edgeprune.checkpoint import load_checkpoint
     from edgeprune.training import CheckpointStore, DistillConfig, Recipe, resume_position
 
+    check_options(epochs=epochs, lr=lr, batch_size=batch_size, temperature=temperature, alpha=alpha, seed=seed)
+    check_options(max_batches=max_batches, heldout_limit=heldout_limit, device=device)
     run = RunDir(run_dir)
-    if not (run / "pruned.pt").is_file():
-        raise EdgepruneError(f"{run} has no pruned.pt: run `edgeprune prune --out {run}` first")
-    _check_recipe(epochs, lr)
-    dense, student = run.dense(), load_checkpoint(run / "pruned.pt")
+    student, dense = run.pruned(), run.dense()
+    if (run / "finetuned.pt").is_file():  # a finetune to resume or report must be of this run's model
+        run.check_lineage("finetuned.pt", load_checkpoint(run / "finetuned.pt"))
     data = run_task_data(run)
     recipe = Recipe(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, max_batches_per_epoch=max_batches)
     distill = DistillConfig(temperature=temperature, alpha=alpha)
@@ -150,7 +169,7 @@ def finetune_run(
             {
                 "test_accuracy": accuracy(result.model, data, "test", device=device),
                 "heldout_accuracy": result.score,
-                "teacher_test_accuracy": dense.meta.get("test_accuracy"),
+                "teacher_test_accuracy": run.recorded_dense_accuracy(dense),
             },
         )
         done = load_checkpoint(run / "finetuned.pt")
@@ -171,7 +190,7 @@ def _record(run: RunDir, best, dense, data, epochs: int, device: str, seconds: f
         "heldout_accuracy_before": history[0]["score"],
         "heldout_accuracy": best.meta["heldout_accuracy"],
         "test_accuracy": best.meta["test_accuracy"],
-        "dense_test_accuracy": dense.meta.get("test_accuracy"),
+        "dense_test_accuracy": run.recorded_dense_accuracy(dense),
         "history": history,
         "device": device,
         "seconds": round(seconds, 1),

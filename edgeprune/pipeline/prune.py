@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -74,11 +73,9 @@ class PruneResult:
 
 def model_hash(model: nn.Module) -> str:
     """The weights' identity: a run resumes only on the model it started with."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    from edgeprune.checkpoint import state_hash
+
+    return state_hash(model.state_dict())
 
 
 def _run_config(run: RunDir | None, resume: bool, inputs: dict, settings: dict) -> tuple[dict, PruneSettings]:
@@ -126,6 +123,29 @@ class Pruning:
         self.refit = ""
         self.session = None  # a RaySession: candidates are scored on its workers
         self.scoring = {"where": "this process", "workers": 1, "nodes": 1, "requeued": 0}
+        self.noise = None  # the run's NoiseNote (latency/interleave.py): a noisy device is said once a run
+
+    def run_from(self, table, cluster, *, resume: bool, progress: bool, started: float):
+        """The table loaded, the prunable space built, the run's store and the device's meter
+        opened; `execute_on` with them, closing both after."""
+        from edgeprune.pruning import space
+        from edgeprune.search.measured import PlanMeter
+
+        cfg, run = self.cfg, self.run
+        self.load_table(self.config.get("table") or table)
+        step = (self.table.step if self.table else None) or self.device.spec.channel_step or 8
+        s = space(self.model, self.x, step=step, min_keep_ratio=cfg.min_keep, depth=cfg.depth)
+        if not resume and run is not None:  # a start that failed before its search began leaves no run behind
+            (run / "evals.sqlite").unlink(missing_ok=True)
+        store = RunStore(None if run is None else run.path)
+        relative = self.budget.relative
+        meter = PlanMeter(s, self.device, criterion=cfg.criterion, relative=relative, progress=progress, log=self.log)
+        meter.noise = self.noise or meter.noise
+        try:
+            return self.execute_on(cluster, s, store, meter, progress, started)
+        finally:
+            store.close()
+            meter.close()
 
     def execute_on(self, cluster, s, store, meter, progress: bool, started: float):
         """`execute`, its candidates scored on `cluster` where one is given (a batch per its workers)."""
@@ -143,7 +163,11 @@ class Pruning:
             self.log(f"measuring the dense {self.ref.id} on {self.device.name} ...")
             store.set("dense_ms", meter.measure_dense())
         meter.dense_ms = dense_ms = store.get("dense_ms")
-        budget_ms = self.budget.ms(dense_ms)
+        # THE budget of the run, in ms: computed once, from the dense model measured at the start, and
+        # kept in the store; every later figure (results.json, validation, the report, `run`) is this one
+        if store.get("budget_ms") is None:
+            store.set("budget_ms", self.budget.ms(dense_ms))
+        budget_ms = store.get("budget_ms")
         target_ms = budget_ms * (1 - cfg.margin)  # what candidates must measure, leaving room for noise
         if self.table is not None:
             self.predict_on(s, dense_ms)
@@ -175,7 +199,7 @@ class Pruning:
         if isinstance(table, LatencyTable):
             path, loaded = Path(table.meta.get("path", "(given)")), table
         else:
-            path = find_table(self.device, self.ref.id, table)
+            path = find_table(self.device, self.ref.id, table, log=self.log)
             if self.cfg.cost != "latency" and not path.is_file():
                 return
             loaded = LatencyTable.load(path)
@@ -206,8 +230,8 @@ class Pruning:
         if why := table.other_model(self.ref.id, layers.signature()):
             self.log(
                 f"warning: {path}: {why}; its predictions rest on that model's line and the measured check has more "
-                f"to correct; profile this model into it (it measures only what is missing and refits): "
-                f"{advice(step=table.step, out=path)}"
+                f"to correct; profile this model into {'a table of this device' if foreign else 'it'} (it measures "
+                f"only what is missing and refits): {advice(step=table.step, out=None if foreign else path)}"
             )
         self.predictor = LatencyCost(Predictor(layers, table).compiled())
         if self.cfg.cost == "latency" and (table.calibration.get("fit_median_abs_err") or 0) > CALIBRATION_SCATTER:
@@ -264,6 +288,13 @@ class Pruning:
         from edgeprune.search import ProxyEvaluator, SearchLoop, make_searcher
 
         cfg, task = self.cfg, self.task
+        share = f" ({self.budget} of dense)" if self.budget.relative else ""
+        self.log(
+            f"{self.ref.id} on {self.device.name}: dense {dense_ms:.4g} ms measured; budget {budget_ms:.4g} ms{share}; "
+            f"{cfg.search} over {problem.dim} groups, search budget {problem.budget:.4g} {problem.unit}"
+        )
+        images = f" on {task.images} held-out images" if task.images else ""
+        self.log(f"scoring the dense model with the proxy{images} (the first of the search's evaluations) ...")
         evaluator = ProxyEvaluator(
             s,
             task,
@@ -294,10 +325,7 @@ class Pruning:
             return d
 
         score = f"proxy accuracy {dense_score:.2%}" if task.classification else f"proxy score {dense_score:.4g}"
-        self.log(
-            f"{self.ref.id} on {self.device.name}: dense {dense_ms:.4g} ms measured, {score}; budget {budget_ms:.4g} "
-            f"ms; {cfg.search} over {problem.dim} groups, {cfg.cost} constraint {problem.budget:.4g} {problem.unit}"
-        )
+        self.log(f"the dense model's {score}")
         loop = SearchLoop(
             problem,
             searcher,
@@ -342,10 +370,13 @@ class Pruning:
 
     def finish(self, s, choice, evaluator, loop, problem, store, figures: dict):
         """The pruned model (BatchNorm recalibrated), its result, and the run's files."""
+        from edgeprune.report import plan_summary
         from edgeprune.training import recalibrate_bn_on
 
         row, m = choice.row, choice.measurement
         counts = [int(c) for c in row["counts"]]
+        written = "" if self.run is None else " and writing the run's files (checkpoints, plots)"
+        self.log(f"recalibrating the chosen plan's BatchNorm{written} ...")
         plan = evaluator.plan(counts)
         pruned = plan.apply(self.model)
         recalibrate_bn_on(pruned, self.task.train.inputs(20, seed=0, input_of=self.task.input_of))
@@ -384,6 +415,7 @@ class Pruning:
                 "params": s.params(counts),
                 "removed_blocks": plan.drop,
                 "plan_hash": row["plan_hash"],
+                "round": m.get("round"),  # the round of the measured search that measured it (from 0)
             },
             "met_budget": choice.met,
             "speedup": dense_ms / m["measured_ms"],
@@ -399,6 +431,7 @@ class Pruning:
         if self.run is not None:
             record["files"] = self._write_run(plan, pruned, record, loop, store)
             write_json(self.run / "results.json", record)
+        self.log(plan_summary(record, plan))
         return pruned, PruneResult(plan, record, None if self.run is None else self.run.path)
 
     def _table_record(self) -> dict | None:
@@ -457,6 +490,7 @@ class Pruning:
             budget_ms=budget_ms,
             measured=store.measurements(),
             chosen={"measured_ms": c["measured_ms"], "score": c["proxy_accuracy"]},
+            search_budgets=record["cost"] == "latency",  # a FLOPs search's budgets are shares of MACs
             title=f"{ref.id}: proxy score vs latency on {self.device.name}",
         )
         names = ("plan.json", "pruned.pt", "dense.pt", "convergence.png", "scatter.png", "evals.sqlite")
@@ -484,6 +518,7 @@ def prune(
     worker_gpus: float = 0.0,
     progress: bool = True,
     log=print,
+    noise=None,
     _extra: dict | None = None,
     **settings,
 ):
@@ -495,11 +530,10 @@ def prune(
     task. `table`: a LatencyTable or its path (default: the device's table of this model).
     `settings`: PruneSettings fields (search, evals, ...). `run_dir`: log there (and resume).
     `workers=N` scores candidates on a local Ray of N workers, `ray="auto" | ADDRESS` on a cluster
-    you run, each task asking `worker_cpus` and `worker_gpus` (see edgeprune/cluster/)."""
+    you run, each task asking `worker_cpus` and `worker_gpus` (see edgeprune/cluster/). `noise`: the
+    run's NoiseNote (latency/interleave.py) where this prune is a stage of a longer run (default: its own)."""
     from edgeprune.devices import Device
     from edgeprune.models.onnx import example_tensor
-    from edgeprune.pruning import space
-    from edgeprune.search.measured import PlanMeter
     from edgeprune.task import make_task
 
     started = time.monotonic()
@@ -520,28 +554,20 @@ def prune(
         "table": None if table is None or not isinstance(table, (str, os.PathLike)) else str(table),
         **(_extra or {}),  # the CLI's: how the model and data were named
     }
-    config, cfg = _run_config(run, resume, inputs, settings)
-    task = make_task(
-        data=data,
-        score_fn=score_fn,
-        train_data=train_data,
-        loss_fn=loss_fn,
-        input_fn=input_fn,
-        heldout_images=cfg.heldout_images,
-    )
-    job = Pruning(model, x, ref, device, budget, run, config, cfg, task, log)
-    job.load_table(config.get("table") or table)
-    step = (job.table.step if job.table else None) or device.spec.channel_step or 8
-    s = space(model, x, step=step, min_keep_ratio=cfg.min_keep, depth=cfg.depth)
-    if not resume and run is not None:  # a start that failed before its search began leaves no run behind
-        (run / "evals.sqlite").unlink(missing_ok=True)
-    store = RunStore(None if run is None else run.path)
-    meter = PlanMeter(s, device, criterion=cfg.criterion, relative=budget.relative, progress=progress, log=log)
-    try:
-        return job.execute_on(cluster, s, store, meter, progress, started)
-    finally:
-        store.close()
-        meter.close()
+    PruneSettings.create(settings)  # every value checked before the run folder is made
+    with run.writing() if run is not None else contextlib.nullcontext():  # one writer per run folder
+        config, cfg = _run_config(run, resume, inputs, settings)
+        task = make_task(
+            data=data,
+            score_fn=score_fn,
+            train_data=train_data,
+            loss_fn=loss_fn,
+            input_fn=input_fn,
+            heldout_images=cfg.heldout_images,
+        )
+        job = Pruning(model, x, ref, device, budget, run, config, cfg, task, log)
+        job.noise = noise
+        return job.run_from(table, cluster, resume=resume, progress=progress, started=started)
 
 
 def _data_inputs(data, score_fn) -> dict:
@@ -585,11 +611,14 @@ def profile_advice(config: dict, ref, *, step: int | None = None, out=None, reca
     return command + (" --recalibrate" if recalibrate else "")
 
 
-def prune_run(out: str | os.PathLike, *, resume: bool = False, progress: bool = True, log=print, **given) -> dict:
+def prune_run(
+    out: str | os.PathLike, *, resume: bool = False, progress: bool = True, log=print, noise=None, **given
+) -> dict:
     """The CLI's prune: the model named by `given` (model, weights, model_kwargs, num_classes,
     trust_pickle; data, data_root, image_size, mean, std; device, budget, table and PruneSettings
     fields) pruned into the run folder `out`; returns results.json. `resume=True` continues the
-    run in `out` from its own files (its dense.pt, data and device), with what `given` repeats."""
+    run in `out` from its own files (its dense.pt, data and device), with what `given` repeats.
+    `noise`: the NoiseNote of the run this prune is a stage of (`edgeprune run`'s)."""
     from edgeprune.resolve import MODEL_OPTIONS, check_classes, resolve
 
     run = RunDir(out)
@@ -652,6 +681,7 @@ def prune_run(out: str | os.PathLike, *, resume: bool = False, progress: bool = 
         model_ref=r.ref,
         progress=progress,
         log=log,
+        noise=noise,
         _extra=extra,
         **cluster,
         **settings,

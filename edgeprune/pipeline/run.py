@@ -25,7 +25,6 @@ A config (YAML; `device` and a model (`weights`, or `model` with a `train` secti
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import time
@@ -87,6 +86,7 @@ def check_config(cfg: dict) -> dict:
             raise EdgepruneError(
                 f"unknown {stage} setting(s) {sorted(unknown)} in the config; known: {', '.join(sorted(known[stage]))}"
             )
+    _check_stage_values(cfg)
     prune = dict(cfg.get("prune") or {})
     PruneSettings.create({k: v for k, v in prune.items() if k != "budget" and k not in CLUSTER})
     ClusterOptions(**{CLUSTER[k]: v for k, v in prune.items() if k in CLUSTER})
@@ -97,27 +97,46 @@ def check_config(cfg: dict) -> dict:
     return cfg
 
 
-def stage_settings() -> dict[str, set[str]]:
-    """What each config section may set: the keyword arguments of its stage's function (those
-    the pipeline sets itself left out)."""
-    from edgeprune.pipeline.export import export_run
-    from edgeprune.pipeline.finetune import finetune_run
-    from edgeprune.pipeline.prune import CLUSTER
-    from edgeprune.pipeline.settings import PruneSettings
-    from edgeprune.pipeline.validate import validate_run
+def _check_stage_values(cfg: dict) -> None:
+    """Each stage section's values, by the rules its stage function checks them with."""
+    from edgeprune.checks import check_values
+    from edgeprune.latency.profiler import check_options as check_profile
+    from edgeprune.pipeline.export import check_options as check_export
+    from edgeprune.pipeline.finetune import check_options as check_finetune
+    from edgeprune.pipeline.validate import RULES as VALIDATE
     from edgeprune.training import Recipe
 
-    def keywords(fn, *own: str) -> set[str]:
-        params = inspect.signature(fn).parameters.values()
-        return {p.name for p in params if p.kind is p.KEYWORD_ONLY} - {"progress", "log", *own}
+    if cfg.get("train"):
+        Recipe(**cfg["train"])
+    check_profile(**(cfg.get("profile") or {}))
+    finetune = dict(cfg.get("finetune") or {})
+    if finetune.get("epochs") != 0:  # epochs: 0 skips the stage
+        check_finetune(**finetune)
+    export = dict(cfg.get("export") or {})
+    export.setdefault("formats", ["onnx"])
+    export.setdefault("tensorrt_precision", "fp16")
+    export.setdefault("accuracy_images", None)
+    check_export(**export)
+    check_values(dict(cfg.get("validate") or {}), VALIDATE, where="validate")
+
+
+def stage_settings() -> dict[str, set[str]]:
+    """What each config section may set: the names its stage's rules check (the same rules check
+    the CLI's options and the Python keywords)."""
+    from edgeprune.pipeline.export import RULES as EXPORT
+    from edgeprune.pipeline.finetune import RULES as FINETUNE
+    from edgeprune.pipeline.prune import CLUSTER
+    from edgeprune.pipeline.settings import PruneSettings
+    from edgeprune.pipeline.validate import RULES as VALIDATE
+    from edgeprune.training.train import RECIPE_RULES
 
     return {
-        "train": set(Recipe.__dataclass_fields__),
-        "profile": {"step", "calibrate"},
+        "train": set(RECIPE_RULES),
+        "profile": {"step", "calibrate"},  # what the pipeline passes on (checked by the profile's rules)
         "prune": PruneSettings.names() | {"budget"} | set(CLUSTER),  # where it runs: local, or on Ray
-        "finetune": keywords(finetune_run),
-        "export": keywords(export_run),
-        "validate": keywords(validate_run, "report"),  # progress and log: the pipeline's
+        "finetune": set(FINETUNE),
+        "export": set(EXPORT),
+        "validate": set(VALIDATE),
         "report": set(),
     }
 
@@ -127,6 +146,7 @@ class Pipeline:
 
     def __init__(self, cfg: dict, run: Path, progress: bool, log) -> None:
         from edgeprune.devices import Device
+        from edgeprune.latency.interleave import NoiseNote
 
         self.cfg, self.run, self.progress, self.log = cfg, RunDir(run), progress, log
         self.device = Device.load(cfg["device"])
@@ -138,6 +158,7 @@ class Pipeline:
             )
         self.state["config"] = cfg
         self.prune_settings = dict(cfg.get("prune") or {})
+        self.noise = NoiseNote()  # the run's: a noisy device is said once, by whichever stage sees it first
 
     def model_inputs(self, *, trained: bool = True) -> dict:
         """How the config names the dense model (after the train stage: the checkpoint it wrote)."""
@@ -228,6 +249,7 @@ class Pipeline:
             resume=resume,
             progress=self.progress,
             log=self.log,
+            noise=self.noise,
             **{k: v for k, v in settings.items() if v is not None},
         )
 
@@ -249,7 +271,8 @@ class Pipeline:
         from edgeprune.pipeline.validate import validate_run
 
         opts = dict(self.cfg.get("validate") or {})
-        validate_run(self.run.path, report=False, progress=self.progress, log=self.log, **opts)  # report: its stage
+        # report: its own stage
+        validate_run(self.run.path, report=False, progress=self.progress, log=self.log, noise=self.noise, **opts)
 
 
 def run_pipeline(
@@ -260,15 +283,19 @@ def run_pipeline(
     log=print,
 ) -> dict:
     """Run (or resume) every stage of `config` (default: the quickstart); returns a summary."""
-    from edgeprune.report import write_report
-    from edgeprune.runs import RunStore
-
     cfg = check_config(
         dict(QUICKSTART) if config is None else config if isinstance(config, dict) else load_config(config)
     )
     name = cfg.get("name") or f"{Path(str(cfg.get('model') or cfg['weights'])).stem}-{Path(cfg['device']).stem}"
     run = Path(cfg.get("out") or Path(runs_root) / name)
-    run.mkdir(parents=True, exist_ok=True)
+    with RunDir(run).writing():  # one writer per run folder; each stage's own hold passes through
+        return _run_stages(cfg, run, progress, log)
+
+
+def _run_stages(cfg: dict, run: Path, progress: bool, log) -> dict:
+    from edgeprune.report import write_report
+    from edgeprune.runs import RunStore
+
     p = Pipeline(cfg, run, progress, log)
     started = time.monotonic()
     if cfg.get("train"):
@@ -310,22 +337,33 @@ def _load_state(path: Path) -> dict:
 
 
 def _summary(run: RunDir, seconds: float) -> dict:
+    from edgeprune.pruning import Plan
+    from edgeprune.report.report import plan_summary, referred_note
+
     results, fine, val, manifest = (
         run.read("results.json"),
         run.read("finetune.json"),
         run.read("validation.json"),
         run.manifest(),
     )
+    plan = Plan.load(run / "plan.json") if (run / "plan.json").is_file() else None
     return {
         "run_dir": str(run),
         "model": results["model"] if results else None,
         "device": results["device"] if results else None,
-        # the budget the verdict was held against: a share of dense is of the dense model measured then
-        "budget_ms": val["budget_ms"] if val else (results["budget_ms"] if results else None),
+        # the run's one budget figure: prune's, from the dense model it measured at its start (validate
+        # holds the shipped model to this same figure)
+        "budget_ms": results["budget_ms"] if results else None,
+        "chosen": results["chosen"] if results else None,
+        "chosen_plan": plan_summary(results, plan) if results else None,
         "dense_test_accuracy": val["dense_test_accuracy"] if val else None,
         "pruned_test_accuracy": val["test_accuracy"] if val else (fine or {}).get("test_accuracy"),
         "dense_ms": val["dense_measured"]["median_ms"] if val else None,
         "measured_ms": val["measured"]["median_ms"] if val else None,
+        # what was held against the budget: the measurement, referred to the dense model at the search
+        # where the budget is a share of dense (validate.py's `verdict`)
+        "held_ms": val.get("held_ms", val["measured"]["median_ms"]) if val else None,
+        "referred": referred_note(val) if val else "",
         "meets_budget": val["meets_budget"] if val else None,
         "predicted_ms": val["predicted_ms"] if val else None,
         "prediction_error_pct": val["prediction_error_pct"] if val else None,

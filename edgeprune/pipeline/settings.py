@@ -3,11 +3,13 @@ CLI's options (generated from them) and the config files' `prune:` section alike
 
 from __future__ import annotations
 
-import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+from edgeprune.checks import check_value, flag
 from edgeprune.errors import EdgepruneError
+
+__all__ = ["PruneSettings", "check_value", "flag", "setting"]
 
 
 def setting(
@@ -36,50 +38,6 @@ def setting(
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check_value(name: str, value: Any, meta: dict) -> Any:
-    """`value` as the setting's type, or one line saying what is wrong and what it takes."""
-    kind, where = meta["kind"], flag(name)
-    if value is None and meta["optional"]:
-        return None
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise EdgepruneError(f"{where} must be true or false, got {value!r}")
-        return value
-    if kind is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise EdgepruneError(f"{where} must be a list of layer names or patterns, got {value!r}")
-        return list(value)
-    if kind is str:
-        if value not in meta["choices"]:
-            raise EdgepruneError(f"unknown {name} {value!r}; choose one of: {', '.join(meta['choices'])}")
-        return value
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (kind is int and not float(value).is_integer())
-    ):
-        raise EdgepruneError(f"{where} must be {'a whole number' if kind is int else 'a number'}, got {value!r}")
-    value = kind(value)
-    lo, hi, lo_open, hi_open = meta["lo"], meta["hi"], meta["lo_open"], meta["hi_open"]
-    below = lo is not None and (value <= lo if lo_open else value < lo)
-    above = hi is not None and (value >= hi if hi_open else value > hi)
-    if math.isfinite(value) and not below and not above:
-        return value
-    if lo is not None and hi is not None:
-        span = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-    elif lo is not None:
-        span = f"more than {lo:g}" if lo_open else f"at least {lo:g}"
-    else:
-        span = "a finite number"
-    raise EdgepruneError(f"{where} must be {span}, got {value!r}")
 
 
 def _searchers() -> tuple[str, ...]:

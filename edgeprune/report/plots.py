@@ -53,39 +53,60 @@ def convergence_plot(
     return _save(fig, ax, path, "evaluations", "best proxy accuracy so far (%)", title or "search convergence")
 
 
-def scatter_plot(
+def round_budgets(evals: Sequence[Mapping]) -> dict[int, float]:
+    """Each round's search budget: the one its evaluations were made under (a round of the measured
+    search is tightened or loosened from the last; within a round it holds)."""
+    return {int(r.get("round") or 0): r["budget"] for r in evals if r.get("budget") is not None}
+
+
+def _round_label(k: int, budgets: Mapping[int, float]) -> str:
+    before = budgets.get(k - 1)
+    moved = "" if before is None or before == budgets[k] else ", loosened" if budgets[k] > before else ", tightened"
+    return f"round {k + 1} search budget {budgets[k]:.4g} ms (predicted{moved})"
+
+
+def draw_scatter(
+    ax,
     evals: Sequence[Mapping],
-    path: str | os.PathLike,
     *,
     budget_ms: float | None = None,
     measured: Sequence[Mapping] = (),
     chosen: Mapping | None = None,
-    title: str = "",
-) -> Path:
-    """Proxy accuracy against predicted latency of every evaluation; measured candidates at
-    their measured latency, joined to their prediction; the budget as a vertical line."""
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    rows = [r for r in evals if r.get("predicted_ms") is not None]
-    if rows:
-        ax.scatter(
-            [r["predicted_ms"] for r in rows],
-            [r["score"] * 100 for r in rows],
-            s=14,
-            c=[r["i"] for r in rows],
-            cmap="viridis",
-            alpha=0.8,
-            label="evaluations (predicted ms; colour = order)",
-        )
+    search_budgets: bool = True,
+) -> None:
+    """`scatter_plot`'s drawing on `ax`. Each round of the measured search in its own colour: its
+    evaluations at their predicted ms (dots), its measured candidates at their measured ms
+    (crosses, joined to their prediction) and, with `search_budgets` (a latency search: the
+    budgets are predicted ms), its search budget as a dotted line. A loosened round's plans sit
+    past the budget's line in predicted ms and are held to it as measured: without its own line
+    they would read as over the budget."""
+    import matplotlib
+
+    colour = matplotlib.colormaps["tab10"]
+    budgets = round_budgets(evals)
     score_of = {r["plan_hash"]: r["score"] for r in evals}
-    for j, m in enumerate(measured):
-        s = score_of.get(m["plan_hash"])
-        if s is None:
-            continue
-        ax.plot([m["predicted_ms"], m["measured_ms"]], [s * 100] * 2, color="tab:red", lw=0.8, alpha=0.6)
-        ax.scatter(
-            [m["measured_ms"]], [s * 100], marker="x", color="tab:red", label="measured on device" if j == 0 else None
-        )
+    measured = [m for m in measured if m.get("plan_hash") in score_of]
+    rounds = sorted({int(r.get("round") or 0) for r in evals} | {int(m.get("round") or 0) for m in measured})
+    for k in rounds:
+        c = colour(k % 10)
+        rows = [r for r in evals if int(r.get("round") or 0) == k and r.get("predicted_ms") is not None]
+        if rows:
+            ax.scatter(
+                [r["predicted_ms"] for r in rows],
+                [r["score"] * 100 for r in rows],
+                s=14,
+                color=c,
+                alpha=0.7,
+                label=f"round {k + 1}: {len(rows)} evaluations (predicted ms)",
+            )
+        if search_budgets and k in budgets:
+            ax.axvline(budgets[k], color=c, ls=":", lw=1.2, label=_round_label(k, budgets))
+        shown = [(m, score_of[m["plan_hash"]]) for m in measured if int(m.get("round") or 0) == k]
+        for j, (m, score) in enumerate(shown):
+            if m.get("predicted_ms") is not None:
+                ax.plot([m["predicted_ms"], m["measured_ms"]], [score * 100] * 2, color=c, lw=0.8, alpha=0.6)
+            label = f"round {k + 1}: measured on the device" if j == 0 else None
+            ax.scatter([m["measured_ms"]], [score * 100], marker="x", color=c, label=label)
     if chosen is not None:
         ax.scatter(
             [chosen["measured_ms"]],
@@ -98,7 +119,24 @@ def scatter_plot(
             label="chosen",
         )
     if budget_ms is not None:
-        ax.axvline(budget_ms, color="black", ls="--", lw=1, label=f"budget {budget_ms:.4g} ms")
+        ax.axvline(budget_ms, color="black", ls="--", lw=1, label=f"budget {budget_ms:.4g} ms (as measured)")
+
+
+def scatter_plot(
+    evals: Sequence[Mapping],
+    path: str | os.PathLike,
+    *,
+    budget_ms: float | None = None,
+    measured: Sequence[Mapping] = (),
+    chosen: Mapping | None = None,
+    search_budgets: bool = True,
+    title: str = "",
+) -> Path:
+    """Proxy accuracy against latency of every evaluation, round by round (see `draw_scatter`), and
+    the budget as a vertical line."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    draw_scatter(ax, evals, budget_ms=budget_ms, measured=measured, chosen=chosen, search_budgets=search_budgets)
     return _save(
         fig, ax, path, "latency (ms)", "proxy accuracy (%)", title or "accuracy vs latency of every evaluation"
     )

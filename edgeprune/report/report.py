@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import os
+import re
 import sqlite3
 from pathlib import Path
 
@@ -83,14 +84,40 @@ def export_rows(manifest: dict) -> list[list[str]]:
     return rows
 
 
+def plan_summary(results: dict, plan=None) -> str:
+    """The chosen plan in one line, as prune logs it and `run` prints it (from results.json, and the
+    plan for the channels each group keeps): what it keeps of the dense model, its scores, its
+    measured latency and the round of the measured search that chose it."""
+    c, d = results["chosen"], results["dense"]
+    top1 = results.get("task", "top-1") == "top-1"
+    name, score = ("proxy accuracy", "{:.2%}".format) if top1 else ("proxy score", "{:.4g}".format)
+    chosen_round = "" if c.get("round") is None else f", round {c['round'] + 1} of {results['rounds']}"
+    if results.get("loosened") and c.get("round") == results["rounds"] - 1:
+        chosen_round += " (at the loosened search budget)"
+    line = (
+        f"chosen plan {c['plan_hash'][:8]}{chosen_round}: {c['macs'] / 1e6:.2f} of {d['macs'] / 1e6:.2f} MMACs "
+        f"({c['macs'] / d['macs']:.0%}), {c['params']:,} of {d['params']:,} params; {name} "
+        f"{score(c['proxy_accuracy'])} (dense {score(d['proxy_accuracy'])}); measured {c['measured_ms']:.4g} ms "
+        "in the search"
+    )
+    if plan is not None:  # by layer name, numbers in order (layer2.0 before layer10.0)
+        counts = plan.counts
+        order = sorted(plan.widths, key=lambda g: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", g)])
+        line += "; channels kept: " + ", ".join(f"{g} {counts[g]}/{plan.widths[g]}" for g in order)
+    if c.get("removed_blocks"):
+        line += f"; residual blocks removed whole: {', '.join(c['removed_blocks'])}"
+    return line
+
+
 def _noisy(measured: dict) -> str:
-    """The rounds behind a measurement, where they disagree (a noisy device)."""
+    """The rounds behind a measurement, where they disagree (the figure beside the figure: that the
+    device is noisy is said once, by the run's warning, not on every row)."""
     from edgeprune.latency.interleave import noisy_rounds
 
     extra = measured.get("extra", {})
     rounds = noisy_rounds(extra.get("rounds_ms") or [])
-    kept = "the quietest round" if extra.get("statistic", "quietest") == "quietest" else "the median round"
-    return f" (noisy device: {rounds}; {kept} counts)" if rounds else ""
+    kept = "the quietest" if extra.get("statistic", "quietest") == "quietest" else "the median"
+    return f" (rounds {rounds}; {kept} counts)" if rounds else ""
 
 
 def _prediction_note(val: dict) -> str:
@@ -108,14 +135,32 @@ def _prediction_note(val: dict) -> str:
     return note
 
 
+def referred_note(val: dict) -> str:
+    """Where a share-of-dense budget referred the shipped model to the dense model as measured at
+    the search (validate.py's `verdict`), the figure held against the budget and why; else ""."""
+    held, measured = val.get("held_ms"), val["measured"]["median_ms"]
+    if held is None or abs(held / measured - 1) < 0.0005:
+        return ""
+    return (
+        f"{held:.4g} ms as referred to the dense model at the search, as a {val['budget']} budget is: "
+        f"{val['dense_at_search_ms']:.4g} ms then, {val['dense_measured']['median_ms']:.4g} ms now"
+    )
+
+
 def validation_rows(val: dict) -> list[list[str]]:
     """The validation table (label, value, note), as the report and `edgeprune validate` show it."""
+    referred = referred_note(val)
+    share = ""
+    if str(val.get("budget", "")).endswith("%"):
+        share = f"{val['budget']} of the dense model " + ("at the search" if val.get("dense_at_search_ms") else "here")
     rows = [
-        ["budget", _ms(val["budget_ms"]), ""],
+        ["budget", _ms(val["budget_ms"]), share],
         [
             "shipped model, measured",
             _ms(val["measured"]["median_ms"]),
-            ("meets the budget" if val["meets_budget"] else "OVER BUDGET") + _noisy(val["measured"]),
+            ("meets the budget" if val["meets_budget"] else "OVER BUDGET")
+            + (f": {referred}" if referred else "")
+            + _noisy(val["measured"]),
         ],
         ["predicted by the table", _ms(val["predicted_ms"]), _prediction_note(val)],
         [
@@ -175,9 +220,12 @@ def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
     doc.heading(f"edgeprune run: {model} on {device}", 1)
     if val:
         verdict = "meets" if val["meets_budget"] else "MISSES"
+        referred = referred_note(val)
         doc.para(
             f"The shipped model {verdict} the {val['budget_ms']:.4g} ms budget on {val['device']}: measured "
-            f"{val['measured']['median_ms']:.4g} ms (p90 {val['measured']['p90_ms']:.4g} ms), "
+            f"{val['measured']['median_ms']:.4g} ms (p90 {val['measured']['p90_ms']:.4g} ms"
+            + (f"; {referred}" if referred else "")
+            + "), "
             f"{val['speedup']:.2f}x faster than the dense model ({val['dense_measured']['median_ms']:.4g} ms); "
             f"test accuracy {_pct(val['test_accuracy'])} vs {_pct(val['dense_test_accuracy'])} dense."
         )

@@ -138,9 +138,14 @@ class PlanMeter:
     """Exports plans of the space and measures them on the device, in turn (each its quietest of
     many short windows). For a budget that is a share of dense, beside the dense model."""
 
-    def __init__(self, space, device, *, criterion: str, relative: bool, progress: bool = True, log=print) -> None:
+    def __init__(
+        self, space, device, *, criterion: str, relative: bool, progress: bool = True, log=print, noise=None
+    ) -> None:
+        from edgeprune.latency.interleave import NoiseNote
+
         self.space, self.device, self.criterion, self.relative = space, device, criterion, relative
         self.progress, self.log = progress, log
+        self.noise = noise if noise is not None else NoiseNote()  # the run's: a noisy device is said once
         self.dense_ms: float | None = None  # the dense model as measured at the start
         self._tmp = tempfile.TemporaryDirectory(prefix="edgeprune-meter-")
 
@@ -153,25 +158,29 @@ class PlanMeter:
         than it, a slow phase either way)."""
         from edgeprune.latency import interleave
         from edgeprune.models.onnx import export_onnx
+        from edgeprune.progress import progress_bar
 
-        shape = self.space.input_shape
-        items = []
-        for i, counts in enumerate(plans):
-            pruned = self.space.plan([int(c) for c in counts], criterion=self.criterion).apply(self.space.base)
-            items.append((export_onnx(pruned, shape, Path(self._tmp.name) / f"m{i}.onnx"), shape))
+        full = [list(map(int, c)) == list(self.space.full_counts()) for c in plans]
+        n = len(plans) - sum(full)
+        what = " and ".join(["the dense model"] * any(full) + [f"{n} candidate{'s' * (n > 1)}"] * bool(n))
+        shape, items = self.space.input_shape, []
+        with progress_bar(enabled=self.progress and len(plans) > 1) as bar:  # a second or more each under load
+            task = bar.add_task(f"exporting {what}", total=len(plans), status="models")
+            for i, counts in enumerate(plans):
+                pruned = self.space.plan([int(c) for c in counts], criterion=self.criterion).apply(self.space.base)
+                items.append((export_onnx(pruned, shape, Path(self._tmp.name) / f"m{i}.onnx"), shape))
+                bar.advance(task)
         beside = {"settle": (0, settle), "pruned": (0, range(1, len(items)))} if settle else {}
-        what = f"measuring {len(items)} model{'s' * (len(items) > 1)} on {self.device.name}"
-        with interleave.rounds_progress(what, len(items), enabled=self.progress) as shown:
-            return [m.to_dict() for m in interleave.measure_interleaved(self.device, items, on_result=shown, **beside)]
+        what += f" on {self.device.name}"
+        with interleave.rounds_progress(f"measuring {what}", len(items), enabled=self.progress) as shown:
+            measured = interleave.measure_interleaved(self.device, items, on_result=shown, **beside)
+        for dense, m in zip(full, measured):
+            self.noise.note("dense" if dense else "pruned", m.extra["rounds_ms"], self.log)
+        return [m.to_dict() for m in measured]
 
     def measure_dense(self) -> float:
         """The dense model alone, at the start: the budget and the anchor hang on it."""
-        from edgeprune.latency.interleave import noise_warning
-
-        dense = self.measure([self.space.full_counts()])[0]
-        if warning := noise_warning("dense", dense["extra"]["rounds_ms"]):
-            self.log(warning)
-        return dense["median_ms"]
+        return self.measure([self.space.full_counts()])[0]["median_ms"]
 
     def referred(self, plans: list) -> Referred:
         """Measure PLANS; for a budget that is a share of dense, beside the dense model.

@@ -117,8 +117,16 @@ class BudgetProblem:
                 depth = ", or let the search remove whole residual blocks (--depth)"
         if any(g.allowed[0] > f for g, f in zip(groups, floor) if g.block is None):
             return f"raise the budget, or lower --min-keep{depth}"
+        step = self.space.step
+        stuck = [g for g in self.space.groups if g.block is None and len(g.allowed) == 1 and g.width > 1]
+        if stuck and step > 1:  # the table's channel step is what stops them: a finer one reaches further
+            return (
+                f"{len(stuck)} of {len(self.space.groups)} groups are narrower than two channel steps of {step} and "
+                f"cannot shrink at all: profile a table at a finer step (edgeprune profile ... --step {step // 2}) and "
+                f"prune with it, or raise the budget{depth}"
+            )
         return (
-            f"every group is already at one channel step ({self.space.step}): the rest is layers channel "
+            f"every group is already at one channel step ({step}): the rest is layers channel "
             f"pruning cannot remove; raise the budget{depth}"
         )
 

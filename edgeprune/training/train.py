@@ -18,11 +18,25 @@ import torch
 from torch import nn
 
 from edgeprune.checkpoint import Checkpoint, atomic_torch_save, save_checkpoint
+from edgeprune.checks import POSITIVE, POSITIVE_OR_NONE, Rule, check_values
 from edgeprune.data import Dataset, load_dataset
-from edgeprune.errors import EdgepruneError
+from edgeprune.errors import EdgepruneError, Interrupted
 from edgeprune.progress import progress_bar
 from edgeprune.training.batches import Batch, TrainData, default_input
 from edgeprune.training.evaluate import accuracy
+
+RECIPE_RULES = {
+    "epochs": POSITIVE,
+    "batch_size": POSITIVE,
+    "lr": Rule(float, lo=0, lo_open=True),
+    "momentum": Rule(float, lo=0, hi=1, hi_open=True),
+    "weight_decay": Rule(float, lo=0),
+    "nesterov": Rule(bool),
+    "label_smoothing": Rule(float, lo=0, hi=1, hi_open=True),
+    "warmup_epochs": Rule(float, lo=0),
+    "seed": Rule(int),
+    "max_batches_per_epoch": POSITIVE_OR_NONE,
+}
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,9 @@ class Recipe:
     warmup_epochs: float = 0.0
     seed: int = 0
     max_batches_per_epoch: int | None = None  # for smoke runs on a subset
+
+    def __post_init__(self) -> None:  # a bad value is one line here, not a NaN loss an epoch later
+        check_values(self.__dict__, RECIPE_RULES, where="train")
 
     def lr_at(self, step: int, total: int, steps_per_epoch: int) -> float:
         warm = int(self.warmup_epochs * steps_per_epoch)
@@ -203,8 +220,8 @@ def fit(
         except KeyboardInterrupt:
             done = bar.tasks[0].completed
             save_state(int(done // per_epoch), int(done % per_epoch))
-            where = f"; run the same command again to resume from {state_file}" if state_file else ""
-            raise EdgepruneError(f"training interrupted at step {int(done)}/{total}{where}") from None
+            kept = f"saved in {state_file}" if state_file else "not saved (no resume file)"
+            raise Interrupted(f"training stopped at step {int(done)}/{total}, {kept}") from None
     return model
 
 
