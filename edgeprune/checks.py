@@ -70,18 +70,31 @@ def check_value(name: str, value: Any, rule: Rule | dict, *, as_flag: bool = Tru
         if not isinstance(value, str):
             raise EdgepruneError(f"{where} must be a name, got {value!r}")
         return value
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (kind is int and not (math.isfinite(value) and float(value).is_integer()))
-    ):
-        raise EdgepruneError(f"{where} must be {'a whole number' if kind is int else 'a number'}, got {value!r}")
-    value = kind(value)
+    wanted = "a whole number" if kind is int else "a number"
+    if isinstance(value, str) and _reads_as_number(value):  # YAML reads 5e-2 (no dot) as text
+        raise EdgepruneError(f"{where} must be {wanted}, got the text {value!r} (in YAML, write 0.05 or 5.0e-2)")
+    try:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (kind is int and not (math.isfinite(value) and float(value).is_integer()))
+        ):
+            raise EdgepruneError(f"{where} must be {wanted}, got {value!r}")
+        value = kind(value)
+    except OverflowError:
+        raise EdgepruneError(f"{where} must be {rule.span()}, got a number too large to use") from None
     below = rule.lo is not None and (value <= rule.lo if rule.lo_open else value < rule.lo)
     above = rule.hi is not None and (value >= rule.hi if rule.hi_open else value > rule.hi)
     if math.isfinite(value) and not below and not above:
         return value
     raise EdgepruneError(f"{where} must be {rule.span()}, got {value!r}")
+
+
+def _reads_as_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def check_values(values: dict, rules: dict[str, Rule], *, where: str, as_flag: bool = True) -> dict:

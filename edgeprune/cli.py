@@ -423,8 +423,8 @@ def predict(
         raise EdgepruneError(f"--check must be a number of plans (0: none), got {check}")
     r = _shape_only(model, weights, model_arg, num_classes, trust_pickle, data, image_size, input_shape)
     net, model_id, shape = r.model, r.id, r.shape
-    dev = Device.load(device) if check or strict or table_path is None else None
-    table_path = find_table(dev, model_id, table_path)
+    dev = Device.load(device)
+    table_path = find_table(dev, model_id, table_path, log=_log(json_out))  # this setup's own, where it has one
     table = LatencyTable.load(table_path, fingerprint=dev.fingerprint() if dev and strict else None, strict=strict)
     table.check_input(
         shape, table_path, f"edgeprune profile {r.args} --device {device} --input-shape {','.join(map(str, shape))}"
@@ -637,12 +637,15 @@ def finetune_cmd(
 ) -> None:
     """Finetune a run's pruned model, distilled from its dense parent; rerun to resume."""
     from edgeprune.pipeline import finetune_run
+    from edgeprune.pipeline.finetune import check_options as check_finetune
 
     _threads(threads)
     recipe = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "temperature": temperature, "alpha": alpha}
     recipe.update(max_batches=max_batches, device=train_device)
+    check_finetune(**recipe, seed=seed)  # before any run is copied or a worker started
     if seeds is not None or workers is not None or ray is not None:
-        _finetune_seeds(run_dirs, seed, seeds or 1, recipe, workers, ray, worker_cpus, worker_gpus, json_out)
+        n = 1 if seeds is None else seeds
+        _finetune_seeds(run_dirs, seed, n, recipe, workers, ray, worker_cpus, worker_gpus, json_out)
         return
     if len(run_dirs) > 1:
         raise EdgepruneError("several runs are finetuned with --seeds N (each in copies of its own); give one RUN")
@@ -844,7 +847,7 @@ def _resume_command(verb: str, given: dict) -> str:
     """The command line as given, with what makes it resume (prune: --resume)."""
     import shlex
 
-    args = sys.argv[1:]
+    args = [a for a in sys.argv[1:] if a != "--restart"]  # --restart would throw away what was kept
     if verb == "prune" and "--resume" not in args and (Path(given["out_path"]) / "config.json").is_file():
         args = [*args, "--resume"]
     return shlex.join(["edgeprune", *args])
@@ -858,8 +861,11 @@ def _what_was_kept(verb: str, given: dict) -> str:
             return "the search had not started: nothing to keep"
         import sqlite3
 
-        with contextlib.closing(sqlite3.connect(db)) as con:
-            n = con.execute("SELECT COUNT(*) FROM evals").fetchone()[0]
+        try:
+            with contextlib.closing(sqlite3.connect(db)) as con:
+                n = con.execute("SELECT COUNT(*) FROM evals").fetchone()[0]
+        except sqlite3.Error:
+            return f"every evaluation finished is kept in {db}"
         return f"{n} evaluations and every device measurement are kept in {db}"
     kept = {
         "profile": "every batch of units measured so far is kept in the table",
@@ -897,22 +903,28 @@ def _click_exceptions():
     return exceptions
 
 
+def _error(line: str) -> None:
+    """The one line of an error the user can fix (their values printed as they are, not as markup), exit 2."""
+    from rich.text import Text
+
+    err.print(Text.assemble(("error:", "red"), " ", line), highlight=False)
+    sys.exit(2)
+
+
 def main() -> None:
     """Run a verb; errors the user can fix (a bad value, a missing file) print one `error:` line, exit 2."""
     click = _click_exceptions()
     try:
         code = app(standalone_mode=False)
     except EdgepruneError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        sys.exit(2)
+        _error(str(e))
     except click.ClickException as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # a bare `edgeprune`: the help, as Typer shows it
             app(["--help"], standalone_mode=False)
             sys.exit(0)
         ctx = getattr(e, "ctx", None)
         where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
-        err.print(f"[red]error:[/red] {e.format_message().rstrip('.')}{where}", highlight=False)
-        sys.exit(2)
+        _error(f"{e.format_message().rstrip('.')}{where}")
     except (Stopped, typer.Abort, KeyboardInterrupt) as e:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while this prints: no traceback
         if isinstance(e, Stopped):

@@ -4,11 +4,13 @@ the CLI and config files do it, before calling the library's model-in functions.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from edgeprune.checks import POSITIVE_OR_NONE, check_values
 from edgeprune.errors import EdgepruneError
 from edgeprune.models import BUILTINS
 
@@ -38,13 +40,21 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def parse_floats(text: str | list | None, what: str) -> list[float] | None:
-    if text is None or isinstance(text, list):
-        return text
+SHAPE_RULES = {"num_classes": POSITIVE_OR_NONE, "image_size": POSITIVE_OR_NONE}
+
+
+def parse_floats(text: str | list | None, what: str, *, positive: bool = False) -> list[float] | None:
+    """R,G,B (or a list) as finite numbers (`positive`: above 0, a std divides by them)."""
+    if text is None:
+        return None
     try:
-        return [float(v) for v in str(text).split(",")]
-    except ValueError:
-        raise EdgepruneError(f"--{what} {text!r} is not a list of numbers like 0.485,0.456,0.406") from None
+        values = [float(v) for v in (text if isinstance(text, list) else str(text).split(","))]
+    except (TypeError, ValueError):
+        values = []
+    if not values or not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
+        kind = "positive numbers" if positive else "numbers"
+        raise EdgepruneError(f"--{what} {text!r} is not a list of {kind} like 0.485,0.456,0.406")
+    return values
 
 
 def parse_model_args(items: list[str] | dict | None) -> dict:
@@ -118,6 +128,8 @@ def resolve(
 
     if not model and not weights:
         raise EdgepruneError("name a model (--model NAME or file.py:factory) or a checkpoint (--weights)")
+    check_values({"num_classes": num_classes, "image_size": image_size}, SHAPE_RULES, where="model")
+    parse_floats(mean, "mean"), parse_floats(std, "std", positive=True)  # before the model is built
     kwargs = parse_model_args(model_kwargs)
     loaded = load_model(
         model, weights, model_kwargs=kwargs, num_classes=num_classes, trust_pickle=trust_pickle, log=log

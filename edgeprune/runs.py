@@ -10,9 +10,12 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgeprune.checkpoint import Checkpoint
 
 LOCK = ".lock"  # in a run folder: who writes it now (a flock, and the holder's PID and command)
 
@@ -53,7 +56,7 @@ def new_run_dir(root: str | os.PathLike = "runs", name: str = "run") -> Path:
     return path
 
 
-def writes_run(stage):
+def writes_run(stage: Callable) -> Callable:
     """`stage(run_dir, ...)` run while holding the run folder (`RunDir.writing`)."""
 
     @functools.wraps(stage)
@@ -64,7 +67,7 @@ def writes_run(stage):
     return call
 
 
-def _holder(f) -> dict:
+def _holder(f: IO[str]) -> dict:
     """Who holds a run folder's lock, as it wrote itself into the file (empty where unreadable)."""
     try:
         f.seek(0)
@@ -204,14 +207,14 @@ class RunDir:
             return self.check_lineage("dense.pt", load_checkpoint(self.path / "dense.pt"))
         return self.check_lineage("dense.pt", load_checkpoint(resolve_weights(self.config["weights"])))
 
-    def recorded_dense_accuracy(self, dense) -> float | None:
+    def recorded_dense_accuracy(self, dense: Checkpoint) -> float | None:
         """The dense checkpoint's own test accuracy, where it was scored on this run's data set
         (a checkpoint trained on Fashion-MNIST and pruned on other images says nothing of those)."""
         if dense.dataset is None or dense.dataset != (self.read("config.json") or {}).get("data"):
             return None
         return dense.meta.get("test_accuracy")
 
-    def pruned(self):
+    def pruned(self) -> Checkpoint:
         """The search's pruned model (pruned.pt), checked to be this run's."""
         from edgeprune.checkpoint import load_checkpoint
 
@@ -221,7 +224,7 @@ class RunDir:
             raise EdgepruneError(f"{self.path} has no pruned.pt: run `edgeprune prune --out {self.path}` first")
         return self.check_lineage("pruned.pt", load_checkpoint(self.path / "pruned.pt"))
 
-    def check_lineage(self, name: str, ckpt):
+    def check_lineage(self, name: str, ckpt: Checkpoint) -> Checkpoint:
         """`ckpt` (this run's `name`), refused in one line where it is not this run's: the dense
         model config.json recorded (its architecture, and its weights' hash), or that model pruned
         by plan.json. A folder that mixes files of several runs would otherwise be finetuned,
@@ -232,6 +235,9 @@ class RunDir:
 
         config, plan = self.read("config.json") or {}, self.read("plan.json")
         fix = "the folder mixes files of different runs: put the run's own file back, or prune again into a new --out"
+        if (ckpt.plan is None) != (name == "dense.pt"):
+            what, where = ("a dense", "pruned") if ckpt.plan is None else ("a pruned", "dense")
+            raise EdgepruneError(f"{self.path / name} holds {what} model where this run keeps its {where} one; {fix}")
         if config.get("model") and ckpt.ref.to_dict() != config["model"]:
             raise EdgepruneError(
                 f"{self.path / name} holds {ckpt.model}, but this run pruned {config.get('model_id')}; {fix}"
@@ -243,6 +249,8 @@ class RunDir:
                 )
         elif plan is not None and Plan.from_dict(ckpt.plan).hash() != Plan.from_dict(plan).hash():
             raise EdgepruneError(f"{self.path / name} was pruned by another plan than this run's plan.json; {fix}")
+        elif ckpt.meta.get("dense_hash") not in (None, config.get("model_hash")):
+            raise EdgepruneError(f"{self.path / name} was pruned from other weights than this run's dense model; {fix}")
         return ckpt
 
     def shipped(self):

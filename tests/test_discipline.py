@@ -40,6 +40,14 @@ BAD = {  # arguments (RUN: a run folder, CONFIG: a config file with the text giv
     "budget nan": ((*PRUNE[:-1], "nan", "--out", "RUN"), "budget must be a positive, finite number"),
     "clusters 0": ((*PRUNE, "--clusters", "0", "--out", "RUN"), "--clusters must be at least 1, got 0"),
     "threads -1": ((*PRUNE, "--threads", "-1", "--out", "RUN"), "--threads must be at least 1, got -1"),
+    "seed -1": ((*PRUNE, "--seed", "-1", "--out", "RUN"), "--seed must be at least 0, got -1"),
+    "budget 150%": ((*PRUNE[:-1], "150%", "--out", "RUN"), "budget '150%' is not below the dense model's latency"),
+    "device as markup": (
+        (*PRUNE[:3], "--device", "[/x]", "--budget-ms", "50%", "--out", "RUN"),
+        "unknown device '[/x]'",
+    ),
+    "finetune seeds 0": (("finetune", "RUN", "--seeds", "0"), "--seeds must be at least 1, got 0"),
+    "train seed": (("train", "--model", "resnet20", "--data", "digits", "--out", "RUN", "--seed", "-2"), "--seed"),
     "evals not a number": ((*PRUNE, "--evals", "abc", "--out", "RUN"), "Invalid value for '--evals'"),
     "unknown option": ((*PRUNE, "--evlas", "3", "--out", "RUN"), "No such option: --evlas"),
     "missing option": (PRUNE, "Missing option '--out'"),
@@ -57,12 +65,18 @@ BAD = {  # arguments (RUN: a run folder, CONFIG: a config file with the text giv
     "run threads": (("run", "--threads", "0"), "--threads must be at least 1, got 0"),
     "device threads": (("profile", "--model", "resnet20", "--device", "DEVICE"), "threads must be at least 1"),
     "agent port": (("agent", "serve", "--device", "cpu-onnxruntime", "--port", "0"), "--port must be in [1, 65535]"),
-    "config evals": (("run", "CONFIG:prune: {budget: 50%, evals: sixty}"), "--evals must be a whole number"),
+    "config evals": (("run", "CONFIG:prune: {budget: 50%, evals: sixty}"), "section prune: evals must be a whole"),
+    "config seed": (("run", "CONFIG:prune: {budget: 50%, seed: -1}"), "section prune: seed must be at least 0"),
+    "config budget": (("run", "CONFIG:prune: {budget: 100%}"), "section prune: budget '100%' is not below"),
     "config misspelt": (("run", "CONFIG:prune: {budget: 50%, evlas: 6}"), "unknown prune setting(s) ['evlas']"),
-    "config finetune": (("run", "CONFIG:finetune: {epochs: 2, alpha: 2}"), "--alpha must be in [0, 1], got 2"),
-    "config train": (("run", "CONFIG:model: resnet20\ntrain: {epochs: -1}"), "--epochs must be at least 1"),
-    "config profile": (("run", "CONFIG:profile: {step: 0}"), "--step must be at least 1, got 0"),
-    "config validate": (("run", "CONFIG:validate: {sparse: 3}"), "--sparse must be true or false, got 3"),
+    "config finetune": (("run", "CONFIG:finetune: {epochs: 2, alpha: 2}"), "section finetune: alpha must be in [0, 1]"),
+    "config lr text": (("run", "CONFIG:finetune: {lr: 5e-2}"), "got the text '5e-2' (in YAML, write 0.05 or 5.0e-2)"),
+    "config train": (
+        ("run", "CONFIG:model: resnet20\ntrain: {epochs: -1}"),
+        "section train: epochs must be at least 1",
+    ),
+    "config profile": (("run", "CONFIG:profile: {step: 0}"), "section profile: step must be at least 1, got 0"),
+    "config validate": (("run", "CONFIG:validate: {sparse: 3}"), "section validate: sparse must be true or false"),
 }
 
 
@@ -197,6 +211,7 @@ def test_a_second_writer_and_a_foreign_file_are_refused(tiny_run, cli_here, tmp_
     assert len(_evals(run)) >= 4 and (run / "pruned.pt").is_file()  # the first one lost nothing
 
     dense, pruned = load_checkpoint(run / "dense.pt"), load_checkpoint(run / "pruned.pt")
+    pruned_file = (run / "pruned.pt").read_bytes()
     other = load_checkpoint(run / "dense.pt")
     name = next(k for k, v in other.state_dict.items() if v.is_floating_point())
     other.state_dict[name] = other.state_dict[name] + 0.01  # the same architecture, other weights
@@ -212,6 +227,30 @@ def test_a_second_writer_and_a_foreign_file_are_refused(tiny_run, cli_here, tmp_
     save_checkpoint(pruned, run / "pruned.pt")
     for verb in ("finetune", "export", "validate"):
         assert "was pruned by another plan than this run's plan.json" in one_error_line(cli_here(verb, str(run)))
+    (run / "pruned.pt").write_bytes(pruned_file)
+    (run / "dense.pt").write_bytes(pruned_file)  # a pruned model where the dense one goes
+    assert "holds a pruned model where this run keeps its dense one" in one_error_line(cli_here("finetune", str(run)))
+
+
+def test_a_config_corrected_after_a_failed_start_runs_and_one_after_the_search_is_refused(tmp_path):
+    """`edgeprune run` whose prune failed before its search began (an unreachable budget) takes the
+    corrected config and runs its stages again; once a search has started, the run is its config's."""
+    from edgeprune.pipeline.run import Pipeline
+
+    run = tmp_path / "run"
+    first = {"weights": ZOO, "device": "cpu-onnxruntime", "prune": {"budget": "1%"}}
+    run.mkdir()
+    (run / "pipeline.json").write_text(json.dumps({"config": first, "stages": {"profile": "done"}, "seconds": {}}))
+    said: list[str] = []
+    corrected = {**first, "prune": {"budget": "50%"}}
+    p = Pipeline(corrected, run, progress=False, log=said.append)
+    assert p.state["stages"] == {} and p.state["config"] == corrected
+    assert "changed before its search started" in said[0]
+    (run / "config.json").write_text("{}")  # the search started with the first config
+    from edgeprune.errors import EdgepruneError
+
+    with pytest.raises(EdgepruneError, match="was run with another config"):
+        Pipeline(corrected, run, progress=False, log=said.append)
 
 
 def _interrupt(proc: subprocess.Popen) -> tuple[str, str]:
@@ -247,3 +286,9 @@ def test_ctrl_c_during_profile_and_prune_keeps_the_work_and_says_how_to_go_on(ti
     )
     assert r.returncode == 0, r.stderr
     assert _evals(run)[: len(kept)] == kept and len(_evals(run)) >= 12  # went on from what was kept
+
+    finetune = _start(["finetune", str(run), "--epochs", "20"])  # its resume file: the position kept
+    _wait_for((run / "finetuned.pt.resume").is_file, finetune)
+    out, err = _interrupt(finetune)
+    assert finetune.returncode == 130 and "Traceback" not in out + err, err
+    assert "training stopped at step" in err and f"to go on: edgeprune finetune {run} --epochs 20" in err, err

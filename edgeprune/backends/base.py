@@ -6,6 +6,7 @@ import os
 import platform
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -27,7 +28,7 @@ class Backend(ABC):
 
     name: str = ""
     package: str = ""  # the pip package that provides it
-    OPTIONS: dict = {}  # option name -> edgeprune.checks.Rule: what a device profile may set
+    OPTIONS: ClassVar[dict] = {}  # option name -> edgeprune.checks.Rule: what a device profile may set
 
     @classmethod
     def check_options(cls, options: dict, *, where: str) -> dict:
@@ -38,7 +39,7 @@ class Backend(ABC):
         from edgeprune.errors import EdgepruneError
 
         try:
-            return check_values(options, cls.OPTIONS, where=f"{cls.name} option", as_flag=False)
+            return check_values(options, cls.OPTIONS, where=cls.name, as_flag=False)
         except EdgepruneError as e:
             raise EdgepruneError(f"{where}: options: {e}") from None
 

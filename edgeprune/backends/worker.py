@@ -90,7 +90,10 @@ def _serve() -> None:
             answer = ["ok", backend.measure(path, shape, Protocol.from_dict(protocol), run=run).to_dict()]
         except Exception as e:  # report, keep serving
             answer = ["error", one_line(e)]
-        protocol_out.write(MARK + json.dumps(answer) + "\n")
+        try:
+            protocol_out.write(MARK + json.dumps(answer) + "\n")
+        except BrokenPipeError:  # the caller is gone (killed): nobody to answer, nothing to say
+            return
 
 
 class WorkerDied(RuntimeError):

@@ -75,6 +75,8 @@ class DeviceSpec:
             raise EdgepruneError(f"{where}: a profile needs a name")
         try:
             protocol = Protocol.from_dict(d.get("protocol"))
+        except EdgepruneError as e:
+            raise EdgepruneError(f"{where}: protocol: {e}") from None
         except (TypeError, ValueError) as e:
             raise EdgepruneError(f"{where}: bad protocol ({e})") from None
         copies = d.get("unit_copies", 1)

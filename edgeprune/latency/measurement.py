@@ -22,6 +22,25 @@ from dataclasses import asdict, dataclass, field
 import psutil
 
 
+def _protocol_rules() -> dict:
+    from edgeprune.checks import Rule
+
+    count, seconds = Rule(int, lo=0), Rule(float, lo=0)
+    share = Rule(float, lo=0, lo_open=True)
+    return {
+        "warmup_runs": count,
+        "warmup_s": seconds,
+        "min_runs": Rule(int, lo=1),
+        "min_s": seconds,
+        "max_runs": Rule(int, lo=1),
+        "precision": Rule(float, lo=0, lo_open=True, optional=True),
+        "max_s": Rule(float, lo=0, lo_open=True, optional=True),
+        "max_cv": share,
+        "max_foreign_load": share,
+        "retries": count,
+    }
+
+
 @dataclass(frozen=True)
 class Protocol:
     """How a latency is measured; stored with every result."""
@@ -48,8 +67,16 @@ class Protocol:
             raise EdgepruneError(
                 f"unknown protocol field(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}"
             )
-        if d.get("pin_cpus") is not None:
-            d["pin_cpus"] = tuple(int(c) for c in d["pin_cpus"])
+        from edgeprune.checks import check_values
+
+        pins = d.pop("pin_cpus", None)
+        d = check_values(d, _protocol_rules(), where="protocol", as_flag=False)  # one line, not a bad timing
+        if pins is not None:  # the device's CPUs (an agent's may not be this machine's): numbers, checked there
+            from edgeprune.errors import EdgepruneError
+
+            if not isinstance(pins, (list, tuple)) or not all(isinstance(c, int) and c >= 0 for c in pins):
+                raise EdgepruneError(f"pin_cpus must be a list of CPU numbers, got {pins!r}")
+            d["pin_cpus"] = tuple(pins)
         return cls(**d)
 
     def to_dict(self) -> dict:

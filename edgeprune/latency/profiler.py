@@ -166,16 +166,16 @@ RULES = {
     "copies": POSITIVE_OR_NONE,
     "recalibrate": Rule(bool),
     "batch": POSITIVE,
-    "seed": Rule(int),
+    "seed": Rule(int, lo=0),  # numpy's and torch's generators take no negative seed
 }
 
 
-def check_options(*, step=None, **options) -> None:
+def check_options(*, step=None, as_flag: bool = True, **options) -> None:
     """The profile's options checked (one line for the first that is wrong): `step` is a positive
     number, "auto" or None (the device profile's)."""
     if step not in (None, "auto"):
-        check_value("step", step, POSITIVE)
-    check_values(options, RULES, where="profile")
+        check_value("step", step, POSITIVE, as_flag=as_flag)
+    check_values(options, RULES, where="profile", as_flag=as_flag)
 
 
 def profile(

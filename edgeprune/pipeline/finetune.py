@@ -75,7 +75,7 @@ RULES = {
     "batch_size": POSITIVE,
     "temperature": Rule(float, lo=0, lo_open=True),
     "alpha": Rule(float, lo=0, hi=1),
-    "seed": Rule(int),
+    "seed": Rule(int, lo=0),  # numpy's and torch's generators take no negative seed
     "max_batches": POSITIVE_OR_NONE,
     "heldout_limit": POSITIVE_OR_NONE,
     "device": Rule(str),

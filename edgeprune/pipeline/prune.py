@@ -472,6 +472,7 @@ class Pruning:
         plan.save(run / "plan.json")
         meta = {
             "base_checkpoint": str(run / "dense.pt"),
+            "dense_hash": self.config["model_hash"],  # which weights it was pruned from (RunDir.check_lineage)
             "proxy_accuracy": c["proxy_accuracy"],
             "measured_ms": c["measured_ms"],
         }
@@ -631,6 +632,7 @@ def prune_run(
     ClusterOptions(**{CLUSTER[k]: v for k, v in cluster.items()})
     if given.get("budget") is not None:
         Budget.parse(given["budget"])
+    _check_device_and_table(given)
     if resume and (run / CONFIG).is_file():
         config = run.config
         model_args = config.get("model_args")
@@ -687,6 +689,17 @@ def prune_run(
         **settings,
     )
     return result.record
+
+
+def _check_device_and_table(given: dict) -> None:
+    """The device profile read and a named table's file there, before the model and data load."""
+    from edgeprune.devices import Device
+
+    if given.get("device") is not None:
+        Device.load(given["device"])
+    table = given.get("table")
+    if table and given.get("cost", "latency") == "latency" and not Path(table).is_file():
+        raise EdgepruneError(f"latency table {table} does not exist; create it with `edgeprune profile`")
 
 
 CLUSTER = {"workers": "workers", "ray": "address", "worker_cpus": "worker_cpus", "worker_gpus": "worker_gpus"}

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import yaml
 
+from edgeprune.checks import check_values
 from edgeprune.errors import EdgepruneError
-from edgeprune.resolve import MODEL_OPTIONS
+from edgeprune.resolve import MODEL_OPTIONS, SHAPE_RULES, parse_floats
 from edgeprune.runs import RunDir, write_json
 
 STAGES = ("train", "profile", "prune", "finetune", "export", "validate", "report")
@@ -87,37 +88,48 @@ def check_config(cfg: dict) -> dict:
                 f"unknown {stage} setting(s) {sorted(unknown)} in the config; known: {', '.join(sorted(known[stage]))}"
             )
     _check_stage_values(cfg)
+    check_values({k: cfg.get(k) for k in SHAPE_RULES}, SHAPE_RULES, where="config", as_flag=False)
+    parse_floats(cfg.get("mean"), "mean"), parse_floats(cfg.get("std"), "std", positive=True)
     prune = dict(cfg.get("prune") or {})
-    PruneSettings.create({k: v for k, v in prune.items() if k != "budget" and k not in CLUSTER})
-    ClusterOptions(**{CLUSTER[k]: v for k, v in prune.items() if k in CLUSTER})
-    if prune.get("budget") is not None:
-        from edgeprune.search.budget import Budget
+    try:
+        PruneSettings.create({k: v for k, v in prune.items() if k != "budget" and k not in CLUSTER}, as_flag=False)
+        ClusterOptions(**{CLUSTER[k]: v for k, v in prune.items() if k in CLUSTER})
+        if prune.get("budget") is not None:
+            from edgeprune.search.budget import Budget
 
-        Budget.parse(prune["budget"])
+            Budget.parse(prune["budget"])
+    except EdgepruneError as e:
+        raise EdgepruneError(f"config section prune: {e}") from None
     return cfg
 
 
 def _check_stage_values(cfg: dict) -> None:
-    """Each stage section's values, by the rules its stage function checks them with."""
-    from edgeprune.checks import check_values
+    """Each stage section's values checked by the rules its stage function checks them with, and
+    kept as those rules read them (a YAML `epochs: 2.0` is 2); an error names its section."""
+    from edgeprune.checks import check_torch_device
+    from edgeprune.formats import parse_formats
     from edgeprune.latency.profiler import check_options as check_profile
-    from edgeprune.pipeline.export import check_options as check_export
-    from edgeprune.pipeline.finetune import check_options as check_finetune
+    from edgeprune.pipeline.export import RULES as EXPORT
+    from edgeprune.pipeline.finetune import RULES as FINETUNE
     from edgeprune.pipeline.validate import RULES as VALIDATE
-    from edgeprune.training import Recipe
+    from edgeprune.training.train import RECIPE_RULES
 
-    if cfg.get("train"):
-        Recipe(**cfg["train"])
-    check_profile(**(cfg.get("profile") or {}))
-    finetune = dict(cfg.get("finetune") or {})
-    if finetune.get("epochs") != 0:  # epochs: 0 skips the stage
-        check_finetune(**finetune)
-    export = dict(cfg.get("export") or {})
-    export.setdefault("formats", ["onnx"])
-    export.setdefault("tensorrt_precision", "fp16")
-    export.setdefault("accuracy_images", None)
-    check_export(**export)
-    check_values(dict(cfg.get("validate") or {}), VALIDATE, where="validate")
+    rules = {"train": RECIPE_RULES, "finetune": FINETUNE, "export": EXPORT, "validate": VALIDATE}
+    for stage in ("train", "profile", "finetune", "export", "validate"):
+        section = dict(cfg.get(stage) or {})
+        if not section or (stage == "finetune" and section.get("epochs") == 0):  # epochs: 0 skips it
+            continue
+        try:
+            if stage == "profile":
+                check_profile(**section, as_flag=False)
+                continue
+            cfg[stage] = {**section, **check_values(section, rules[stage], where=stage, as_flag=False)}
+            if stage == "export":
+                parse_formats(section.get("formats", ["onnx"]))
+            if stage == "finetune" and "device" in section:
+                check_torch_device(section["device"])
+        except EdgepruneError as e:
+            raise EdgepruneError(f"config section {stage}: {e}") from None
 
 
 def stage_settings() -> dict[str, set[str]]:
@@ -152,13 +164,24 @@ class Pipeline:
         self.device = Device.load(cfg["device"])
         self.state_path = run / "pipeline.json"
         self.state = _load_state(self.state_path)
-        if self.state.get("config") not in (None, cfg):
-            raise EdgepruneError(
-                f"{run} was run with another config; use another name/out, or delete {self.state_path}"
-            )
+        self._config_changed(self.state.get("config"), cfg)
         self.state["config"] = cfg
         self.prune_settings = dict(cfg.get("prune") or {})
         self.noise = NoiseNote()  # the run's: a noisy device is said once, by whichever stage sees it first
+
+    def _config_changed(self, before: dict | None, cfg: dict) -> None:
+        """A config may change until the search has started (a corrected budget after a start that
+        failed): the stages done run again with it, except a train stage whose inputs are the same.
+        After, the run is that config's: another one is refused."""
+        if before in (None, cfg):
+            return
+        if (self.run / "config.json").is_file():
+            raise EdgepruneError(
+                f"{self.run} was run with another config; use another name/out, or delete {self.state_path}"
+            )
+        same_model = all(before.get(k) == cfg.get(k) for k in (*MODEL_OPTIONS, "train"))
+        self.state["stages"] = {k: v for k, v in self.state["stages"].items() if k == "train" and same_model}
+        self.log(f"the config of {self.run} changed before its search started: its stages run again with this one")
 
     def model_inputs(self, *, trained: bool = True) -> dict:
         """How the config names the dense model (after the train stage: the checkpoint it wrote)."""

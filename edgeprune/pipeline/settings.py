@@ -54,7 +54,7 @@ class PruneSettings:
 
     search: str = setting("bocr", "Searcher: uniform, random, bo, bocr or pso.", kind=str, choices=_searchers())
     evals: int = setting(60, "Distinct plans to score.", lo=1)
-    seed: int = setting(0, "Seed of the searcher and of the proxy's batches.")
+    seed: int = setting(0, "Seed of the searcher and of the proxy's batches.", lo=0)
     cost: str = setting(
         "latency", "Constraint: latency (the table) or flops (the baseline).", kind=str, choices=("latency", "flops")
     )
@@ -129,7 +129,7 @@ class PruneSettings:
         return {f.name: f.metadata["help"] for f in fields(cls)}
 
     @classmethod
-    def create(cls, values: dict | None = None, *, where: str = "prune") -> PruneSettings:
+    def create(cls, values: dict | None = None, *, where: str = "prune", as_flag: bool = True) -> PruneSettings:
         """Settings from `values` (unknown names refused, each value checked), defaults for the rest."""
         values = {k: v for k, v in (values or {}).items() if v is not None}
         unknown = set(values) - cls.names()
@@ -137,7 +137,11 @@ class PruneSettings:
             raise EdgepruneError(
                 f"unknown {where} setting(s) {sorted(unknown)}; known: {', '.join(sorted(cls.names()))}"
             )
-        checked = {f.name: check_value(f.name, values[f.name], f.metadata) for f in fields(cls) if f.name in values}
+        checked = {
+            f.name: check_value(f.name, values[f.name], f.metadata, as_flag=as_flag)
+            for f in fields(cls)
+            if f.name in values
+        }
         settings = cls(**checked)
         if settings.max_keep < settings.min_keep:
             raise EdgepruneError(f"--max-keep ({settings.max_keep}) is below --min-keep ({settings.min_keep})")

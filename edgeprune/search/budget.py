@@ -30,6 +30,8 @@ class Budget:
             raise EdgepruneError(f"budget {text!r} is neither milliseconds (2.5) nor a share of dense (50%)") from None
         if not math.isfinite(number) or number <= 0:
             raise EdgepruneError(f"budget must be a positive, finite number of ms or a share of dense, got {text!r}")
+        if relative and number >= 100:
+            raise EdgepruneError(f"budget {text!r} is not below the dense model's latency: give a share under 100%")
         return cls(number / 100 if relative else number, relative)
 
     def ms(self, dense_ms: float) -> float:

@@ -34,7 +34,7 @@ RECIPE_RULES = {
     "nesterov": Rule(bool),
     "label_smoothing": Rule(float, lo=0, hi=1, hi_open=True),
     "warmup_epochs": Rule(float, lo=0),
-    "seed": Rule(int),
+    "seed": Rule(int, lo=0),  # numpy's and torch's generators take no negative seed
     "max_batches_per_epoch": POSITIVE_OR_NONE,
 }
 
@@ -55,7 +55,8 @@ class Recipe:
     max_batches_per_epoch: int | None = None  # for smoke runs on a subset
 
     def __post_init__(self) -> None:  # a bad value is one line here, not a NaN loss an epoch later
-        check_values(self.__dict__, RECIPE_RULES, where="train")
+        for name, value in check_values(dict(self.__dict__), RECIPE_RULES, where="train").items():
+            object.__setattr__(self, name, value)  # as the rule reads it: epochs=2.0 is 2
 
     def lr_at(self, step: int, total: int, steps_per_epoch: int) -> float:
         warm = int(self.warmup_epochs * steps_per_epoch)
