@@ -71,7 +71,7 @@ class Protocol:
 
         pins = d.pop("pin_cpus", None)
         d = check_values(d, _protocol_rules(), where="protocol", as_flag=False)  # one line, not a bad timing
-        if pins is not None:  # the device's CPUs (an agent's may not be this machine's): numbers, checked there
+        if pins is not None:  # the device's CPU numbers (an agent's are not the caller's): only their form here
             from edgeprune.errors import EdgepruneError
 
             if not isinstance(pins, (list, tuple)) or not all(isinstance(c, int) and c >= 0 for c in pins):
