@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from edgeprune.errors import EdgepruneError
+from edgeprune.errors import EdgepruneError, choices_error
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def check_value(name: str, value: Any, rule: Rule | dict, *, as_flag: bool = Tru
         return list(value)
     if kind is str:
         if rule.choices and value not in rule.choices:
-            raise EdgepruneError(f"unknown {name} {value!r}; choose one of: {', '.join(rule.choices)}")
+            raise choices_error(name, value, rule.choices)
         if not isinstance(value, str):
             raise EdgepruneError(f"{where} must be a name, got {value!r}")
         return value

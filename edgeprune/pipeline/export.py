@@ -139,10 +139,9 @@ def export_run(
     log=print,
 ) -> dict:
     """`export` of a run's model into `out` (default export/RUN-NAME), with the run's figures."""
-    from edgeprune.formats import parse_formats
     from edgeprune.pipeline.finetune import run_task_data
 
-    check_options(formats=formats, tensorrt_precision=tensorrt_precision, accuracy_images=accuracy_images)
+    fmts = check_options(formats=formats, tensorrt_precision=tensorrt_precision, accuracy_images=accuracy_images)
     run = RunDir(run_dir)
     source, ckpt = run.shipped()
     run.dense()  # checked to be this run's too: the manifest carries its figures
@@ -157,7 +156,7 @@ def export_run(
         "measured_ms_during_search": chosen.get("measured_ms"),
         "dense_measured_ms": results.get("dense", {}).get("measured_ms"),
     }
-    log(f"exporting {source} ({', '.join(parse_formats(formats))}) to {target}")
+    log(f"exporting {source} ({', '.join(fmts)}) to {target}")
     try:
         manifest = export(
             ckpt.build(),
