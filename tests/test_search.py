@@ -201,6 +201,25 @@ def test_loop_replays_a_store_and_continues(r56, tmp_path):
 # ----- whole prune runs on a tiny model and data set, measured for real -----
 
 
+def kill_prune_after(args: list[str], db_path: Path, evals: int) -> list[tuple]:
+    """Start `edgeprune ARGS` (a prune), SIGKILL it once its store holds `evals` evaluations (or
+    after 300 s); the stored (i, counts, score) rows."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeprune", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if db_path.exists():
+            with sqlite3.connect(db_path) as db:
+                if db.execute("SELECT COUNT(*) FROM evals").fetchone()[0] >= evals:
+                    break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with sqlite3.connect(db_path) as db:
+        return [tuple(r) for r in db.execute("SELECT i, counts, score FROM evals ORDER BY i")]
+
+
 def prune_args(run, out, **extra):
     args = ["prune", "--weights", run["weights"], "--device", run["device"], "--table", run["table"], "--out", str(out)]
     for k, v in extra.items():
@@ -511,28 +530,14 @@ def test_prune_errors_are_one_line(tiny_run, tmp_path, cli):
     assert r.returncode == 2 and "no pruning run to resume" in r.stderr
 
 
+@pytest.mark.slow  # a Ray start and two scoring workers; tests/test_knapsack.py kills and resumes a prune by default
 def test_prune_resumes_after_kill_9(tiny_run, tmp_path, cli):
     """A run scoring its candidates on a local Ray of two workers is killed (the driver: SIGKILL);
     resumed without workers, it loses and rewrites nothing (the driver alone wrote the store)."""
     out = tmp_path / "run"
     args = prune_args(tiny_run, out, budget_ms="80%", search="bo", evals=16, measure_top=2, workers=2)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeprune", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
     db_path = out / "evals.sqlite"
-    deadline = time.time() + 300
-    before = 0
-    while time.time() < deadline and proc.poll() is None:
-        if db_path.exists():
-            with sqlite3.connect(db_path) as db:
-                before = db.execute("SELECT COUNT(*) FROM evals").fetchone()[0]
-            if before >= 12:  # past the Sobol starts, inside the GP phase
-                break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    with sqlite3.connect(db_path) as db:
-        kept = [tuple(r) for r in db.execute("SELECT i, counts, score FROM evals ORDER BY i")]
+    kept = kill_prune_after(args, db_path, 12)  # past the Sobol starts, inside the GP phase
     assert len(kept) >= 12
     r = cli(*prune_args(tiny_run, out, evals=16), "--resume", "--json")
     assert r.returncode == 0, r.stderr

@@ -149,6 +149,10 @@ class Pruning:
 
     def execute_on(self, cluster, s, store, meter, progress: bool, started: float):
         """`execute`, its candidates scored on `cluster` where one is given (a batch per its workers)."""
+        if cluster.enabled and self.cfg.proxy == "supernet":
+            raise EdgepruneError(
+                "the supernet proxy scores in this process only: run without --workers/--ray, or use --proxy bn"
+            )
         with RaySession(cluster, log=self.log) if cluster.enabled else contextlib.nullcontext() as session:
             self.session = session
             self.cfg = dataclasses.replace(self.cfg, batch=self.cfg.batch or default_batch(session, self.cfg.evals))
@@ -285,7 +289,7 @@ class Pruning:
     def search(self, s, problem, search, store, budget_ms: float, dense_ms: float, progress: bool):
         """Score plans with the proxy and run the measured search; (choice, evaluator, loop)."""
         from edgeprune.pruning import acp_widths
-        from edgeprune.search import ProxyEvaluator, SearchLoop, make_searcher
+        from edgeprune.search import SearchContext, SearchLoop, make_searcher
 
         cfg, task = self.cfg, self.task
         share = f" ({self.budget} of dense)" if self.budget.relative else ""
@@ -293,16 +297,9 @@ class Pruning:
             f"{self.ref.id} on {self.device.name}: dense {dense_ms:.4g} ms measured; budget {budget_ms:.4g} ms{share}; "
             f"{cfg.search} over {problem.dim} groups, search budget {problem.budget:.4g} {problem.unit}"
         )
+        evaluator = self.evaluator(s, progress)
         images = f" on {task.images} held-out images" if task.images else ""
         self.log(f"scoring the dense model with the proxy{images} (the first of the search's evaluations) ...")
-        evaluator = ProxyEvaluator(
-            s,
-            task,
-            criterion=cfg.criterion,
-            calibration_batches=cfg.calibration_batches,
-            seed=cfg.seed,
-            train_steps=cfg.proxy_steps,
-        )
         dense_score = evaluator(s.full_counts())
         store.set("dense_score", dense_score)
         pool = self.scoring_pool(s, evaluator)
@@ -315,6 +312,8 @@ class Pruning:
             clusters=cfg.clusters,
             acp_counts=acp,
             particles=cfg.particles,
+            context=SearchContext(task, criterion=cfg.criterion, seed=cfg.seed, log=self.log, progress=progress),
+            rounds=cfg.knapsack_rounds,
         )
         predictor = self.predictor
 
@@ -343,6 +342,28 @@ class Pruning:
             if pool is not None:
                 self.scoring = pool.summary()
                 pool.close()
+
+    def evaluator(self, s, progress: bool):
+        """The accuracy proxy: the plan on the dense weights, or on a width supernet trained once
+        (kept in the run folder, so a resumed run does not train it again)."""
+        from edgeprune.search import ProxyEvaluator
+
+        cfg = self.cfg
+        common = {
+            "criterion": cfg.criterion,
+            "calibration_batches": cfg.calibration_batches,
+            "seed": cfg.seed,
+            "train_steps": cfg.proxy_steps,
+        }
+        if cfg.proxy == "bn":
+            return ProxyEvaluator(s, self.task, **common)
+        from edgeprune.search.supernet import SupernetEvaluator
+
+        path = None if self.run is None else self.run / "supernet.pt"
+        self.log(f"the supernet proxy: {self.ref.id} as a width supernet ({cfg.supernet_steps} training steps) ...")
+        return SupernetEvaluator(
+            s, self.task, **common, supernet_steps=cfg.supernet_steps, state_path=path, progress=progress, log=self.log
+        )
 
     def scoring_pool(self, s, evaluator):
         """Ray workers scoring candidates for `evaluator` (None without a cluster)."""

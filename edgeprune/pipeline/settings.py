@@ -41,7 +41,7 @@ def setting(
 
 
 def _searchers() -> tuple[str, ...]:
-    return ("uniform", "random", "bo", "bocr", "pso")
+    return ("uniform", "random", "bo", "bocr", "pso", "knapsack", "darts")
 
 
 def _criteria() -> tuple[str, ...]:
@@ -52,7 +52,9 @@ def _criteria() -> tuple[str, ...]:
 class PruneSettings:
     """How a pruning run searches (everything but the model, data, device, budget and table)."""
 
-    search: str = setting("bocr", "Searcher: uniform, random, bo, bocr or pso.", kind=str, choices=_searchers())
+    search: str = setting(
+        "bocr", "Searcher: uniform, random, bo, bocr, pso, knapsack or darts.", kind=str, choices=_searchers()
+    )
     evals: int = setting(60, "Distinct plans to score.", lo=1)
     seed: int = setting(0, "Seed of the searcher and of the proxy's batches.", lo=0)
     cost: str = setting(
@@ -72,12 +74,26 @@ class PruneSettings:
     )
     clusters: int = setting(4, "bocr: clusters of groups sharing a keep ratio.", lo=1)
     particles: int = setting(10, "pso: swarm size.", lo=2)
+    knapsack_rounds: int = setting(
+        0,
+        "knapsack: rounds of pruning while training (HALP's progressive schedule), the saliency re-estimated "
+        "after each; 0: one shot on the dense model's saliency.",
+        lo=0,
+    )
     min_keep: float = setting(0.1, "Smallest keep ratio of any group.", kind=float, lo=0, hi=1, lo_open=True)
     max_keep: float = setting(1.0, "Largest keep ratio of any group.", kind=float, lo=0, hi=1, lo_open=True)
     depth: bool = setting(False, "Also remove whole residual blocks (reaches budgets width pruning cannot).", kind=bool)
     fix: list[str] = setting([], "Group root layer (glob) held at full width; repeatable.", kind=list)
     calibration_batches: int = setting(10, "Training batches that re-estimate BatchNorm for each candidate.", lo=1)
     heldout_images: int = setting(2000, "Held-out images the proxy scores (classification).", lo=1)
+    proxy: str = setting(
+        "bn",
+        "Accuracy proxy: bn (the plan on the dense weights, BatchNorm recalibrated) or supernet (a width "
+        "supernet trained once, SP's, sliced by the plan, then the same).",
+        kind=str,
+        choices=("bn", "supernet"),
+    )
+    supernet_steps: int = setting(300, "supernet: training steps (sandwich rule, distilled, stage by stage).", lo=1)
     proxy_steps: int = setting(
         0,
         "Distilled SGD steps each candidate trains before it is scored (0: BatchNorm "

@@ -13,8 +13,9 @@ exactly what it proposes alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -28,6 +29,19 @@ class Evaluation:
     counts: np.ndarray  # keep-count per group
     cost: float  # predicted ms, or MACs share
     score: float  # proxy accuracy
+
+
+@dataclass
+class SearchContext:
+    """What a model-aware searcher (knapsack, darts) needs beyond the problem, whose space holds the
+    base model: the task (training batches, loss), the criterion that picks a group's channels (so
+    its values and masks agree with the plans scored), where to log, and whether to show progress."""
+
+    task: Any
+    criterion: str = "l2"
+    seed: int = 0
+    log: Callable[[str], None] = print
+    progress: bool = False
 
 
 class Searcher:
