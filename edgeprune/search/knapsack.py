@@ -94,22 +94,23 @@ class KnapsackSolver:
     def fit(self, values: list[np.ndarray], budget: float, *, iterations: int = 16) -> np.ndarray:
         """The knapsack's plan whose real cost is within `budget`: the DP's target bisected between
         the smallest plan's cost and the largest target whose answer still fits."""
-        problem = self.problem
-        ref = np.asarray(problem.space.full_counts())
-        cost = lambda c: float(problem.cost(np.asarray(c)[None])[0])  # noqa: E731
-        best = self.linear(values, budget, ref)
-        if cost(best) <= budget:
+        best = self.linear(values, budget, self.problem.space.full_counts())
+        if self.cost(best) <= budget:
             return best
-        lo, hi = problem.smallest()[1], budget
-        best = problem.smallest()[0]
+        best, lo = self.problem.smallest()
+        hi = budget
         for _ in range(iterations):
             mid = (lo + hi) / 2
-            counts = self.linear(values, mid, ref)
-            if cost(counts) <= budget:
+            counts = self.linear(values, mid, self.problem.space.full_counts())
+            if self.cost(counts) <= budget:
                 lo, best = mid, counts
             else:
                 hi = mid
         return best
+
+    def cost(self, counts) -> float:
+        """The problem's real cost (the table's full prediction) of one plan."""
+        return float(self.problem.cost(np.asarray(counts)[None])[0])
 
 
 class Knapsack(Searcher):
