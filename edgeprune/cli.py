@@ -926,11 +926,14 @@ def main() -> None:
         where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
         _error(f"{e.format_message().rstrip('.')}{where}")
     except (Stopped, typer.Abort, KeyboardInterrupt) as e:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while this prints: no traceback
-        if isinstance(e, Stopped):
-            err.print(f"interrupted: {e.kept}; to go on: {e.resume}", highlight=False, markup=False)
-        else:
-            err.print("interrupted", highlight=False)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while this prints: no traceback
+        try:
+            if isinstance(e, Stopped):
+                err.print(f"interrupted: {e.kept}; to go on: {e.resume}", highlight=False, markup=False)
+            else:
+                err.print("interrupted", highlight=False)
+        finally:  # a caller in this process (a test, a notebook) keeps its Ctrl-C, and so do its children
+            signal.signal(signal.SIGINT, previous)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
