@@ -258,8 +258,8 @@ def _interrupt(proc: subprocess.Popen) -> tuple[str, str]:
     return proc.communicate(timeout=120)
 
 
-# slow: in two clean-clone CI runs of 2026-12-05 (full suite) the profile's SIGINT had no effect (it
-# ran to the end, exit 0), while it passes alone and with its own file; under investigation (stop note)
+# slow until understood: in a clean clone's full suite the profile's SIGINT had no effect (it ran to
+# the end, exit 0), while the test passes alone and with its own file (the issue-30 stop note)
 @pytest.mark.slow
 def test_ctrl_c_during_profile_and_prune_keeps_the_work_and_says_how_to_go_on(tiny_run, tmp_path):
     from edgeprune.latency.table import LatencyTable
