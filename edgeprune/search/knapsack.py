@@ -30,7 +30,7 @@ import torch
 
 from edgeprune.pruning.masks import ChannelMasks
 from edgeprune.search.base import SearchContext, Searcher
-from edgeprune.search.marginal import MarginalCosts
+from edgeprune.search.marginal import MarginalCosts, choices_of
 from edgeprune.search.problem import BudgetProblem
 from edgeprune.search.saliency import count_values, taylor_saliency
 
@@ -135,7 +135,7 @@ class Knapsack(Searcher):
         self.saliency_batches, self.noise = saliency_batches, noise
         self.masks = ChannelMasks(problem.space, groups=problem.variables, criterion=context.criterion, depth=True)
         self.solver = KnapsackSolver(problem)
-        self.choices = MarginalCosts.around(problem, problem.space.full_counts()).choices
+        self.choices = [choices_of(problem, j) for j in range(problem.dim)]
         self._values: list[np.ndarray] | None = None
 
     def values(self) -> list[np.ndarray]:
