@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from edgeprune.agent.limits import OPTIONS as AGENT_LIMITS
 from edgeprune.errors import EdgepruneError
 from edgeprune.pipeline.settings import PruneSettings
 
@@ -817,8 +818,23 @@ def agent_serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8470,
     token_file: Annotated[str | None, typer.Option(help="Token file (created owner-only on first start).")] = None,
     cache: Annotated[str | None, typer.Option(help="Cache folder (default ~/.cache/edgeprune/agent/DEVICE).")] = None,
-    max_mb: Annotated[int, typer.Option(help="Largest request accepted, in MiB.")] = 64,
-    job_timeout: Annotated[float, typer.Option(help="Time limit of one measurement, in seconds.")] = 300.0,
+    tls_cert: Annotated[str | None, typer.Option(help="TLS certificate (PEM); serve https. Needs --tls-key.")] = None,
+    tls_key: Annotated[str | None, typer.Option(help="TLS private key (PEM) of --tls-cert.")] = None,
+    max_mb: Annotated[int, typer.Option(help="Largest request accepted, in MiB.")] = AGENT_LIMITS["max_mb"],
+    max_items: Annotated[int, typer.Option(help="Most models in one request.")] = AGENT_LIMITS["max_items"],
+    max_queued: Annotated[
+        int, typer.Option(help="Most models waiting to be measured, all clients together.")
+    ] = AGENT_LIMITS["max_queued"],
+    max_input_elements: Annotated[int, typer.Option(help="Largest input tensor, in elements.")] = AGENT_LIMITS[
+        "max_input_elements"
+    ],
+    keep_jobs: Annotated[int, typer.Option(help="Finished jobs kept for clients to read...")] = AGENT_LIMITS[
+        "keep_jobs"
+    ],
+    keep_hours: Annotated[float, typer.Option(help="...and for at most this many hours.")] = AGENT_LIMITS["keep_hours"],
+    job_timeout: Annotated[float, typer.Option(help="Time limit of one measurement, in seconds.")] = AGENT_LIMITS[
+        "job_timeout"
+    ],
 ) -> None:
     """Serve measurements of this device to remote edgeprune clients (bearer token required)."""
     from edgeprune.agent.server import serve
@@ -829,9 +845,16 @@ def agent_serve(
         port=port,
         token_file=token_file,
         cache=cache,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        log=lambda s: out.print(s, highlight=False, markup=False),
         max_mb=max_mb,
-        job_timeout_s=job_timeout,
-        log=lambda s: out.print(s, highlight=False),
+        max_items=max_items,
+        max_queued=max_queued,
+        max_input_elements=max_input_elements,
+        keep_jobs=keep_jobs,
+        keep_hours=keep_hours,
+        job_timeout=job_timeout,
     )
 
 

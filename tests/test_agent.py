@@ -23,6 +23,7 @@ from edgeprune.latency.measurement import Protocol
 from .conftest import ROOT
 
 QUICK = Protocol(warmup_runs=2, warmup_s=0.01, min_runs=10, min_s=0.02, max_cv=10, max_foreign_load=1.0)
+SLOW = Protocol(warmup_runs=1, warmup_s=0, min_runs=10, min_s=30, max_runs=10**9, max_cv=10, max_foreign_load=1.0)
 
 
 def _free_port() -> int:
@@ -32,33 +33,38 @@ def _free_port() -> int:
 
 
 class AgentProcess:
-    def __init__(self, tmp, max_mb: int = 64):
-        self.tmp, self.max_mb = tmp, max_mb
+    """A real `edgeprune agent serve` on a free loopback port; `extra`: more serve options;
+    `tls`: (certificate, key) to serve https."""
+
+    def __init__(self, tmp, max_mb: int = 64, extra: tuple[str, ...] = (), tls: tuple | None = None):
+        self.tmp, self.max_mb, self.extra, self.tls = tmp, max_mb, tuple(extra), tls
         self.port = _free_port()
         self.cache = tmp / "cache"
         self.token_file = tmp / "token"
         self.proc = None
+        self.output = ""
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgeprune", "agent", "serve", "--device", "cpu-onnxruntime", "--port",
              str(self.port), "--cache", str(self.cache), "--token-file", str(self.token_file), "--max-mb",
-             str(self.max_mb), "--job-timeout", "60"],
+             str(self.max_mb), "--job-timeout", "60", *self.extra,
+             *(["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])] if self.tls else [])],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         deadline = time.time() + 90
-        while time.time() < deadline:
+        while time.time() < deadline and self.proc.poll() is None:
             try:
-                if httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/v1/health", timeout=1, verify=False).status_code == 200:
                     return self
             except httpx.TransportError:
                 time.sleep(0.2)
         self.stop()
-        raise RuntimeError("agent did not start: " + (self.proc.stdout.read() if self.proc.stdout else ""))
+        raise RuntimeError("agent did not start: " + self.output)
 
     @property
     def token(self) -> str:
@@ -67,7 +73,8 @@ class AgentProcess:
     def client(self) -> AgentClient:
         return AgentClient(self.url, self.token, timeout_s=60)
 
-    def stop(self):
+    def stop(self) -> str:
+        """Stop it; its output so far (also kept in `output`)."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
@@ -75,6 +82,10 @@ class AgentProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc and self.proc.stdout:
+            self.output += self.proc.stdout.read()
+            self.proc.stdout.close()
+        return self.output
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +152,7 @@ def test_bad_requests_get_400_and_agent_keeps_serving(agent, case, expect, tmp_p
         data = model.SerializeToString()
     body = {"model": base64.b64encode(data).decode(), "input_shape": list(shape)}
     if case == "fields":
-        body = {"model": "!!"}
+        body = {"model": "!!", "input_shape": list(shape)}
     elif case == "fresh":
         body["fresh"] = "yes"
     r = _post(agent, "/measure", body)
@@ -189,8 +200,7 @@ def test_runtime_crash_returns_error_and_agent_keeps_serving(agent):
     c = agent.client()
     data, shape = _model(48)
     c.measure(*_model(8), QUICK)  # the worker is up
-    slow = Protocol(warmup_runs=1, warmup_s=0, min_runs=10, min_s=30, max_runs=10**9, max_cv=10, max_foreign_load=1.0)
-    job = c.submit([(data, shape)], slow)
+    job = c.submit([(data, shape)], SLOW)
     time.sleep(1.0)
     os.kill(c.info()["worker_pid"], signal.SIGKILL)  # the runtime dies mid-measurement
     deadline = time.time() + 30

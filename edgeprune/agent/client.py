@@ -32,28 +32,77 @@ def read_token(spec: DeviceSpec) -> str:
     )
 
 
+class Resend(Exception):
+    """The agent dropped its damaged copy of a model; sending it again is right."""
+
+
+RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.RemoteProtocolError)
+
+
+def _tls_problem(e: Exception) -> str | None:
+    text = str(e)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return (
+            "its TLS certificate is not trusted: set tls_ca or tls_fingerprint in the device profile "
+            "(devices/README.md, TLS)"
+        )
+    if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
+        return "it does not speak TLS there: use its http:// URL, or serve it with --tls-cert/--tls-key"
+    return None
+
+
 class AgentClient:
-    def __init__(self, url: str, token: str, *, timeout_s: float = 600.0, retries: int = 3, name: str = "agent"):
+    """Talks to one agent. Over https it trusts the agent as the device profile says (`tls_ca`, or
+    `tls_fingerprint`, checked before the token is ever sent), else as the system's CAs do."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        timeout_s: float = 600.0,
+        retries: int = 3,
+        name: str = "agent",
+        tls_ca: str | None = None,
+        tls_fingerprint: str | None = None,
+    ):
         self.url = url.rstrip("/")
         self.name = name
         self.timeout_s = timeout_s
         self.retries = retries
-        self.http = httpx.Client(
-            base_url=f"{self.url}/{API}",
-            headers={"Authorization": f"Bearer {token}", VERSION_HEADER: __version__},
-            timeout=httpx.Timeout(30.0, read=timeout_s + 60),
-        )
+        self.token = token
+        self.tls_ca, self.tls_fingerprint = tls_ca, tls_fingerprint
+        self._http: httpx.Client | None = None
+        self._max_items: int | None = None
 
     @classmethod
     def from_spec(cls, spec: DeviceSpec) -> AgentClient:
-        return cls(spec.agent, read_token(spec), timeout_s=spec.timeout_s, name=spec.name)
+        return cls(spec.agent, read_token(spec), timeout_s=spec.timeout_s, name=spec.name, tls_ca=spec.tls_ca,
+                   tls_fingerprint=spec.tls_fingerprint)  # fmt: skip
+
+    @property
+    def http(self) -> httpx.Client:
+        """Made on first use: a pinned certificate is fetched and compared before any request."""
+        if self._http is None:
+            from edgeprune.agent.tls import client_verify
+
+            verify = client_verify(self.url, ca=self.tls_ca, fingerprint=self.tls_fingerprint)
+            self._http = httpx.Client(
+                base_url=f"{self.url}/{API}",
+                headers={"Authorization": f"Bearer {self.token}", VERSION_HEADER: __version__},
+                timeout=httpx.Timeout(30.0, read=self.timeout_s + 60),
+                verify=verify,
+            )
+        return self._http
 
     def _request(self, method: str, path: str, **kw) -> dict:
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             try:
                 r = self.http.request(method, path, **kw)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.RemoteProtocolError) as e:
+            except RETRYABLE as e:
+                if problem := _tls_problem(e):
+                    raise EdgepruneError(f"agent {self.url}: {problem}") from None
                 last = e
                 time.sleep(min(2.0, 0.2 * 2**attempt))
                 continue
@@ -61,8 +110,8 @@ class AgentClient:
                 raise EdgepruneError(
                     f"agent {self.url} did not answer within {self.timeout_s:.0f} s (device busy?)"
                 ) from None
-            if r.status_code in (502, 503) and attempt < self.retries:
-                time.sleep(min(2.0, 0.2 * 2**attempt))
+            if r.status_code in (502, 503) and attempt < self.retries:  # 503: nothing was queued, so retrying is right
+                time.sleep(min(10.0, float(r.headers.get("retry-after") or 0.2 * 2**attempt)))
                 continue
             return self._check(r)
         raise EdgepruneError(
@@ -78,9 +127,9 @@ class AgentClient:
         detail = body.get("detail", "") if isinstance(body, dict) else ""
         if r.status_code == 401:
             raise EdgepruneError(f"agent {self.url} refused the token: use the one it printed on first start")
-        if r.status_code == 409:
-            raise EdgepruneError(f"agent {self.url}: {detail}")
-        if r.status_code == 413:
+        if r.status_code == 422 and body.get("resend"):
+            raise Resend(detail)
+        if r.status_code in (409, 413, 429):
             raise EdgepruneError(f"agent {self.url} refused the request: {detail}")
         if r.status_code >= 400:
             raise EdgepruneError(f"agent {self.url} ({r.status_code}): {detail}")
@@ -88,6 +137,12 @@ class AgentClient:
 
     def info(self) -> dict:
         return self._request("GET", "/info")
+
+    def max_items(self) -> int:
+        """How many models the agent takes in one request (asked once)."""
+        if self._max_items is None:
+            self._max_items = int(self.info().get("limits", {}).get("max_items", 1000))
+        return self._max_items
 
     def measure(
         self, onnx_bytes: bytes, input_shape: Sequence[int], protocol: Protocol | None = None, *, fresh: bool = False
@@ -99,7 +154,11 @@ class AgentClient:
             "protocol": protocol.to_dict() if protocol else None,
             "fresh": fresh,
         }
-        return Measurement.from_dict(self._request("POST", "/measure", json=body)["measurement"])
+        try:
+            answer = self._request("POST", "/measure", json=body)
+        except Resend:
+            answer = self._request("POST", "/measure", json=body)
+        return Measurement.from_dict(answer["measurement"])
 
     def submit(
         self, items: Sequence[tuple[bytes, Sequence[int]]], protocol: Protocol | None = None, *, fresh: bool = False
@@ -122,6 +181,10 @@ class AgentClient:
     def job(self, job_id: str) -> dict:
         return self._request("GET", f"/jobs/{job_id}")
 
+    def cancel(self, job_id: str) -> dict:
+        """Stop a job: its waiting items are dropped and a measurement in progress is stopped."""
+        return self._request("DELETE", f"/jobs/{job_id}")
+
     def measure_many(
         self,
         items: Sequence[tuple[bytes, Sequence[int]]],
@@ -131,23 +194,56 @@ class AgentClient:
         poll_s: float = 0.2,
         fresh: bool = False,
     ) -> list[Measurement]:
-        """Measure several models as one job; cached results are reused unless `fresh`."""
-        job_id = self.submit(items, protocol, fresh=fresh)
-        reported: set[int] = set()
-        deadline = time.monotonic() + self.timeout_s * max(1, len(items))
-        while True:
-            view = self.job(job_id)
-            for i, r in enumerate(view["results"]):
-                if r is not None and i not in reported:
-                    if "error" in r:
-                        raise EdgepruneError(f"agent {self.url}: item {i} failed: {r['error']}")
-                    reported.add(i)
-                    if on_result:
-                        on_result(i, Measurement.from_dict(r["measurement"]))
-            if view["status"] == "done":
-                return [Measurement.from_dict(r["measurement"]) for r in view["results"]]
-            if time.monotonic() > deadline:
+        """Measure several models as jobs of at most the agent's `max_items`; cached results are
+        reused unless `fresh`. A model whose copy on the agent was damaged is sent once more."""
+        results: list[Measurement | None] = [None] * len(items)
+        todo, resent = list(range(len(items))), False
+        while todo:
+            chunk, again = self.max_items(), []
+            for start in range(0, len(todo), chunk):
+                batch = todo[start : start + chunk]
+                again += self._run_job(items, batch, protocol, fresh, results, on_result, poll_s)
+            if again and resent:
                 raise EdgepruneError(
-                    f"agent {self.url}: job {job_id} still not done after {self.timeout_s:.0f} s per item"
+                    f"agent {self.url}: models {again} were damaged on the agent twice; check its disk"
                 )
-            time.sleep(poll_s)
+            todo, resent = again, True
+        return results
+
+    def _run_job(self, items, batch, protocol, fresh, results, on_result, poll_s) -> list[int]:
+        """One job of `batch` (indices into `items`), followed to its end; the indices to send again.
+        Interrupted (Ctrl-C, an error), the job is cancelled on the agent: nobody would read it."""
+        job_id = self.submit([items[i] for i in batch], protocol, fresh=fresh)
+        deadline = time.monotonic() + self.timeout_s * max(1, len(batch))
+        again: list[int] = []
+        try:
+            while True:
+                view = self.job(job_id)
+                for k, r in enumerate(view["results"]):
+                    i = batch[k]
+                    if r is None or results[i] is not None or i in again:
+                        continue
+                    if r.get("resend"):
+                        again.append(i)
+                    elif "error" in r:
+                        raise EdgepruneError(f"agent {self.url}: item {i} failed: {r['error']}")
+                    else:
+                        results[i] = Measurement.from_dict(r["measurement"])
+                        if on_result:
+                            on_result(i, results[i])
+                if view["status"] in ("done", "cancelled"):
+                    return again
+                if time.monotonic() > deadline:
+                    raise EdgepruneError(
+                        f"agent {self.url}: job {job_id} still not done after {self.timeout_s:.0f} s per item"
+                    )
+                time.sleep(poll_s)
+        except BaseException:
+            self._cancel_quietly(job_id)
+            raise
+
+    def _cancel_quietly(self, job_id: str) -> None:
+        try:
+            self.http.delete(f"/jobs/{job_id}", timeout=5)
+        except httpx.HTTPError:
+            pass

@@ -15,10 +15,42 @@ def _graphs(graph: onnx.GraphProto):
     yield graph
     for node in graph.node:
         for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
+            if attr.HasField("g"):
                 yield from _graphs(attr.g)
             for g in attr.graphs:
                 yield from _graphs(g)
+
+
+def _tensors(model: onnx.ModelProto):
+    """Every tensor a model carries, wherever it sits: initializers (dense and sparse), node
+    attributes (single and lists, sparse too), in every subgraph and local function."""
+
+    def of_sparse(sparse: onnx.SparseTensorProto):
+        yield sparse.values
+        yield sparse.indices
+
+    def of_nodes(nodes):
+        for node in nodes:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("sparse_tensor"):
+                    yield from of_sparse(attr.sparse_tensor)
+                for sparse in attr.sparse_tensors:
+                    yield from of_sparse(sparse)
+
+    for graph in _graphs(model.graph):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from of_sparse(sparse)
+        yield from of_nodes(graph.node)
+    for function in model.functions:
+        yield from of_nodes(function.node)
+
+
+def _external(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) > 0
 
 
 def check_model(data: bytes, input_shape: list[int]) -> onnx.ModelProto:
@@ -29,10 +61,11 @@ def check_model(data: bytes, input_shape: list[int]) -> onnx.ModelProto:
         raise Rejected(f"not a valid ONNX model (cannot parse: {str(e).splitlines()[0][:120]})") from None
     if not model.graph.node:
         raise Rejected("not a valid ONNX model (the graph has no nodes)")
+    # before the checker: it resolves external paths from this process's folder, and its answers
+    # would tell a client which files exist on the device
+    if any(_external(t) for t in _tensors(model)):
+        raise Rejected("the model references external data; send a self-contained model")
     for graph in _graphs(model.graph):
-        for t in list(graph.initializer) + [a.t for n in graph.node for a in n.attribute if a.HasField("t")]:
-            if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data):
-                raise Rejected(f"tensor {t.name!r} references external data; send a self-contained model")
         for node in graph.node:
             if node.domain not in ALLOWED_DOMAINS:
                 raise Rejected(

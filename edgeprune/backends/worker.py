@@ -9,6 +9,10 @@ Every measurement runs here, for a local device as for an agent, for two reasons
 - A runtime that crashes (or hangs past a time limit) takes down only this process; the caller
   starts a fresh one and carries on.
 
+The worker keeps its own watch (`Watchdog`): it ends itself when its caller is gone (a killed
+agent must not leave a process measuring, and skewing the next agent's figures) and when a
+measurement passes its time limit, which travels with the request.
+
 It is started with `python -m edgeprune.backends.worker` (not multiprocessing's spawn, which
 re-imports the caller's main script) and speaks JSON lines: the device profile first, then one
 request per line, one answer per line (marked, so that a stray print cannot pass for one). The
@@ -27,12 +31,16 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
 
 MARK = "edgeprune-worker: "  # answers start with it; any other line on stdout is a guest's, passed to stderr
 SESSIONS = 64  # open sessions kept: a profile batch's units (16 configurations, 2 models each) with room
+PARENT_ENV = "EDGEPRUNE_WORKER_PARENT"  # the caller's PID: the worker ends when it is no longer its parent
+EXIT_TIMEOUT = 124  # the worker's exit code when a measurement passed its time limit
+GRACE_S = 1.0  # the worker's own limit trails the caller's, which reports it first while it lives
 
 
 class SessionCache:
@@ -61,7 +69,27 @@ class SessionCache:
         return self.sessions[key]
 
 
+class Watchdog(threading.Thread):
+    """Ends the worker (hard: the runtime may be inside a long native call) when its parent changes
+    or the current measurement passes its deadline."""
+
+    def __init__(self, parent: int, poll_s: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.parent, self.poll_s = parent, poll_s
+        self.deadline: float | None = None
+
+    def run(self) -> None:
+        while True:
+            if os.getppid() != self.parent:
+                os._exit(1)
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                os._exit(EXIT_TIMEOUT)
+            time.sleep(self.poll_s)
+
+
 def _serve() -> None:
+    watchdog = Watchdog(int(os.environ.get(PARENT_ENV) or os.getppid()))
+    watchdog.start()
     protocol_out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything the runtime prints goes to stderr, never into the answers
     from edgeprune.devices.spec import DeviceSpec
@@ -81,7 +109,8 @@ def _serve() -> None:
     except Exception as e:
         failure = one_line(e)
     for line in sys.stdin:
-        path, shape, protocol = json.loads(line)
+        path, shape, protocol, *limit = json.loads(line)
+        watchdog.deadline = time.monotonic() + limit[0] + GRACE_S if limit and limit[0] else None
         try:
             if failure:
                 raise EdgepruneError(failure)
@@ -90,6 +119,7 @@ def _serve() -> None:
             answer = ["ok", backend.measure(path, shape, Protocol.from_dict(protocol), run=run).to_dict()]
         except Exception as e:  # report, keep serving
             answer = ["error", one_line(e)]
+        watchdog.deadline = None
         try:
             protocol_out.write(MARK + json.dumps(answer) + "\n")
         except BrokenPipeError:  # the caller is gone (killed): nobody to answer, nothing to say
@@ -118,6 +148,7 @@ class Worker:
         env = dict(os.environ)
         root = str(Path(edgeprune.__file__).resolve().parents[1])  # importable however the caller found it
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+        env[PARENT_ENV] = str(os.getpid())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgeprune.backends.worker"],
             stdin=subprocess.PIPE,
@@ -143,15 +174,20 @@ class Worker:
             self._died()
 
     def _died(self):
-        code = self.proc.poll() if self.proc else None
+        try:
+            code = self.proc.wait(2) if self.proc else None
+        except subprocess.TimeoutExpired:
+            code = None
         self.kill()
+        if code == EXIT_TIMEOUT:
+            raise JobTimeout("the measurement took longer than the job limit (ended by the worker's own watch)")
         raise WorkerDied(f"the inference runtime crashed during the measurement (worker exit code {code})")
 
     def run(self, path: str, shape, protocol: dict, timeout_s: float | None = None) -> tuple[str, object]:
         """('ok', Measurement dict) or ('error', one line); raises WorkerDied or JobTimeout."""
         if self.proc is None or self.proc.poll() is not None:
             self.start()
-        self._send([str(path), list(shape), protocol])
+        self._send([str(path), list(shape), protocol, timeout_s])
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -166,6 +202,12 @@ class Worker:
                 status, payload = json.loads(line[len(MARK) :])
                 return status, payload
             sys.stderr.write(line)  # printed to stdout before the worker could redirect it
+
+    def interrupt(self) -> None:
+        """Stop the measurement in progress from another thread (the one in `run` sees WorkerDied)."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     def kill(self) -> None:
         if self.proc is not None:

@@ -28,6 +28,8 @@ FIELDS = {
     "agent",
     "token_env",
     "token_file",
+    "tls_ca",
+    "tls_fingerprint",
     "timeout_s",
     "unit_copies",
 }
@@ -53,9 +55,11 @@ class DeviceSpec:
     protocol: Protocol = field(default_factory=Protocol)
     description: str = ""
     channel_step: int | None = None
-    agent: str | None = None  # http://HOST:PORT of an `edgeprune agent serve`
+    agent: str | None = None  # http(s)://HOST:PORT of an `edgeprune agent serve`
     token_env: str | None = None
     token_file: str | None = None
+    tls_ca: str | None = None  # PEM file of the agent's CA (or its self-signed certificate)
+    tls_fingerprint: str | None = None  # or the SHA-256 of the agent's certificate, pinned
     timeout_s: float = 600.0
     unit_copies: int = 1  # profile units alone (1) or in context (K summed copies vs one)
     path: str | None = None
@@ -93,6 +97,8 @@ class DeviceSpec:
             agent=d.get("agent"),
             token_env=d.get("token_env"),
             token_file=d.get("token_file"),
+            tls_ca=d.get("tls_ca"),
+            tls_fingerprint=d.get("tls_fingerprint"),
             timeout_s=float(d.get("timeout_s", 600.0)),
             unit_copies=copies,
             path=path,
@@ -133,6 +139,8 @@ FIELD_RULES = {
     "agent": Rule(str, optional=True),
     "token_env": Rule(str, optional=True),
     "token_file": Rule(str, optional=True),
+    "tls_ca": Rule(str, optional=True),
+    "tls_fingerprint": Rule(str, optional=True),
 }
 
 
@@ -151,6 +159,15 @@ def _check_fields(d: dict, where: str) -> None:
     agent = d.get("agent")
     if agent and not agent.startswith(("http://", "https://")):
         raise EdgepruneError(f"{where}: agent must be the agent's URL, http(s)://HOST:PORT, got {agent!r}")
+    if (d.get("tls_ca") or d.get("tls_fingerprint")) and not (agent or "").startswith("https://"):
+        raise EdgepruneError(f"{where}: tls_ca / tls_fingerprint need an https:// agent URL, got {agent!r}")
+    if d.get("tls_fingerprint"):
+        from edgeprune.agent.tls import normalise_fingerprint
+
+        try:
+            normalise_fingerprint(d["tls_fingerprint"])
+        except EdgepruneError as e:
+            raise EdgepruneError(f"{where}: {e}") from None
 
 
 def list_profiles() -> list[str]:

@@ -1,0 +1,93 @@
+"""The agent's disk cache: received models by SHA-256, results by (model, shape, protocol, fingerprint).
+
+Everything is written to a temporary file, fsynced and renamed, so a crash leaves either the old
+file or the new one (and a stray `*.tmp`, removed on the next start). A model file is trusted only
+while its bytes still hash to its name: a truncated or swapped file is dropped and the model is
+asked for again, never measured under the wrong name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+CHUNK = 1 << 20
+
+
+def sha256_of(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(CHUNK):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """`data` at `path`, whole or not at all: temp file, fsync, rename, fsync of the folder."""
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+class AgentCache:
+    def __init__(self, root: Path, *, clean: bool = True) -> None:
+        """`clean`: remove stray `*.tmp` files (only the agent, as it starts, knows none are being written)."""
+        self.root = root
+        self.models, self.results = root / "models", root / "results"
+        for d in (self.models, self.results):
+            d.mkdir(parents=True, exist_ok=True)
+        self.removed_tmp = self._remove_stale_tmp() if clean else 0
+
+    def _remove_stale_tmp(self) -> int:
+        """Half-written files of an agent that was killed while writing."""
+        stale = [p for d in (self.models, self.results) for p in d.glob("*.tmp")]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
+
+    def model_path(self, digest: str) -> Path:
+        return self.models / f"{digest}.onnx"
+
+    def intact(self, digest: str) -> bool:
+        """Whether the model file is there and still hashes to its name; a bad one is dropped."""
+        path = self.model_path(digest)
+        if not path.exists():
+            return False
+        if sha256_of(path) == digest:
+            return True
+        path.unlink(missing_ok=True)
+        return False
+
+    def store_model(self, data: bytes, digest: str) -> None:
+        if not self.intact(digest):
+            write_atomically(self.model_path(digest), data)
+
+    def result(self, key: str) -> dict | None:
+        path = self.results / f"{key}.json"
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):  # unreadable: measured again, and the bad file goes
+            path.unlink(missing_ok=True)
+            return None
+
+    def store_result(self, key: str, result: dict) -> None:
+        write_atomically(self.results / f"{key}.json", json.dumps(result).encode())

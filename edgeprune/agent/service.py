@@ -1,0 +1,99 @@
+"""The agent's work, apart from HTTP: jobs onto the board, one worker measuring them in turn,
+results into the cache (models arrive there vetted, from `vetting`)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from edgeprune import __version__
+from edgeprune.agent.cache import AgentCache
+from edgeprune.agent.jobs import CANCELLED_RESULT, Job, JobBoard
+from edgeprune.agent.limits import Limits
+from edgeprune.agent.protocol import API
+from edgeprune.backends.worker import JobTimeout, Worker, WorkerDied
+from edgeprune.devices.spec import DeviceSpec
+
+log = logging.getLogger("edgeprune.agent")
+
+# the item's model file failed its hash check and was dropped: the client sends the model again
+RESEND = "the agent's copy of this model was damaged and has been dropped; send the model again"
+
+
+class Agent:
+    """State of one agent: cache, job board, worker (and the thread that feeds it)."""
+
+    def __init__(self, spec: DeviceSpec, cache: AgentCache, limits: Limits) -> None:
+        self.spec, self.cache, self.limits = spec, cache, limits
+        self.board = JobBoard(max_queued=limits.max_queued, keep_jobs=limits.keep_jobs, keep_s=limits.keep_s)
+        self.worker = Worker(spec.to_dict())
+        self.fingerprint = spec.make_backend().fingerprint()
+        self.measured = 0
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _answer(self, item: dict, result: dict, cached: bool) -> dict:
+        return {**result, "cached": cached, "model": item["hash"], "input_shape": item["input_shape"]}
+
+    def submit(self, items: list[dict], protocol: dict, *, fresh: bool = False) -> Job:
+        """A job with its cached answers filled in; QueueFull (nothing queued) if the rest does not fit."""
+        job = Job(items, protocol, fresh=fresh)
+        for i, item in enumerate(items):
+            hit = None if fresh else self.cache.result(item["key"])
+            if hit is not None:
+                job.results[i] = self._answer(item, hit, cached=True)
+        self.board.add(job)
+        return job
+
+    def cancel(self, job: Job) -> str:
+        """Cancel a job; a measurement of it in progress is stopped. Returns its status before."""
+        before = self.board.cancel(job)
+        if before == "running" and self.board.current is job:
+            self.worker.interrupt()
+        return before
+
+    def _measure(self, job: Job, item: dict) -> dict:
+        if not self.cache.intact(item["hash"]):
+            return {"error": RESEND, "resend": True, "model": item["hash"]}
+        path = str(self.cache.model_path(item["hash"]))
+        try:
+            status, payload = self.worker.run(path, item["input_shape"], job.protocol, self.limits.job_timeout_s)
+        except (WorkerDied, JobTimeout) as e:
+            if job.cancel_requested:
+                return dict(CANCELLED_RESULT)
+            status, payload = "error", str(e)
+        if status != "ok":
+            return {"error": payload, "model": item["hash"]}
+        result = {"measurement": payload, "fingerprint": self.fingerprint, "protocol": job.protocol,
+                  "measured_at": time.time()}  # fmt: skip
+        self.cache.store_result(item["key"], result)
+        self.measured += 1
+        return self._answer(item, result, cached=False)
+
+    def _loop(self) -> None:
+        while True:
+            job = self.board.next()
+            for i, item in enumerate(job.items):
+                if job.cancel_requested:
+                    break
+                if job.results[i] is not None:
+                    continue
+                hit = None if job.fresh else self.cache.result(item["key"])  # an earlier job may have measured it
+                result = self._answer(item, hit, cached=True) if hit is not None else self._measure(job, item)
+                self.board.record(job, i, result)
+            self.board.end(job)
+
+    def info(self) -> dict:
+        return {
+            "agent_version": __version__,
+            "api": API,
+            "device": self.spec.name,
+            "backend": self.spec.backend,
+            "fingerprint": self.fingerprint,
+            "queue_length": self.board.pending,
+            "measured": self.measured,
+            "worker_pid": self.worker.pid,
+            "protocol": self.spec.protocol.to_dict(),
+            "limits": self.limits.to_dict(),
+        }
