@@ -554,7 +554,7 @@ def test_device_profiles_load_and_errors(tmp_path):
     spec = DeviceSpec.load("cpu-onnxruntime")
     assert spec.backend == "onnxruntime" and spec.options["threads"] == 1 and spec.protocol.min_runs >= 50
     assert DeviceSpec.load("cpu-openvino-bf16").options["precision"] == "bf16"
-    assert DeviceSpec.load("jetson-orin-tensorrt-fp16").agent.startswith("http://")
+    assert DeviceSpec.load("jetson-orin-tensorrt-fp16").agent.startswith("https://")
     with pytest.raises(EdgepruneError, match="unknown device 'gpu'.*cpu-onnxruntime"):
         DeviceSpec.load("gpu")
     (tmp_path / "bad.yaml").write_text("backend: onnxruntime\nthreads: 2\n")

@@ -34,6 +34,7 @@ from edgeprune.agent.vetting import Vetter, VettingPool
 from edgeprune.devices.spec import DeviceSpec
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+GRACEFUL_STOP_S = 3.0
 log = logging.getLogger("edgeprune.agent")
 
 
@@ -229,4 +230,6 @@ def serve(
     log(
         f"edgeprune agent {__version__} for {spec.name} ({spec.backend}) on {scheme}://{host}:{port}, cache {cache_dir}"
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning", ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+    # a bounded graceful stop: an idle TLS client that never answers the close would hold it ~30 s
+    uvicorn.run(app, host=host, port=port, log_level="warning", ssl_certfile=tls_cert, ssl_keyfile=tls_key,
+                timeout_graceful_shutdown=GRACEFUL_STOP_S)  # fmt: skip

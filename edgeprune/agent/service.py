@@ -79,8 +79,12 @@ class Agent:
                     break
                 if job.results[i] is not None:
                     continue
-                hit = None if job.fresh else self.cache.result(item["key"])  # an earlier job may have measured it
-                result = self._answer(item, hit, cached=True) if hit is not None else self._measure(job, item)
+                try:
+                    hit = None if job.fresh else self.cache.result(item["key"])  # an earlier job may have measured it
+                    result = self._answer(item, hit, cached=True) if hit is not None else self._measure(job, item)
+                except Exception as e:  # a full disk, say: this item fails, the agent keeps measuring
+                    log.error("item %d of job %s failed: %s: %s", i, job.id, type(e).__name__, e)
+                    result = {"error": f"agent error: {type(e).__name__}: {str(e)[:200]}", "model": item["hash"]}
                 self.board.record(job, i, result)
             self.board.end(job)
 
