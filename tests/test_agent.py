@@ -102,7 +102,8 @@ def _model(cout: int = 8, cin: int = 4, hw: int = 8) -> tuple[bytes, tuple[int, 
 
 def _post(agent, path, body=None, token="ok", **kw):
     headers = {} if token is None else {"Authorization": f"Bearer {agent.token if token == 'ok' else token}"}
-    return httpx.post(f"{agent.url}/v1{path}", json=body, headers=headers, timeout=60, **kw)
+    kw.setdefault("timeout", 60)
+    return httpx.post(f"{agent.url}/v1{path}", json=body, headers=headers, **kw)
 
 
 def test_token_is_owner_only_and_required(agent):

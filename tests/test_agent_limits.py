@@ -180,3 +180,17 @@ def test_finished_jobs_expire_by_age_and_count_but_unfinished_ones_stay():
     board.add(Job([{"key": "k"}], {}, results=[{"cached": True}]))
     assert board.get(done[2].id) is None  # older than keep_s
     assert board.get(waiting.id) is waiting and waiting.status == "queued"  # never dropped
+
+
+def test_a_measure_whose_client_leaves_is_cancelled(agent):
+    c = agent.client()
+    worker = c.info()["worker_pid"]
+    data, shape = _model(500)
+    body = {"model": base64.b64encode(data).decode(), "input_shape": list(shape), "protocol": SLOW.to_dict()}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s of a 30 s measurement
+        _post(agent, "/measure", body, timeout=2)
+    deadline = time.time() + 15
+    while c.info()["queue_length"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert c.info()["queue_length"] == 0  # not left measuring for nobody
+    assert c.info()["worker_pid"] != worker or c.info()["worker_pid"] is None  # the measurement was stopped

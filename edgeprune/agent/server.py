@@ -18,7 +18,7 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from edgeprune import __version__
@@ -42,30 +42,33 @@ def _busy(message: str) -> HTTPException:
     return HTTPException(503, message, headers={"Retry-After": "2"})
 
 
-def _install_guard(app: FastAPI, guard: AuthGuard, max_bytes: int) -> None:
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        if request.url.path == f"/{API}/health":
-            return await call_next(request)
+def _guard(guard: AuthGuard, max_bytes: int):
+    """The check in front of every endpoint but health: back-off, token, version, declared size.
+    A dependency rather than a middleware: the endpoints then see the client's own connection
+    (a middleware's copy never reports that the client left)."""
+
+    async def guarded(request: Request) -> None:
         client = request.client.host if request.client else "unknown"
         wait = guard.wait_s(client)
         if wait > 0:
-            return JSONResponse({"detail": f"too many failed token attempts from {client}; wait {wait:.0f} s"},
-                                status_code=429, headers={"Retry-After": str(int(wait) + 1)})  # fmt: skip
+            raise HTTPException(429, f"too many failed token attempts from {client}; wait {wait:.0f} s",
+                                headers={"Retry-After": str(int(wait) + 1)})  # fmt: skip
         if not guard.check(client, request.headers.get("authorization", "")):
-            return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
+            raise HTTPException(401, "missing or wrong bearer token")
         version = request.headers.get(VERSION_HEADER)
         if version and not compatible(version):
-            detail = (
-                f"client edgeprune {version} and agent {__version__} are incompatible; install the same version on both"
+            raise HTTPException(
+                409,
+                f"client edgeprune {version} and agent {__version__} are incompatible; "
+                "install the same version on both",
             )
-            return JSONResponse({"detail": detail}, status_code=409)
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_bytes):
-            detail = wire.too_large(int(length), max_bytes) if length.isdigit() else "bad Content-Length header"
-            return JSONResponse({"detail": detail}, status_code=413 if length.isdigit() else 400,
-                                headers={"Connection": "close"})  # fmt: skip
-        return await call_next(request)
+        if length is not None and not length.isdigit():
+            raise HTTPException(400, "bad Content-Length header", headers={"Connection": "close"})
+        if length is not None and int(length) > max_bytes:
+            raise HTTPException(413, wire.too_large(int(length), max_bytes), headers={"Connection": "close"})
+
+    return guarded
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -111,7 +114,7 @@ def create_app(spec: DeviceSpec, *, token: str, cache: Path, limits: Limits | No
 
     app = FastAPI(title="edgeprune agent", version=__version__, lifespan=lifespan)
     app.state.agent = agent
-    _install_guard(app, AuthGuard(token), limits.max_bytes)
+    router = APIRouter(prefix=f"/{API}", dependencies=[Depends(_guard(AuthGuard(token), limits.max_bytes))])
 
     @app.exception_handler(wire.BadRequest)
     async def refused(request: Request, e: wire.BadRequest):
@@ -122,11 +125,11 @@ def create_app(spec: DeviceSpec, *, token: str, cache: Path, limits: Limits | No
     def health() -> dict:
         return {"status": "ok", "agent_version": __version__}
 
-    @app.get(f"/{API}/info")
+    @router.get("/info")
     def info() -> dict:
         return agent.info()
 
-    @app.post(f"/{API}/measure")
+    @router.post("/measure")
     async def measure(request: Request):
         item, protocol, fresh = await vetting.run("one", await read_body(request, limits.max_bytes))
         try:
@@ -141,7 +144,7 @@ def create_app(spec: DeviceSpec, *, token: str, cache: Path, limits: Limits | No
             raise HTTPException(422, result["error"])
         return {"job": job.id, **result}
 
-    @app.post(f"/{API}/jobs", status_code=202)
+    @router.post("/jobs", status_code=202)
     async def submit(request: Request):
         items, protocol, fresh = await vetting.run("many", await read_body(request, limits.max_bytes))
         try:
@@ -157,16 +160,17 @@ def create_app(spec: DeviceSpec, *, token: str, cache: Path, limits: Limits | No
                                      f"the last {limits.keep_jobs})")  # fmt: skip
         return job
 
-    @app.get(f"/{API}/jobs/{{job_id}}")
+    @router.get("/jobs/{job_id}")
     def job_result(job_id: str):
         return find(job_id).view()
 
-    @app.delete(f"/{API}/jobs/{{job_id}}")
+    @router.delete("/jobs/{job_id}")
     def cancel(job_id: str):
         job = find(job_id)
         before = agent.cancel(job)
         return {**job.view(), "was": before}
 
+    app.include_router(router)
     return app
 
 
