@@ -828,6 +828,10 @@ def agent_serve(
     max_input_elements: Annotated[int, typer.Option(help="Largest input tensor, in elements.")] = AGENT_LIMITS[
         "max_input_elements"
     ],
+    max_uploads: Annotated[int, typer.Option(help="Requests received and vetted at once.")] = AGENT_LIMITS[
+        "max_uploads"
+    ],
+    max_connections: Annotated[int, typer.Option(help="Open connections at once.")] = AGENT_LIMITS["max_connections"],
     keep_jobs: Annotated[int, typer.Option(help="Finished jobs kept for clients to read...")] = AGENT_LIMITS[
         "keep_jobs"
     ],
@@ -852,6 +856,8 @@ def agent_serve(
         max_items=max_items,
         max_queued=max_queued,
         max_input_elements=max_input_elements,
+        max_uploads=max_uploads,
+        max_connections=max_connections,
         keep_jobs=keep_jobs,
         keep_hours=keep_hours,
         job_timeout=job_timeout,

@@ -18,7 +18,8 @@ from edgeprune.latency.measurement import Protocol
 
 from .test_agent import QUICK, SLOW, AgentProcess, _model, _post
 
-LIMITS = ("--max-items", "5", "--max-queued", "6", "--keep-jobs", "3", "--max-input-elements", "100000")
+LIMITS = ("--max-items", "5", "--max-queued", "6", "--keep-jobs", "3", "--max-input-elements", "100000",
+          "--max-uploads", "1")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +141,7 @@ def test_a_running_job_is_never_evicted(agent):
      ('{"model": "AA==", "input_shape": [1, 4, 8, 8], "protocol": "fast"}', "bad protocol: must be an object"),
      ('{"model": "AA==", "input_shape": [1, 4, 8, 8], "protocol": {"min_runs": 1.9}}', "min_runs"),
      ('{"model": "AA==", "input_shape": [1, 4, 8, 8], "protocol": {"pin_cpus": [4096]}}', "not all usable CPUs"),
+     ('{"model": "AA==", "input_shape": [1, 4, 8, 8], "protocol": {"pin_cpus": [true]}}', "list of CPU numbers"),
      ('[1, 2]', "must be a JSON object")],
 )  # fmt: skip
 def test_malformed_requests_are_one_line_400s(agent, body, expect):
@@ -194,3 +196,23 @@ def test_a_measure_whose_client_leaves_is_cancelled(agent):
         time.sleep(0.1)
     assert c.info()["queue_length"] == 0  # not left measuring for nobody
     assert c.info()["worker_pid"] != worker or c.info()["worker_pid"] is None  # the measurement was stopped
+
+
+def test_uploads_at_once_are_capped(agent):
+    with socket.create_connection(("127.0.0.1", agent.port)) as slow:  # holds the one upload slot
+        head = f"POST /v1/measure HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {agent.token}\r\n"
+        slow.sendall((head + 'Content-Length: 100000\r\n\r\n{"model": ').encode())  # and no more, for now
+        time.sleep(0.5)
+        r = _post(agent, "/measure", {"model": "AA==", "input_shape": [1, 4, 8, 8]})
+        assert (
+            r.status_code == 503 and "being received and vetted (the limit); nothing was queued" in r.json()["detail"]
+        )
+    assert agent.client().measure(*_model(8), QUICK).median_ms > 0  # the slot is free again once it left
+
+
+def test_serve_options_that_cannot_work_together_are_refused():
+    from edgeprune.agent.limits import from_options
+
+    with pytest.raises(EdgepruneError, match=r"--max-queued \(10\) must be at least --max-items \(20\)"):
+        from_options(max_items=20, max_queued=10)
+    assert from_options(max_mb=2, keep_hours=0.5).max_bytes == 2 << 20

@@ -66,6 +66,10 @@ def test_damaged_cached_models_are_replaced_or_asked_for_again(tmp_path):
             stored.write_bytes(damage)
             assert c.measure(data, shape, QUICK, fresh=True).median_ms > 0  # replaced from the request
             assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest
+        for result in (a.cache / "results").glob("*.json"):
+            result.write_text("[1]")  # valid JSON, but no result: measured again, never a 500
+        before = c.info()["measured"]
+        assert c.measure(data, shape, QUICK).median_ms > 0 and c.info()["measured"] == before + 1
         measured = c.info()["measured"]
 
         # damaged while it waits in the queue: dropped, not measured, and the client sends it again

@@ -16,6 +16,7 @@ import yaml
 from edgeprune.agent.client import AgentClient
 from edgeprune.agent.tls import certificate_fingerprint, shown
 from edgeprune.agent.token import MIN_CHARS, load_or_create_token
+from edgeprune.agent.validation import Rejected, check_model
 from edgeprune.devices.spec import DeviceSpec
 from edgeprune.errors import EdgepruneError
 
@@ -138,3 +139,7 @@ def test_external_data_is_refused_alike_whatever_file_it_names(tls_agent, tmp_pa
         assert r.status_code == 400
         answers.add(r.json()["detail"])
     assert answers == {"the model references external data; send a self-contained model"}
+    model = onnx.load_from_string(_model()[0])  # in a training graph, which no runtime reads: refused too
+    model.training_info.add().initialization.initializer.append(const)
+    with pytest.raises(Rejected, match="references external data"):
+        check_model(model.SerializeToString(), [1, 4, 8, 8])

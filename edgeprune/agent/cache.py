@@ -82,12 +82,15 @@ class AgentCache:
     def result(self, key: str) -> dict | None:
         path = self.results / f"{key}.json"
         try:
-            return json.loads(path.read_text())
+            result = json.loads(path.read_text())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):  # unreadable: measured again, and the bad file goes
-            path.unlink(missing_ok=True)
-            return None
+        except (OSError, ValueError):
+            result = None
+        if isinstance(result, dict) and isinstance(result.get("measurement"), dict):
+            return result
+        path.unlink(missing_ok=True)  # unreadable or not a result: measured again, and the bad file goes
+        return None
 
     def store_result(self, key: str, result: dict) -> None:
         write_atomically(self.results / f"{key}.json", json.dumps(result).encode())

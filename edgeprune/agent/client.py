@@ -36,7 +36,9 @@ class Resend(Exception):
     """The agent dropped its damaged copy of a model; sending it again is right."""
 
 
-RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.RemoteProtocolError)
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)  # the request never reached the agent
+# a POST that failed after it was sent may have been queued: retrying it could measure twice
+RETRYABLE = {"GET": NOT_SENT + (httpx.ReadError, httpx.RemoteProtocolError), "POST": NOT_SENT}
 
 
 def _tls_problem(e: Exception) -> str | None:
@@ -97,20 +99,26 @@ class AgentClient:
 
     def _request(self, method: str, path: str, **kw) -> dict:
         last: Exception | None = None
+        retry_on, busy = RETRYABLE.get(method, RETRYABLE["GET"]), (503,) if method == "POST" else (502, 503)
         for attempt in range(self.retries + 1):
             try:
                 r = self.http.request(method, path, **kw)
-            except RETRYABLE as e:
+            except httpx.TransportError as e:
                 if problem := _tls_problem(e):
                     raise EdgepruneError(f"agent {self.url}: {problem}") from None
-                last = e
-                time.sleep(min(2.0, 0.2 * 2**attempt))
-                continue
-            except httpx.TimeoutException:
+                if isinstance(e, retry_on):
+                    last = e
+                    time.sleep(min(2.0, 0.2 * 2**attempt))
+                    continue
+                if isinstance(e, httpx.TimeoutException):
+                    raise EdgepruneError(
+                        f"agent {self.url} did not answer within {self.timeout_s:.0f} s (device busy?)"
+                    ) from None
                 raise EdgepruneError(
-                    f"agent {self.url} did not answer within {self.timeout_s:.0f} s (device busy?)"
+                    f"agent {self.url} dropped the connection after the request was sent ({type(e).__name__}); "
+                    "it may have been queued there, so it is not sent again: run the command again"
                 ) from None
-            if r.status_code in (502, 503) and attempt < self.retries:  # 503: nothing was queued, so retrying is right
+            if r.status_code in busy and attempt < self.retries:  # 503: nothing was queued, so retrying is right
                 time.sleep(min(10.0, float(r.headers.get("retry-after") or 0.2 * 2**attempt)))
                 continue
             return self._check(r)
@@ -157,7 +165,10 @@ class AgentClient:
         try:
             answer = self._request("POST", "/measure", json=body)
         except Resend:
-            answer = self._request("POST", "/measure", json=body)
+            try:
+                answer = self._request("POST", "/measure", json=body)
+            except Resend as e:
+                raise EdgepruneError(f"agent {self.url}: {e} (twice: check the agent's disk)") from None
         return Measurement.from_dict(answer["measurement"])
 
     def submit(

@@ -54,8 +54,9 @@ class JobBoard:
         self.jobs: dict[str, Job] = {}
         self.waiting: deque[Job] = deque()
         self.pending = 0  # items waiting to be measured, over all jobs
-        self.current: Job | None = None  # the job whose item the worker is measuring
-        self.cond = threading.Condition()
+        self.current: Job | None = None  # the job the worker thread is on
+        self.measuring: Job | None = None  # the job whose item is in the worker right now
+        self.cond = threading.Condition()  # reentrant: a cancel stops the worker while holding it
 
     def add(self, job: Job) -> None:
         """Queue `job` (or file it as done when nothing is left to measure); QueueFull if it does not fit."""
@@ -103,16 +104,16 @@ class JobBoard:
             self._finish(job, CANCELLED if job.cancel_requested else DONE)
             self.current = None
 
-    def cancel(self, job: Job) -> str:
+    def cancel(self, job: Job, *, only_queued: bool = False) -> str:
         """Cancel `job`; returns its status before: a queued job is cancelled at once, a running one
-        is flagged (its caller stops the measurement), a finished one is left as it is."""
+        is flagged (its caller stops the measurement) unless `only_queued`, a finished one is left."""
         with self.cond:
             before = job.status
             if before == QUEUED:
                 self.waiting.remove(job)
                 self._cancel_rest(job)
                 self._finish(job, CANCELLED)
-            elif before == RUNNING:
+            elif before == RUNNING and not only_queued:
                 job.cancel_requested = True
             return before
 

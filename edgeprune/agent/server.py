@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from edgeprune import __version__
 from edgeprune.agent import wire
@@ -75,11 +76,32 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     """The body, refused as soon as it passes `max_bytes`: a body without a Content-Length
     (chunked) cannot grow past the limit in memory either."""
     body = bytearray()
-    async for chunk in request.stream():
-        if len(body) + len(chunk) > max_bytes:
-            raise wire.BadRequest(413, wire.too_large(len(body) + len(chunk), max_bytes))
-        body += chunk
+    try:
+        async for chunk in request.stream():
+            if len(body) + len(chunk) > max_bytes:
+                raise wire.BadRequest(413, wire.too_large(len(body) + len(chunk), max_bytes))
+            body += chunk
+    except ClientDisconnect:
+        raise wire.BadRequest(400, "the client left before its request was read") from None
     return bytes(body)
+
+
+class Uploads:
+    """At most `limit` requests read and vetted at once: each holds its body in memory, and they
+    all wait for the one vetting process. One more is refused (503: nothing was queued)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.active = limit, 0
+
+    @asynccontextmanager
+    async def slot(self):
+        if self.active >= self.limit:  # the event loop is one thread: no lock needed
+            raise _busy(f"{self.active} requests are being received and vetted (the limit); nothing was queued")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
 
 
 async def _wait(agent: Agent, job, request: Request) -> None:
@@ -89,7 +111,7 @@ async def _wait(agent: Agent, job, request: Request) -> None:
     checked = 0.0
     while job.status not in (DONE, CANCELLED):
         now = time.monotonic()
-        if job.status == QUEUED and now > start_by and agent.cancel(job) == QUEUED:
+        if job.status == QUEUED and now > start_by and agent.cancel(job, only_queued=True) == QUEUED:
             raise _busy(f"device busy: the measurement did not start within {agent.limits.job_timeout_s:.0f} s; "
                         "nothing was queued, retry later")  # fmt: skip
         if now - checked > 0.5:
@@ -97,7 +119,7 @@ async def _wait(agent: Agent, job, request: Request) -> None:
             if await request.is_disconnected():
                 agent.cancel(job)
                 raise HTTPException(499, "client gone")
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.02)
 
 
 def create_app(spec: DeviceSpec, *, token: str, cache: Path, limits: Limits | None = None) -> FastAPI:
@@ -105,6 +127,7 @@ def create_app(spec: DeviceSpec, *, token: str, cache: Path, limits: Limits | No
     agent = Agent(spec, AgentCache(cache), limits)
     vetting = VettingPool(Vetter(cache, agent.fingerprint, spec.protocol.to_dict(), limits.max_items,
                                  limits.max_input_elements))  # fmt: skip
+    uploads = Uploads(limits.max_uploads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -131,7 +154,8 @@ def create_app(spec: DeviceSpec, *, token: str, cache: Path, limits: Limits | No
 
     @router.post("/measure")
     async def measure(request: Request):
-        item, protocol, fresh = await vetting.run("one", await read_body(request, limits.max_bytes))
+        async with uploads.slot():
+            item, protocol, fresh = await vetting.run("one", await read_body(request, limits.max_bytes))
         try:
             job = agent.submit([item], protocol, fresh=fresh)
         except QueueFull as e:
@@ -146,7 +170,8 @@ def create_app(spec: DeviceSpec, *, token: str, cache: Path, limits: Limits | No
 
     @router.post("/jobs", status_code=202)
     async def submit(request: Request):
-        items, protocol, fresh = await vetting.run("many", await read_body(request, limits.max_bytes))
+        async with uploads.slot():
+            items, protocol, fresh = await vetting.run("many", await read_body(request, limits.max_bytes))
         try:
             job = agent.submit(items, protocol, fresh=fresh)
         except QueueFull as e:
@@ -236,4 +261,4 @@ def serve(
     )
     # a bounded graceful stop: an idle TLS client that never answers the close would hold it ~30 s
     uvicorn.run(app, host=host, port=port, log_level="warning", ssl_certfile=tls_cert, ssl_keyfile=tls_key,
-                timeout_graceful_shutdown=GRACEFUL_STOP_S)  # fmt: skip
+                timeout_graceful_shutdown=GRACEFUL_STOP_S, limit_concurrency=bounds.max_connections)  # fmt: skip

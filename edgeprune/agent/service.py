@@ -46,23 +46,36 @@ class Agent:
         self.board.add(job)
         return job
 
-    def cancel(self, job: Job) -> str:
-        """Cancel a job; a measurement of it in progress is stopped. Returns its status before."""
-        before = self.board.cancel(job)
-        if before == "running" and self.board.current is job:
-            self.worker.interrupt()
+    def cancel(self, job: Job, *, only_queued: bool = False) -> str:
+        """Cancel a job; a measurement of it in progress is stopped (never another job's).
+        Returns its status before."""
+        with self.board.cond:
+            before = self.board.cancel(job, only_queued=only_queued)
+            if before == "running" and not only_queued and self.board.measuring is job:
+                self.worker.interrupt()
         return before
+
+    def _run(self, job: Job, item: dict) -> tuple[str, object]:
+        """The worker's answer for one item; ('cancelled', None) where the job was cancelled first."""
+        with self.board.cond:
+            if job.cancel_requested:
+                return "cancelled", None
+            self.board.measuring = job
+        try:
+            return self.worker.run(str(self.cache.model_path(item["hash"])), item["input_shape"], job.protocol,
+                                   self.limits.job_timeout_s)  # fmt: skip
+        except (WorkerDied, JobTimeout) as e:
+            return ("cancelled", None) if job.cancel_requested else ("error", str(e))
+        finally:
+            with self.board.cond:
+                self.board.measuring = None
 
     def _measure(self, job: Job, item: dict) -> dict:
         if not self.cache.intact(item["hash"]):
             return {"error": RESEND, "resend": True, "model": item["hash"]}
-        path = str(self.cache.model_path(item["hash"]))
-        try:
-            status, payload = self.worker.run(path, item["input_shape"], job.protocol, self.limits.job_timeout_s)
-        except (WorkerDied, JobTimeout) as e:
-            if job.cancel_requested:
-                return dict(CANCELLED_RESULT)
-            status, payload = "error", str(e)
+        status, payload = self._run(job, item)
+        if status == "cancelled":
+            return dict(CANCELLED_RESULT)
         if status != "ok":
             return {"error": payload, "model": item["hash"]}
         result = {"measurement": payload, "fingerprint": self.fingerprint, "protocol": job.protocol,

@@ -40,7 +40,8 @@ def _tensors(model: onnx.ModelProto):
                 for sparse in attr.sparse_tensors:
                     yield from of_sparse(sparse)
 
-    for graph in _graphs(model.graph):
+    graphs = [model.graph] + [g for t in model.training_info for g in (t.initialization, t.algorithm)]
+    for graph in (sub for top in graphs for sub in _graphs(top)):
         yield from graph.initializer
         for sparse in graph.sparse_initializer:
             yield from of_sparse(sparse)

@@ -46,7 +46,12 @@ class Vetter:
         except Rejected as e:
             raise wire.BadRequest(400, str(e)) from None
         digest = hashlib.sha256(data).hexdigest()
-        AgentCache(self.cache_root, clean=False).store_model(data, digest)
+        try:
+            AgentCache(self.cache_root, clean=False).store_model(data, digest)
+        except OSError as e:
+            raise wire.BadRequest(
+                503, f"the agent cannot store the model now ({e.strerror or e}); nothing was queued"
+            ) from None
         return {"hash": digest, "input_shape": shape, "key": result_key(digest, shape, protocol, self.fingerprint)}
 
     def one(self, body: bytes) -> tuple[dict, dict, bool]:
@@ -95,8 +100,8 @@ class VettingPool:
     """One vetting process (the device's CPU is also what measures: one is enough), restarted
     after a crash."""
 
-    def __init__(self, vetter: Vetter) -> None:
-        self.vetter = vetter
+    def __init__(self, vetter: Vetter, *, timeout_s: float = 120.0) -> None:
+        self.vetter, self.timeout_s = vetter, timeout_s
         self.pool = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
@@ -110,13 +115,27 @@ class VettingPool:
         """`Vetter.one` or `Vetter.many` on `body`, awaited without blocking the event loop."""
         pool = self.pool
         try:
-            return await asyncio.wrap_future(pool.submit(getattr(self.vetter, what), body))
-        except BrokenProcessPool:
-            if self.pool is pool:  # the first to notice starts the next one
-                self.pool = self._start()
+            return await asyncio.wait_for(asyncio.wrap_future(pool.submit(getattr(self.vetter, what), body)),
+                                          self.timeout_s)  # fmt: skip
+        except TimeoutError:  # a model built to be slow to check: end that process, keep serving
+            self._restart(pool, kill=True)
             raise wire.BadRequest(
-                400, "vetting this request crashed its process (a malformed or oversized model?); nothing was queued"
+                400, f"vetting this request took over {self.timeout_s:.0f} s; nothing was queued"
             ) from None
+        except BrokenProcessPool:  # 503: a request vetted beside the culprit may well be fine on a retry
+            self._restart(pool)
+            raise wire.BadRequest(
+                503, "vetting crashed its process (a malformed or oversized model?); nothing was queued"
+            ) from None
+
+    def _restart(self, pool: ProcessPoolExecutor, *, kill: bool = False) -> None:
+        if self.pool is not pool:  # another request started the next one already
+            return
+        if kill:  # the executor has no public way to stop a task in progress
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = self._start()
 
     def stop(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

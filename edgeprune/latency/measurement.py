@@ -74,7 +74,7 @@ class Protocol:
         if pins is not None:  # the device's CPU numbers (an agent's are not the caller's): only their form here
             from edgeprune.errors import EdgepruneError
 
-            if not isinstance(pins, (list, tuple)) or not all(isinstance(c, int) and c >= 0 for c in pins):
+            if not isinstance(pins, (list, tuple)) or not all(type(c) is int and c >= 0 for c in pins):
                 raise EdgepruneError(f"pin_cpus must be a list of CPU numbers, got {pins!r}")
             d["pin_cpus"] = tuple(pins)
         return cls(**d)
