@@ -88,20 +88,24 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 class Uploads:
     """At most `limit` requests read and vetted at once: each holds its body in memory, and they
-    all wait for the one vetting process. One more is refused (503: nothing was queued)."""
+    all wait for the one vetting process. The next ones wait their turn before their body is read
+    (it stays with the client meanwhile); one that waits `wait_s` is refused (503: nothing was queued)."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit, self.active = limit, 0
+    def __init__(self, limit: int, wait_s: float) -> None:
+        self.limit, self.wait_s = limit, wait_s
+        self.free = asyncio.Semaphore(limit)
 
     @asynccontextmanager
     async def slot(self):
-        if self.active >= self.limit:  # the event loop is one thread: no lock needed
-            raise _busy(f"{self.active} requests are being received and vetted (the limit); nothing was queued")
-        self.active += 1
+        try:
+            await asyncio.wait_for(self.free.acquire(), self.wait_s)
+        except TimeoutError:
+            raise _busy(f"{self.limit} requests were being received and vetted (the limit) for {self.wait_s:.0f} s; "
+                        "nothing was queued") from None  # fmt: skip
         try:
             yield
         finally:
-            self.active -= 1
+            self.free.release()
 
 
 async def _wait(agent: Agent, job, request: Request) -> None:
@@ -127,7 +131,7 @@ def create_app(spec: DeviceSpec, *, token: str, cache: Path, limits: Limits | No
     agent = Agent(spec, AgentCache(cache), limits)
     vetting = VettingPool(Vetter(cache, agent.fingerprint, spec.protocol.to_dict(), limits.max_items,
                                  limits.max_input_elements))  # fmt: skip
-    uploads = Uploads(limits.max_uploads)
+    uploads = Uploads(limits.max_uploads, wait_s=limits.job_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
