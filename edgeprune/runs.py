@@ -20,14 +20,15 @@ if TYPE_CHECKING:
 LOCK = ".lock"  # in a run folder: who writes it now (a flock, and the holder's PID and command)
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a file atomically (temp file + fsync + rename), so readers never see half a file."""
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a file atomically (temp file `NAME.*.tmp` + fsync + rename + fsync of the folder), so
+    readers, and a machine that loses power, see the old file or the new one, never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -37,7 +38,17 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself
+    finally:
+        os.close(folder)
     return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically (`write_bytes`)."""
+    return write_bytes(path, text.encode())
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -1,18 +1,18 @@
 """The agent's disk cache: received models by SHA-256, results by (model, shape, protocol, fingerprint).
 
-Everything is written to a temporary file, fsynced and renamed, so a crash leaves either the old
-file or the new one (and a stray `*.tmp`, removed on the next start). A model file is trusted only
-while its bytes still hash to its name: a truncated or swapped file is dropped and the model is
-asked for again, never measured under the wrong name.
+Everything is written whole (`runs.write_bytes`: a temporary file, fsynced and renamed), so a
+crash leaves either the old file or the new one (and a stray `*.tmp`, removed on the next
+start). A model file is trusted only while its bytes still hash to its name: a truncated or
+swapped file is dropped and the model is asked for again, never measured under the wrong name.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
+
+from edgeprune.runs import write_bytes
 
 CHUNK = 1 << 20
 
@@ -26,24 +26,6 @@ def sha256_of(path: Path) -> str | None:
     except OSError:
         return None
     return digest.hexdigest()
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """`data` at `path`, whole or not at all: temp file, fsync, rename, fsync of the folder."""
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 class AgentCache:
@@ -77,7 +59,7 @@ class AgentCache:
 
     def store_model(self, data: bytes, digest: str) -> None:
         if not self.intact(digest):
-            write_atomically(self.model_path(digest), data)
+            write_bytes(self.model_path(digest), data)
 
     def result(self, key: str) -> dict | None:
         path = self.results / f"{key}.json"
@@ -93,4 +75,4 @@ class AgentCache:
         return None
 
     def store_result(self, key: str, result: dict) -> None:
-        write_atomically(self.results / f"{key}.json", json.dumps(result).encode())
+        write_bytes(self.results / f"{key}.json", json.dumps(result).encode())

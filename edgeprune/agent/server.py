@@ -156,14 +156,19 @@ def create_app(spec: DeviceSpec, *, token: str, cache: Path, limits: Limits | No
     def info() -> dict:
         return agent.info()
 
-    @router.post("/measure")
-    async def measure(request: Request):
+    async def accept(request: Request, what: str):
+        """A request's models read, vetted (`Vetter.one` or `.many`) and queued as one job (503
+        where the queue is full: nothing was queued)."""
         async with uploads.slot():
-            item, protocol, fresh = await vetting.run("one", await read_body(request, limits.max_bytes))
+            items, protocol, fresh = await vetting.run(what, await read_body(request, limits.max_bytes))
         try:
-            job = agent.submit([item], protocol, fresh=fresh)
+            return agent.submit(items if what == "many" else [items], protocol, fresh=fresh)
         except QueueFull as e:
             raise _busy(str(e)) from None
+
+    @router.post("/measure")
+    async def measure(request: Request):
+        job = await accept(request, "one")
         await _wait(agent, job, request)
         result = job.results[0]
         if result.get("resend"):  # the copy was damaged after it was stored: the client sends it again
@@ -174,13 +179,8 @@ def create_app(spec: DeviceSpec, *, token: str, cache: Path, limits: Limits | No
 
     @router.post("/jobs", status_code=202)
     async def submit(request: Request):
-        async with uploads.slot():
-            items, protocol, fresh = await vetting.run("many", await read_body(request, limits.max_bytes))
-        try:
-            job = agent.submit(items, protocol, fresh=fresh)
-        except QueueFull as e:
-            raise _busy(str(e)) from None
-        return {"job": job.id, "total": len(items), "status": job.status}
+        job = await accept(request, "many")
+        return {"job": job.id, "total": len(job.items), "status": job.status}
 
     def find(job_id: str):
         job = agent.board.get(job_id)
