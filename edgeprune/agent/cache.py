@@ -8,24 +8,10 @@ swapped file is dropped and the model is asked for again, never measured under t
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-from edgeprune.runs import write_bytes
-
-CHUNK = 1 << 20
-
-
-def sha256_of(path: Path) -> str | None:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while block := f.read(CHUNK):
-                digest.update(block)
-    except OSError:
-        return None
-    return digest.hexdigest()
+from edgeprune.runs import file_sha256, write_bytes
 
 
 class AgentCache:
@@ -52,8 +38,11 @@ class AgentCache:
         path = self.model_path(digest)
         if not path.exists():
             return False
-        if sha256_of(path) == digest:
-            return True
+        try:
+            if file_sha256(path) == digest:
+                return True
+        except OSError:
+            pass
         path.unlink(missing_ok=True)
         return False
 

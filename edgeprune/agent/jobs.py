@@ -54,7 +54,6 @@ class JobBoard:
         self.jobs: dict[str, Job] = {}
         self.waiting: deque[Job] = deque()
         self.pending = 0  # items waiting to be measured, over all jobs
-        self.current: Job | None = None  # the job the worker thread is on
         self.measuring: Job | None = None  # the job whose item is in the worker right now
         self.cond = threading.Condition()  # reentrant: a cancel stops the worker while holding it
 
@@ -87,7 +86,6 @@ class JobBoard:
                 self.cond.wait()
             job = self.waiting.popleft()
             job.status = RUNNING
-            self.current = job
             return job
 
     def record(self, job: Job, i: int, result: dict) -> None:
@@ -102,7 +100,6 @@ class JobBoard:
             if job.cancel_requested:
                 self._cancel_rest(job)
             self._finish(job, CANCELLED if job.cancel_requested else DONE)
-            self.current = None
 
     def cancel(self, job: Job, *, only_queued: bool = False) -> str:
         """Cancel `job`; returns its status before: a queued job is cancelled at once, a running one
@@ -136,6 +133,3 @@ class JobBoard:
             if now - j.finished_at > self.keep_s or excess > 0:
                 del self.jobs[j.id]
                 excess -= 1
-
-    def __len__(self) -> int:
-        return len(self.jobs)

@@ -9,7 +9,6 @@ user's score_fn run on the file.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from torch import nn
 
 from edgeprune.errors import EdgepruneError, choices_error
 from edgeprune.progress import progress_bar
+from edgeprune.runs import file_sha256
 
 FORMATS = ("onnx", "openvino", "tensorrt")
 
@@ -49,14 +49,6 @@ def describe_parity(p: dict) -> str:
     if p.get("runtime_score") is not None:
         said += f", score {p['runtime_score']:.4g} (your score_fn on the file, run by the runtime)"
     return said
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def runner(fmt: str, path: Path, onnx_path: Path, input_shape, *, precision: str = "fp16"):
@@ -216,7 +208,7 @@ def export_model(
     for fmt, a in artifacts.items():
         path = a["path"]
         files = [path] + ([path.with_suffix(".bin")] if fmt == "openvino" else [])
-        a["files"] = [{"path": str(p), "sha256": sha256(p), "bytes": p.stat().st_size} for p in files]
+        a["files"] = [{"path": str(p), "sha256": file_sha256(p), "bytes": p.stat().st_size} for p in files]
         a["path"] = str(path)
         if task is not None:
             precision = a.get("precision", "fp32")

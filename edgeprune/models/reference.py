@@ -26,16 +26,9 @@ import torch
 from torch import nn
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.runs import file_sha256
 
 KINDS = ("builtin", "torchvision", "file", "module", "pickle", "python")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def kind_of(name: str) -> str:

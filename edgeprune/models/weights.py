@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.models.reference import ModelRef, file_sha256, head_outputs, replace_head
+from edgeprune.models.reference import ModelRef, head_outputs, replace_head
+from edgeprune.runs import file_sha256
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 TORCHVISION = "torchvision:"
