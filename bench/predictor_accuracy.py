@@ -4,7 +4,8 @@
 
 For each (model, device profile): N random plans (each group's keep-count uniform over its
 allowed counts) are exported, measured on the device with the profile's protocol, and predicted
-by the shipped latency table (latency_tables/DEVICE/MODEL.json) as calibrated at profile time,
+by the device's latency table (this machine's own, latency_tables/DEVICE/SETUP/MODEL.json, where
+it has one, else latency_tables/DEVICE/MODEL.json; the --json output names it) as calibrated at profile time,
 by the same table re-anchored on the dense model measured now (scaled by dense now / dense at
 profile time), and by dense-ms x MACs-ratio. --json keeps every plan's figures (rewritten after
 every pair, so a run stopped part way keeps the pairs it finished).
@@ -27,7 +28,7 @@ from edgeprune.devices import Device
 from edgeprune.errors import EdgepruneError
 from edgeprune.latency.check import check_predictor, predictor_for
 from edgeprune.latency.predictor import anchor_scale, error_stats
-from edgeprune.latency.table import LatencyTable
+from edgeprune.latency.table import LatencyTable, find_table
 from edgeprune.resolve import resolve
 
 PAIRS = [
@@ -63,7 +64,8 @@ def main() -> None:
         r = resolve(model_id, load_data=False)
         model, model_id, shape = r.model, r.id, r.shape
         device = Device.load(device_name)
-        table = LatencyTable.load(f"latency_tables/{device_name}/{model_id}.json", fingerprint=device.fingerprint())
+        path = find_table(device, model_id)  # this machine's own where it has one, else the profile's
+        table = LatencyTable.load(path, fingerprint=device.fingerprint())
         # the second table is loaded before the measurement, so a missing or mismatched one fails first
         other = None
         if args.against:
@@ -95,6 +97,8 @@ def main() -> None:
             {
                 "model": model_id,
                 "device": device_name,
+                "table_path": str(path),
+                "sampled": table.meta.get("sampling"),
                 **{k: r[k] for k in ("dense_ms", "dense_predicted_ms", "anchor", "table", "table_anchored")},
                 **{k: r[k] for k in ("flops_baseline", "plans")},
                 **({"against_root": args.against} if args.against else {}),

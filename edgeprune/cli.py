@@ -277,7 +277,7 @@ def measure(
     else:
         out.print(
             f"{model_path} on {dev.name}: median {m.median_ms:.4f} ms, p90 {m.p90_ms:.4f} ms, "
-            f"cv {m.cv:.1%}, n {m.n}, foreign CPU load {m.foreign_load:.0%}"
+            f"cv {m.cv:.1%}, n {m.n}, foreign CPU load {m.foreign_load:.0%} ({dev.spec.protocol.timing} timing)"
         )
 
 
@@ -320,6 +320,13 @@ def profile(
             "(default: the device profile's unit_copies)."
         ),
     ] = None,
+    sample: Annotated[
+        int | None,
+        typer.Option(
+            help="Measure N widths per axis of each family of configurations and interpolate the rest, checked on "
+            "held-out ones; 0: measure every configuration [default: sampled (5) above 5,000 configurations]."
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a summary as JSON.")] = False,
 ) -> None:
     """Profile every layer configuration reachable by pruning a model into a latency table (resumable; a table of
@@ -330,7 +337,7 @@ def profile(
     from edgeprune.latency.table import find_table
 
     step_value = _step_option(step)
-    check_profile(step=step_value, calibrate=calibrate, copies=copies, recalibrate=recalibrate)
+    check_profile(step=step_value, calibrate=calibrate, copies=copies, recalibrate=recalibrate, sample=sample)
     devices = [Device.load(d) for d in device or ["cpu-onnxruntime"]]
     r = _shape_only(model, weights, model_arg, num_classes, trust_pickle, data, image_size, input_shape)
     if out_path and len(out_path) != len(devices):
@@ -349,6 +356,7 @@ def profile(
         copies=copies,
         calibrate=calibrate,
         recalibrate=recalibrate,
+        sample=sample,
         log=log,
     )
     _print_profiled(tables if isinstance(tables, list) else [tables], targets, devices, r.id, json_out)
@@ -367,6 +375,7 @@ def _print_profiled(tables: list, targets: list, devices: list, model_id: str, j
             f"wrote {target}: {len(table.entries)} entries at step {table.step}, "
             f"{describe_calibration(cal)} on {cal['n']} whole models "
             f"(median miss {cal.get('fit_median_abs_err') or 0:.1%})"
+            + (f"; {table.meta['sampling']['interpolated']} interpolated" if table.meta.get("sampling") else "")
         )
 
 
@@ -391,6 +400,7 @@ def _profile_summary(table, target, dev, model_id: str) -> dict:
         "entries": len(table.entries),
         "calibration": table.calibration,
         "profile_seconds": table.meta.get("profile_seconds"),
+        "sampling": table.meta.get("sampling"),  # None: every configuration measured
     }
 
 
@@ -746,8 +756,10 @@ def validate_cmd(
 ) -> None:
     """Measure the shipped model and its dense parent on the device: budget, prediction, speedup, accuracy.
 
-    Rewrites the run's report.md / report.html with the result.
-    Exits with status 1 when the shipped model is over the budget (for scripts and CI)."""
+    Rewrites the run's report.md / report.html with the result. The budget is decided on the device
+    profile's verdict_statistic (median of steady runs by default; p90).
+    Exits with status 1 when the shipped model misses the budget, 3 when the host was too noisy to
+    decide (for scripts and CI; 2 is a usage error)."""
     from edgeprune.pipeline import validate_run
 
     v = validate_run(
@@ -755,7 +767,7 @@ def validate_cmd(
     )
     if json_out:
         _print_json(v)
-        raise typer.Exit(0 if v["meets_budget"] else 1)
+        raise typer.Exit(_verdict_status(v))
     from edgeprune.report.report import validation_rows
 
     t = Table(title=f"validation of {v['artifact']} on {v['device']}")
@@ -765,8 +777,14 @@ def validate_cmd(
         t.add_row(*row)
     out.print(t)
     out.print(f"report: {v['report']}")
-    if not v["meets_budget"]:
-        raise typer.Exit(1)
+    if status := _verdict_status(v):
+        raise typer.Exit(status)
+
+
+def _verdict_status(v: dict) -> int:
+    """validate's exit status: 0 meets the budget, 1 misses it, 3 undecided (the host too noisy; 2 is
+    a usage error)."""
+    return {"meets": 0, "misses": 1, "undecided": 3}[v["verdict"]["outcome"]]
 
 
 def _log(json_out: bool):
@@ -797,13 +815,20 @@ def run(
     t.add_row("pruned", f"{s['pruned_test_accuracy']:.2%}", f"{s['measured_ms']:.4g}", f"{s['speedup']:.2f}x")
     out.print(t)
     out.print(s["chosen_plan"], markup=False, highlight=False)
-    verdict = "[green]within[/green]" if s["meets_budget"] else "[red]OVER[/red]"
     predicted = ""  # none where the search's constraint was FLOPs
     if s["predicted_ms"] is not None:
         carried = ", carried to the dense model as it measures now" if s["prediction_carried"] else ""
         predicted = f"; predicted {s['predicted_ms']:.4g} ms ({s['prediction_error_pct']:+.1f} % error{carried})"
     referred = f" ({s['referred']})" if s["referred"] else ""
-    out.print(f"measured {s['measured_ms']:.4g} ms: {verdict} the {s['budget_ms']:.4g} ms budget{referred}{predicted}")
+    if s.get("verdict"):
+        from edgeprune.latency.verdict import verdict_line
+
+        out.print(verdict_line(s["verdict"]) + referred, markup=False, highlight=False)
+        out.print(f"quietest window {s['measured_ms']:.4g} ms{predicted}", markup=False, highlight=False)
+    else:
+        verdict = "[green]within[/green]" if s["meets_budget"] else "[red]OVER[/red]"
+        budget = f"{s['budget_ms']:.4g} ms budget"
+        out.print(f"measured {s['measured_ms']:.4g} ms: {verdict} the {budget}{referred}{predicted}")
     out.print(f"ONNX: {s['onnx']}\nreport: {s['report']}\n({s['seconds']:.0f} s)")
 
 

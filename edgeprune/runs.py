@@ -110,7 +110,8 @@ class RunStore:
         duplicate INTEGER, created REAL);
     CREATE TABLE IF NOT EXISTS measurements (
         counts TEXT PRIMARY KEY, plan_hash TEXT, round INTEGER, predicted_ms REAL, measured_ms REAL,
-        raw_ms REAL, dense_beside_ms REAL, p90_ms REAL, cv REAL, n INTEGER, created REAL);
+        raw_ms REAL, dense_beside_ms REAL, p90_ms REAL, cv REAL, n INTEGER, steady_median_ms REAL,
+        steady_p90_ms REAL, created REAL);
     CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT);
     """
 
@@ -128,7 +129,8 @@ class RunStore:
         with self.db:
             self.db.executescript(self.SCHEMA)
             have = {r[1] for r in self.db.execute("PRAGMA table_info(measurements)")}
-            for column in ("raw_ms", "dense_beside_ms"):  # runs started before these columns existed
+            # runs started before these columns existed
+            for column in ("raw_ms", "dense_beside_ms", "steady_median_ms", "steady_p90_ms"):
                 if column not in have:
                     self.db.execute(f"ALTER TABLE measurements ADD COLUMN {column} REAL")
 

@@ -1,12 +1,14 @@
 """The device agent, for real: a server subprocess on loopback, a client, the profiler through it."""
 
 import base64
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import httpx
 import onnx
@@ -257,3 +259,63 @@ def test_profile_through_agent_matches_local(agent, tmp_path):
     assert t_remote.fingerprint["runtime"] == t_local.fingerprint["runtime"] == "onnxruntime"
     ratios = sorted(t_remote.entries[k]["median_ms"] / t_local.entries[k]["median_ms"] for k in t_local.entries)
     assert 0.7 < ratios[len(ratios) // 2] < 1.4  # same device, same protocol: the same latencies within noise
+
+
+def table_dense(model) -> list[int]:
+    """The dense model's keep-counts in the space the check builds (step 32)."""
+    import torch
+
+    from edgeprune.pruning import space
+
+    return space(model, torch.randn(1, 1, 28, 28), step=32).full_counts()
+
+
+def test_measure_and_predict_check_through_the_agent(agent, tmp_path, cli_here):
+    """`edgeprune measure` and `predict --check` (CLI and function) on a device reached through the
+    agent: the same figures' shape as on this machine, measured there, each timing told apart."""
+    from edgeprune.latency.check import check_predictor
+    from edgeprune.latency.profiler import profile
+    from edgeprune.models import build_model
+
+    quick = {"warmup_runs": 2, "warmup_s": 0.01, "min_runs": 10, "min_s": 0.05, "max_cv": 10}
+    spec = {"name": "remote-cpu", "backend": "onnxruntime", "agent": agent.url, "token_file": str(agent.token_file),
+            "channel_step": 32, "protocol": quick}  # fmt: skip
+    (tmp_path / "remote.yaml").write_text(yaml.safe_dump(spec))
+    remote = Device.load(tmp_path / "remote.yaml")
+    model = build_model("resnet20", in_channels=1)
+    table = profile(model=model, model_id="resnet20", example_input=(1, 1, 28, 28), device=remote, step=32,
+                    calibrate=2, out=tmp_path / "remote.json", progress=False, log=lambda s: None)  # fmt: skip
+    assert table.fingerprint["timing"] == "native" and table.protocol["timing"] == "native"
+    c = check_predictor(model=model, input_shape=(1, 1, 28, 28), table=table, device=remote, n=3, progress=False,
+                        log=lambda s: None)  # fmt: skip
+    assert c["device"] == "remote-cpu" and len(c["plans"]) == 3 and c["dense_ms"] > 0
+    for row in c["plans"]:
+        assert row["measured_ms"] > 0 and row["predicted_ms"] > 0 and row["flops_ms"] < c["dense_ms"]
+        assert row["steady"]["quietest_ms"] == row["measured_ms"] and row["steady"]["windows"] >= 15
+    # the anchor is the drift of the dense model since the profile measured it (its calibration point)
+    from edgeprune.latency.table import calibration_key
+
+    then = table.meta["calibration_points"][calibration_key(table_dense(model))]
+    assert c["anchor"] == pytest.approx(c["dense_ms"] / then["measured_ms"], rel=1e-6)
+    assert c["table"]["n"] == c["table_anchored"]["n"] == c["flops_baseline"]["n"] == 3
+    within = sum(abs(r["predicted_ms"] * c["anchor"] / r["measured_ms"] - 1) <= 0.10 for r in c["plans"])
+    assert c["table_anchored"]["within_10"] == pytest.approx(within / 3)
+    r = cli_here("predict", "--model", "resnet20", "--table", tmp_path / "remote.json", "--check", "2", "--device",
+                 tmp_path / "remote.yaml", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    check = json.loads(r.stdout)["check"]
+    assert check["device"] == "remote-cpu" and len(check["plans"]) == 2
+    onnx_file = tmp_path / "conv.onnx"
+    onnx_file.write_bytes(_model(16)[0])
+    r = cli_here("measure", onnx_file, "--device", tmp_path / "remote.yaml", "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert m["median_ms"] > 0 and m["protocol"]["timing"] == "native" and m["fingerprint"]["timing"] == "native"
+    r = cli_here("measure", onnx_file, "--device", tmp_path / "remote.yaml")
+    assert r.returncode == 0 and "(native timing)" in r.stdout, r.stderr
+    # the agent times the way the protocol it is sent says, and refuses a timing it does not know
+    assert agent.client().measure(_model(16)[0], _model(16)[1], replace(QUICK, timing="python-call")).median_ms > 0
+    body = {"model": base64.b64encode(_model(16)[0]).decode(), "input_shape": list(_model(16)[1]),
+            "protocol": {"timing": "wall"}}  # fmt: skip
+    bad = _post(agent, "/measure", body)
+    assert bad.status_code == 400 and "timing" in bad.json()["detail"]

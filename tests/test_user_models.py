@@ -72,7 +72,7 @@ def test_a_user_model_file_and_state_dict_through_the_cli(tinynet_28, cli_here, 
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["formats"]["onnx"]["parity"]["passed"]
     r = cli_here("validate", run, "--no-sparse", "--repeats", "5", "--json")
-    assert r.returncode in (0, 1), r.stderr  # over the budget or not, a verdict (the host's noise decides)
+    assert r.returncode in (0, 1, 3), r.stderr  # meets, misses or undecided: a verdict (the host's noise decides)
     assert json.loads(r.stdout)["speedup"] > 0
     # a fresh process rebuilds the finetuned model from its checkpoint alone
     x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)

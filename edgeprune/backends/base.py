@@ -66,10 +66,17 @@ class Backend(ABC):
         *,
         run=None,
     ) -> Measurement:
-        """Time the model under `protocol`; `run`: a session of it already open (see `session`)."""
+        """Time the model under `protocol`; `run`: a session of it already open (see `session`).
+
+        A session may offer `native(x)`: `x` bound once, then a call that runs one inference and
+        returns its duration in ms as the runtime's own benchmark tool measures it (protocol.timing
+        "native"); otherwise, and under "python-call", the Python call `run(x)` is timed."""
         from edgeprune.latency.measurement import measure_callable
 
+        protocol = protocol or Protocol()
         run = run or self.session(onnx_path, input_shape)
         x = np.random.default_rng(0).standard_normal(input_shape, dtype=np.float32)
-        timed = getattr(run, "timed", None)
-        return measure_callable(lambda: run(x), protocol, timed=timed)
+        if protocol.timing == "native" and hasattr(run, "native"):
+            one = run.native(x)
+            return measure_callable(one, protocol, timed=one)
+        return measure_callable(lambda: run(x), protocol)

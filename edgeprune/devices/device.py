@@ -77,7 +77,8 @@ class Device:
         """Runtime, version, hardware and settings; asked once (a device behind an agent answers over the network)."""
         if self._fingerprint is None:
             self._fingerprint = self.client.info()["fingerprint"] if self.remote else self.backend.fingerprint()
-        return dict(self._fingerprint)
+        # how one run is timed is this profile's choice (its protocol travels to an agent with each request)
+        return {**self._fingerprint, "timing": self.spec.protocol.timing}
 
     def measure(
         self,

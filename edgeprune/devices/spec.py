@@ -15,6 +15,7 @@ import yaml
 from edgeprune.checks import Rule, check_values
 from edgeprune.errors import EdgepruneError, choices_error
 from edgeprune.latency.measurement import Protocol
+from edgeprune.latency.verdict import STATISTICS
 
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 DEVICES_ENV = "EDGEPRUNE_DEVICES"
@@ -32,6 +33,7 @@ FIELDS = {
     "tls_fingerprint",
     "timeout_s",
     "unit_copies",
+    "verdict_statistic",
 }
 
 
@@ -62,6 +64,7 @@ class DeviceSpec:
     tls_fingerprint: str | None = None  # or the SHA-256 of the agent's certificate, pinned
     timeout_s: float = 600.0
     unit_copies: int = 1  # profile units alone (1) or in context (K summed copies vs one)
+    verdict_statistic: str = "median"  # what "meets the budget" is decided on (latency/verdict.py)
     path: str | None = None
 
     @classmethod
@@ -101,6 +104,7 @@ class DeviceSpec:
             tls_fingerprint=d.get("tls_fingerprint"),
             timeout_s=float(d.get("timeout_s", 600.0)),
             unit_copies=copies,
+            verdict_statistic=d.get("verdict_statistic", "median"),
             path=path,
         )
 
@@ -141,6 +145,7 @@ FIELD_RULES = {
     "token_file": Rule(str, optional=True),
     "tls_ca": Rule(str, optional=True),
     "tls_fingerprint": Rule(str, optional=True),
+    "verdict_statistic": Rule(str, choices=STATISTICS),
 }
 
 

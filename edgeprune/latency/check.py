@@ -92,6 +92,7 @@ def check_predictor(
             "measured_ms": m.median_ms,
             "predicted_ms": predictor.predict(counts),
             "flops_ms": dense_ms * s.macs(counts) / s.macs(),
+            "steady": m.extra.get("steady"),  # every window's runs pooled: median, p90, spread over the quietest
         }
         for counts, m in zip(plans, ms)
     ]

@@ -30,6 +30,7 @@ from dataclasses import replace
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.latency.measurement import Measurement, Protocol
+from edgeprune.latency.verdict import steady
 from edgeprune.progress import progress_bar
 
 STATISTICS = ("quietest", "median")
@@ -135,7 +136,12 @@ def measure_interleaved(
             replace(
                 pick,
                 attempts=repeats,
-                extra={**pick.extra, "rounds_ms": [m.median_ms for m in rounds], "statistic": statistic},
+                extra={
+                    **pick.extra,
+                    "rounds_ms": [m.median_ms for m in rounds],
+                    "statistic": statistic,
+                    "steady": steady(rounds),  # every window's runs pooled: what a verdict decides on
+                },
             )
         )
     return chosen

@@ -4,6 +4,13 @@ The statistic is the median of many timed runs after a warm-up by time and count
 time used by other processes during the run is recorded, and a noisy run (high coefficient of
 variation or a busy machine) is measured again, keeping the quietest attempt.
 
+`timing` says what one run is. "native" (the default) times what the runtime's own benchmark
+tool times: the input set once, one inference call, the output left where the runtime wrote it
+(OpenVINO's benchmark_app, an ONNX Runtime io-binding loop, TensorRT's CUDA events): what the
+device spends on the model. "python-call" times the Python call a user's code makes, input dict
+in and output array copied out: the model plus the binding's overhead, which on a small model is a
+tenth of its time (OpenVINO, resnet20 at 28x28). Every table and result records which.
+
 With `precision` set, timing stops as soon as the median is known well enough (the 95 %
 confidence interval of the median, from order statistics, within +-precision of it) once
 `min_runs` and `min_s` are reached, and at `max_s` at the latest: a profile of thousands of
@@ -20,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import psutil
+
+TIMINGS = ("native", "python-call")
 
 
 def _protocol_rules() -> dict:
@@ -38,6 +47,7 @@ def _protocol_rules() -> dict:
         "max_cv": share,
         "max_foreign_load": share,
         "retries": count,
+        "timing": Rule(str, choices=TIMINGS),
     }
 
 
@@ -56,6 +66,7 @@ class Protocol:
     max_foreign_load: float = 0.5  # share of the other cores' time used by other processes
     retries: int = 2
     pin_cpus: tuple[int, ...] | None = None  # run pinned to these CPUs (os.sched_setaffinity)
+    timing: str = "native"  # what one run is: the runtime's inference call, or the Python call (TIMINGS)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> Protocol:
@@ -144,7 +155,7 @@ def time_runs(
 ) -> Measurement:
     """Time `run` once under `protocol` (no retry): warm-up, then timed runs, then statistics.
 
-    `timed`, where given, runs once and returns its own duration in ms (a GPU runtime's events).
+    `timed`, where given, runs once and returns its own duration in ms (the runtime's native timing).
     """
     start = time.monotonic()
     for i in range(protocol.max_runs):
@@ -165,6 +176,8 @@ def time_runs(
             break
     wall = max(time.monotonic() - wall0, 1e-9)
     foreign = max(0.0, (_cpu_busy() - busy0) - (_own_cpu() - own0)) / (wall * ncpu)
+    from edgeprune.latency.verdict import window_quantiles
+
     samples.sort()
     mean = statistics.fmean(samples)
     return Measurement(
@@ -174,6 +187,7 @@ def time_runs(
         cv=statistics.pstdev(samples) / mean if mean > 0 else 0.0,
         n=len(samples),
         foreign_load=round(min(1.0, foreign), 4),
+        extra={"quantiles_ms": window_quantiles(samples)},  # to pool with other windows (latency/verdict.py)
     )
 
 

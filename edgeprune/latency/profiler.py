@@ -167,7 +167,39 @@ RULES = {
     "recalibrate": Rule(bool),
     "batch": POSITIVE,
     "seed": Rule(int, lo=0),  # numpy's and torch's generators take no negative seed
+    "sample": Rule(int, lo=0, optional=True),
 }
+# a model reaching more configurations than this is profiled on a designed sample by default
+# (latency/sampling.py): resnet18 at 224 (3,588 at step 16) is measured in full, resnet50 (14,953) is not
+SAMPLE_ABOVE = 5000
+SAMPLE_POINTS = 5  # widths per axis of a family's first grid
+# prune and run profile a device that has no table of its own for the model first, where that
+# would take less than this (else they predict from another setup's table, and say how long)
+PROFILE_FIRST_S = 240
+CALIBRATION_S = 90  # the whole-model calibration's share of a profile (25 models, 15+ rounds of ~0.2 s)
+
+
+def profile_estimate(other: LatencyTable) -> float | None:
+    """Seconds a profile of the model another setup's table holds would take here: its units' time
+    there, and the calibration; None where it did not record its time."""
+    seconds = other.meta.get("profile_seconds")
+    return None if seconds is None else float(seconds) + CALIBRATION_S
+
+
+def profiles_first(other: LatencyTable, device: Device, model_id: str, log) -> bool:
+    """Whether to profile `device` before predicting from `other`, the table found for it: yes
+    where `other` is another device setup's and a profile here takes under PROFILE_FIRST_S (said,
+    with its time); where it would take longer, how long is said and `other` is used."""
+    if not fingerprint_diff(other.fingerprint, device.fingerprint()):
+        return False
+    seconds = profile_estimate(other)
+    mine = f"{device.name} has no table of its own for {model_id}"
+    if seconds is None or seconds > PROFILE_FIRST_S:
+        took = f"about {seconds / 60:.0f} min" if seconds else "a while (the table did not record its time)"
+        log(f"{mine}: profiling it would take {took}")
+        return False
+    log(f"{mine}: profiling it first (about {seconds:.0f} s) rather than predicting from another device setup's table")
+    return True
 
 
 def check_options(*, step=None, as_flag: bool = True, **options) -> None:
@@ -191,6 +223,7 @@ def profile(
     recalibrate: bool = False,
     batch: int = 16,
     seed: int = 0,
+    sample: int | None = None,
     progress: bool = True,
     log=print,
 ) -> LatencyTable:
@@ -202,6 +235,9 @@ def profile(
     `step`: the channel step (an int, "auto" to detect it, None: the device profile's).
     `copies`: 1 measures each unit alone; K > 1 measures it in context, as the per-copy difference
     between K summed copies and one (see `unit_model`); default: the device profile's `unit_copies`.
+    `sample`: measure a designed sample, N widths per axis of each family of configurations, and
+    interpolate the rest, checked on held-out configurations (latency/sampling.py); 0 measures
+    every configuration; None: sampled (SAMPLE_POINTS) where there are over SAMPLE_ABOVE.
     `recalibrate`: measure the dense model and `calibrate` plans anew, all together, and fit the
     line on them alone (the units are kept): a device drifts over days, and points measured at
     different times do not lie on one line. The replaced calibration is kept in
@@ -213,7 +249,9 @@ def profile(
     from edgeprune.models.onnx import example_tensor
     from edgeprune.pruning import space
 
-    check_options(step=step, copies=copies, calibrate=calibrate, recalibrate=recalibrate, batch=batch, seed=seed)
+    check_options(
+        step=step, copies=copies, calibrate=calibrate, recalibrate=recalibrate, batch=batch, seed=seed, sample=sample
+    )
     if isinstance(device, (list, tuple)):
         return profile_devices(
             model,
@@ -227,6 +265,7 @@ def profile(
             recalibrate=recalibrate,
             batch=batch,
             seed=seed,
+            sample=sample,
             progress=progress,
             log=log,
         )
@@ -247,7 +286,12 @@ def profile(
     table, reused = _open_table(out, device, fingerprint, step, model_id, input_shape, copies)
     if sweep:
         table.meta["step_sweep"] = sweep
-    _measure_units(table, configs, device, copies, batch, out, model_id, len(s.groups), reused, progress, log)
+    units = Units(table, device, copies, batch, out, model_id, progress, log)
+    points = SAMPLE_POINTS if sample is None and len(configs) > SAMPLE_ABOVE else (sample or 0)
+    if points:
+        units.sampled(configs, points, len(s.groups), seed)
+    else:
+        units.measure_all(configs, len(s.groups), reused)
     _calibrate(table, s, layers, model, model_id, input_shape, device, calibrate, recalibrate, seed, out, progress, log)
     table.meta["model_protocol"] = device.spec.protocol.to_dict()
     table.meta["measurement"] = {"statistic": "quietest", "unit_rounds": UNIT_ROUNDS, "model_rounds": ROUNDS}
@@ -302,33 +346,113 @@ def _step(step, device: Device, input_shape, progress: bool, log) -> tuple[int, 
     return found, sweep
 
 
-def _measure_units(table, configs, device, copies, batch, out, model_id, groups, reused, progress, log) -> None:
-    if "unit_overhead_ms" not in table.meta:  # what one call of an (almost) empty model costs here
-        empty = LayerConfig("act:relu", 1, 1)
-        table.meta["unit_overhead_ms"] = round(measure_configs(device, [empty], UNIT_PROTOCOL)[0].median_ms, 6)
-    todo = [c for c in configs if c.key not in table.entries]
-    log(
-        f"{model_id}: {groups} groups, {len(configs)} reachable layer configurations at step {table.step}; "
-        f"{len(todo)} to measure, {len(configs) - len(todo) if reused else 0} already in {out or 'the table'}"
-        + (f"; each unit in context ({copies} copies vs 1)" if copies > 1 else "")
-    )
-    started = time.monotonic()
-    with progress_bar(enabled=progress) as bar:
-        task = bar.add_task(f"profile {model_id} on {device.name}", total=len(todo), status="")
-        for i in range(0, len(todo), batch):
-            chunk = todo[i : i + batch]
-            results = measure_configs(
-                device, chunk, UNIT_PROTOCOL, on_result=lambda j, m: bar.update(task, advance=1), copies=copies
+class Units:
+    """Measures a table's layer units on a device, in batches, the table saved after each (an
+    interrupted profile resumes): every configuration, or a designed sample of them."""
+
+    def __init__(self, table, device, copies, batch, out, model_id, progress, log) -> None:
+        self.table, self.device, self.copies, self.batch, self.out = table, device, copies, batch, out
+        self.model_id, self.progress, self.log = model_id, progress, log
+        if "unit_overhead_ms" not in table.meta:  # what one call of an (almost) empty model costs here
+            empty = LayerConfig("act:relu", 1, 1)
+            table.meta["unit_overhead_ms"] = round(measure_configs(device, [empty], UNIT_PROTOCOL)[0].median_ms, 6)
+
+    def measured(self) -> dict[str, float]:
+        """The configurations measured so far (not interpolated): key -> ms."""
+        return {k: e["median_ms"] for k, e in self.table.entries.items() if not e.get("interpolated")}
+
+    def measure_all(self, configs, groups: int, reused: bool) -> None:
+        done = self.measured()
+        todo = [c for c in configs if c.key not in done]
+        self.log(
+            f"{self.model_id}: {groups} groups, {len(configs)} reachable layer configurations at step "
+            f"{self.table.step}; {len(todo)} to measure, {len(configs) - len(todo) if reused else 0} already in "
+            f"{self.out or 'the table'}"
+            + (f"; each unit in context ({self.copies} copies vs 1)" if self.copies > 1 else "")
+        )
+        self.measure(todo, f"profile {self.model_id} on {self.device.name}")
+
+    def measure(self, todo, what: str) -> None:
+        started = time.monotonic()
+        with progress_bar(enabled=self.progress) as bar:
+            task = bar.add_task(what, total=len(todo), status="")
+            for i in range(0, len(todo), self.batch):
+                chunk = todo[i : i + self.batch]
+                results = measure_configs(
+                    self.device, chunk, UNIT_PROTOCOL, on_result=lambda j, m: bar.update(task, advance=1),
+                    copies=self.copies,
+                )  # fmt: skip
+                for cfg, m in zip(chunk, results):
+                    d = m.to_dict()
+                    extra = d.pop("extra") or {}
+                    d.update({k: extra[k] for k in ("single_ms", "copies_ms") if k in extra})
+                    self.table.entries[cfg.key] = {k: round(v, 6) if isinstance(v, float) else v for k, v in d.items()}
+                self.table.meta["profile_seconds"] = round(
+                    self.table.meta.get("profile_seconds", 0) + time.monotonic() - started, 1
+                )
+                started = time.monotonic()
+                if self.out is not None:
+                    self.table.save(self.out)
+
+    def sampled(self, configs, points: int, groups: int, seed: int) -> None:
+        """Measure each family's grid and held-out configurations, refine the families the
+        interpolation misses, and write the rest interpolated (latency/sampling.py)."""
+        from edgeprune.latency.sampling import SamplePlan, held_out_errors
+
+        plan = SamplePlan.of(configs, points)
+        first = len(plan.to_measure())
+        self.log(
+            f"{self.model_id}: {groups} groups, {len(configs)} reachable layer configurations at step "
+            f"{self.table.step}; sampled: {first} measured on grids of {points} widths per axis over "
+            f"{len(plan.families)} families, the rest interpolated and checked on held-out configurations"
+        )
+        final: dict[int, list[float]] = {}
+        check = None  # the families whose interpolation is checked this pass (None: all)
+        for attempt in range(4):
+            done = self.measured()
+            self.measure([c for c in plan.to_measure() if c.key not in done], "measure the grids")
+            pairs = plan.held_out(seed + attempt, only=check)
+            done = self.measured()
+            self.measure([c for _, c in pairs if c.key not in done], "measure held-out configurations")
+            ms = self.measured()
+            predicted = {c.key: plan.families[i].interpolate(c, ms, plan.level[i]) for i, c in pairs}
+            errors = held_out_errors(pairs, predicted, ms)
+            final.update(errors)
+            if not (check := set(plan.refine(errors))):
+                break
+            self.log(f"{len(check)} families interpolated worse than the tolerance: measured on finer grids")
+            for i in check:
+                final.pop(i, None)
+        self._write_interpolated(plan, final)
+
+    def _write_interpolated(self, plan, errors: dict[int, list[float]]) -> None:
+        ms = self.measured()
+        interpolated = plan.interpolated(ms)
+        for key, v in interpolated.items():
+            self.table.entries[key] = {"median_ms": round(v, 6), "interpolated": True}
+        errs = np.asarray([e for es in errors.values() for e in es]) * 100
+        self.table.meta["sampling"] = {
+            "points": plan.points,
+            "families": len(plan.families),
+            "measured_in_full": sum(1 for lv in plan.level.values() if lv == 0),
+            "measured": len(ms),
+            "interpolated": len(interpolated),
+            "held_out": {
+                "n": int(errs.size),
+                "median_abs_pct": round(float(np.median(errs)), 2) if errs.size else None,
+                "within_10": round(float(np.mean(errs <= 10)), 4) if errs.size else None,
+                "max_abs_pct": round(float(errs.max()), 2) if errs.size else None,
+            },
+        }
+        h = self.table.meta["sampling"]["held_out"]
+        if errs.size:
+            self.log(
+                f"interpolated {len(interpolated)} configurations from {len(ms)} measured: on {h['n']} held-out "
+                f"ones, median error {h['median_abs_pct']:.1f} %, {h['within_10']:.0%} within 10 %, worst "
+                f"{h['max_abs_pct']:.0f} %"
             )
-            for cfg, m in zip(chunk, results):
-                d = m.to_dict()
-                extra = d.pop("extra") or {}
-                d.update({k: extra[k] for k in ("single_ms", "copies_ms") if k in extra})
-                table.entries[cfg.key] = {k: round(v, 6) if isinstance(v, float) else v for k, v in d.items()}
-            table.meta["profile_seconds"] = round(table.meta.get("profile_seconds", 0) + time.monotonic() - started, 1)
-            started = time.monotonic()
-            if out is not None:
-                table.save(out)
+        if self.out is not None:
+            self.table.save(self.out)
 
 
 def _set_aside(table: LatencyTable, why: str, log) -> None:

@@ -19,7 +19,9 @@ from edgeprune.runs import write_text
 
 SCHEMA = 1
 # fingerprint fields that make measurements incomparable when they differ
-FINGERPRINT_KEYS = ("runtime", "version", "cpu", "gpu", "threads", "precision", "device", "providers")
+FINGERPRINT_KEYS = ("runtime", "version", "cpu", "gpu", "threads", "precision", "device", "providers", "timing")
+# tables written before the protocol named its timing timed the Python call
+LEGACY = {"timing": "python-call"}
 
 
 def calibration_key(counts) -> str:
@@ -135,19 +137,27 @@ class LatencyTable:
         return table
 
 
+def comparable(fingerprint: dict) -> dict:
+    """The fields that make two measurements comparable, a table of before a field existed read
+    with what it measured then (LEGACY)."""
+    return {k: fingerprint.get(k, LEGACY.get(k)) for k in FINGERPRINT_KEYS}
+
+
 def fingerprint_diff(a: dict, b: dict) -> str:
     """The fields that differ, as 'field: A != B' (empty when they match)."""
-    diffs = [f"{k}: {a.get(k)} != {b.get(k)}" for k in FINGERPRINT_KEYS if k in a or k in b if a.get(k) != b.get(k)]
-    return "; ".join(diffs)
+    a, b = comparable(a), comparable(b)
+    return "; ".join(f"{k}: {a[k]} != {b[k]}" for k in FINGERPRINT_KEYS if a[k] != b[k])
 
 
 def setup_name(fingerprint: dict) -> str:
     """A folder name for one device setup's tables: its processor, slugged, and a short hash of the
     fingerprint's comparable fields (FINGERPRINT_KEYS: two setups of one processor, e.g. another
-    runtime version, stay apart)."""
+    runtime version, stay apart). A field at its LEGACY value is left out of the hash, so a setup's
+    folder keeps the name it had before the field existed."""
     what = fingerprint.get("gpu") or fingerprint.get("cpu") or fingerprint.get("runtime") or "device"
     slug = re.sub(r"[^a-z0-9]+", "-", str(what).lower()).strip("-")[:40] or "device"
-    whole = json.dumps({k: fingerprint.get(k) for k in FINGERPRINT_KEYS}, sort_keys=True, default=str)
+    fields = {k: v for k, v in comparable(fingerprint).items() if k not in LEGACY or v != LEGACY[k]}
+    whole = json.dumps(fields, sort_keys=True, default=str)
     return f"{slug}-{hashlib.sha256(whole.encode()).hexdigest()[:6]}"
 
 

@@ -132,7 +132,7 @@ class Pruning:
         from edgeprune.search.measured import PlanMeter
 
         cfg, run = self.cfg, self.run
-        self.load_table(self.config.get("table") or table)
+        self.load_table(self.config.get("table") or table, progress=progress)
         step = (self.table.step if self.table else None) or self.device.spec.channel_step or 8
         s = space(self.model, self.x, step=step, min_keep_ratio=cfg.min_keep, depth=cfg.depth)
         if not resume and run is not None:  # a start that failed before its search began leaves no run behind
@@ -196,8 +196,10 @@ class Pruning:
         figures = {"dense_ms": dense_ms, "budget_ms": budget_ms, "target_ms": target_ms, "started": started}
         return self.finish(s, choice, evaluator, loop, problem, store, figures)
 
-    def load_table(self, table) -> None:
-        """The latency table (none for a FLOPs search without one), checked against the model and device."""
+    def load_table(self, table, *, progress: bool = True) -> None:
+        """The latency table (none for a FLOPs search without one), checked against the model and
+        device. Where none was named and the device has no table of its own for the model, it is
+        profiled first when that takes a few minutes (`profile_first`)."""
         from edgeprune.latency.table import LatencyTable, find_table, fingerprint_diff
 
         if isinstance(table, LatencyTable):
@@ -207,6 +209,8 @@ class Pruning:
             if self.cfg.cost != "latency" and not path.is_file():
                 return
             loaded = LatencyTable.load(path)
+            if table is None and self.cfg.cost == "latency":
+                path, loaded = self.profile_first(path, loaded, progress)
         loaded.check_input(self.x.shape, path, profile_advice(self.config, self.ref))
         if other := fingerprint_diff(loaded.fingerprint, self.device.fingerprint()):
             # the measured check holds the search to this device either way; the table only guides it
@@ -217,6 +221,19 @@ class Pruning:
                 "run finds it)"
             )
         self.table, self.table_path = loaded, path
+
+    def profile_first(self, path: Path, other, progress: bool):
+        """This device's own table of the model, profiled now, where `other` (the one found) is
+        another setup's and a profile takes minutes (latency/profiler.py `profiles_first`); else `other`."""
+        from edgeprune.latency.profiler import profile, profiles_first
+        from edgeprune.latency.table import LatencyTable, find_table
+
+        if not profiles_first(other, self.device, self.ref.id, self.log):
+            return path, other
+        own = find_table(self.device, self.ref.id, None, writing=True)
+        profile(self.model, tuple(self.x.shape), device=self.device, out=own, model_id=self.ref.id, step=other.step,
+                progress=progress, log=self.log)  # fmt: skip
+        return own, LatencyTable.load(own)
 
     def predict_on(self, s, dense_ms: float) -> None:
         """The predictor, anchored on the dense model measured now, and the refit advice: where the

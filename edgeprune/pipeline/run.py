@@ -241,7 +241,8 @@ class Pipeline:
             return
         r = resolve(**self.model_inputs(), load_data=False, log=self.log)
         existing = self.table(r)
-        if existing.is_file() and _complete(existing, r):
+        other = self._profile_first(existing) if existing.is_file() else None  # another setup's, to replace
+        if existing.is_file() and _complete(existing, r) and other is None:
             return  # an existing table is reused (prune warns where it is another device setup's)
         opts = self.cfg.get("profile") or {}
         profile(
@@ -250,11 +251,23 @@ class Pipeline:
             model_id=r.id,
             device=self.device,
             out=self.table(r, writing=True),
-            step=opts.get("step"),
+            step=opts.get("step") or (other.step if other else None),
             calibrate=opts.get("calibrate", 24),
+            sample=opts.get("sample"),
             progress=self.progress,
             log=self.log,
         )
+
+    def _profile_first(self, existing: Path):
+        """The table at `existing` where this device is profiled although it exists (another
+        setup's, none named, and a profile takes minutes: latency/profiler.py `profiles_first`)."""
+        from edgeprune.latency.profiler import profiles_first
+        from edgeprune.latency.table import LatencyTable
+
+        other = LatencyTable.load(existing)
+        if self.cfg.get("table") or not profiles_first(other, self.device, other.model, self.log):
+            return None
+        return other
 
     def prune(self) -> None:
         from edgeprune.pipeline.prune import prune_run
@@ -388,6 +401,7 @@ def _summary(run: RunDir, seconds: float) -> dict:
         "held_ms": val.get("held_ms", val["measured"]["median_ms"]) if val else None,
         "referred": referred_note(val) if val else "",
         "meets_budget": val["meets_budget"] if val else None,
+        "verdict": val.get("verdict") if val else None,  # the outcome and the statistic it was decided on
         "predicted_ms": val["predicted_ms"] if val else None,
         "prediction_error_pct": val["prediction_error_pct"] if val else None,
         # the search's prediction, carried by the dense model's ratio now / then (validate.py)

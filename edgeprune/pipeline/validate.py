@@ -109,22 +109,34 @@ def verdict(
     predicted_ms: float | None = None,
     dense_then_ms: float | None = None,
     claim_speedup: float | None = None,
+    statistic: str = "median",
+    tolerance: float = 0.10,
 ) -> dict:
     """The figures of a validation: budget, speedup, the prediction carried to the device as it
     measures now, the claim.
 
     `budget_ms`: the run's one budget figure (prune's, from the dense model it measured at its
     start, `dense_then_ms`), printed the same everywhere; without it, the budget of the dense
-    model measured then, or now. A share of dense stays a ratio: the shipped model is referred to
-    the dense model as measured then (its time x then / now, as prune refers its candidates) and
-    that figure, `held_ms`, is held against the budget; the verdict is the ratio's either way."""
+    model measured then, or now. The budget is decided on `statistic` of the shipped model's steady
+    runs (latency/verdict.py; "undecided" where the windows disagree by over `tolerance` and only
+    the quietest meets it); ratios (speedup, the claim, the prediction's error) on the quietest
+    windows. A share of dense stays a ratio: the shipped model is referred to the dense model as
+    measured then (its figure x then / now, like for like, as prune refers its candidates), and
+    that figure, `held_ms`, is held against the budget."""
+    from edgeprune.latency.verdict import decide, steady
     from edgeprune.search.budget import Budget
 
     budget = Budget.parse(budget)
     dense_now, measured = m.dense.median_ms, m.shipped.median_ms
     if budget_ms is None:
         budget_ms = budget.ms(dense_then_ms or dense_now)
-    held = measured * dense_then_ms / dense_now if budget.relative and dense_then_ms else measured
+    runs = m.shipped.extra.get("steady") or steady([m.shipped])
+    dense_runs = m.dense.extra.get("steady") or steady([m.dense])
+    shipped_stat, dense_stat = runs[f"{statistic}_ms"], dense_runs[f"{statistic}_ms"]
+    refer = budget.relative and dense_then_ms
+    held = shipped_stat * dense_then_ms / dense_stat if refer else shipped_stat
+    held_quietest = measured * dense_then_ms / dense_now if refer else measured
+    outcome = decide(held, held_quietest, budget_ms, spread=runs["spread"], tolerance=tolerance)
     # the search's prediction was carried to the device by the dense model measured then (prune's
     # anchor); carried on to the dense model measured now, its error is the table's own
     carried = dense_now / dense_then_ms if dense_then_ms else 1.0
@@ -133,10 +145,20 @@ def verdict(
         "budget_ms": budget_ms,
         "budget": str(budget),
         "measured": m.shipped.to_dict(),
-        "held_ms": held,  # what is held against the budget: measured, referred as above for a share of dense
+        "held_ms": held,  # what is held against the budget: the statistic, referred as above for a share of dense
         "dense_measured": m.dense.to_dict(),
         "repeats": len(m.dense.extra["rounds_ms"]),
-        "meets_budget": held <= budget_ms,
+        "meets_budget": outcome == "meets",
+        "verdict": {
+            "outcome": outcome,
+            "statistic": statistic,
+            "held_ms": held,
+            "budget_ms": budget_ms,
+            "quietest_held_ms": held_quietest,
+            "tolerance": tolerance,
+            "steady": runs,
+            "dense_steady": dense_runs,
+        },
         "margin_pct": (budget_ms - held) / budget_ms * 100,
         "predicted_ms": predicted,
         "prediction_error_pct": (predicted - measured) / measured * 100 if predicted else None,
@@ -210,7 +232,7 @@ def validate(
         "device": dev.name,
         "fingerprint": dev.fingerprint(),
         "protocol": dev.spec.protocol.to_dict(),
-        **verdict(m, budget=budget, predicted_ms=predicted_ms, claim_speedup=claim_speedup),
+        **verdict(m, budget=budget, predicted_ms=predicted_ms, claim_speedup=claim_speedup, **_decided_by(dev)),
     }
     if (data is not None or score_fn is not None) and isinstance(model, nn.Module):
         from edgeprune.task import make_task
@@ -266,6 +288,7 @@ def validate_run(
         predicted_ms=results["chosen"].get("predicted_ms"),
         dense_then_ms=results.get("dense", {}).get("measured_ms"),
         claim_speedup=claim_speedup,
+        **_decided_by(dev),
     )
     result = {
         "run_dir": str(run),
@@ -286,6 +309,11 @@ def validate_run(
 
         write_report(run.path)
     return result
+
+
+def _decided_by(dev) -> dict:
+    """The device profile's verdict statistic, and its protocol's tolerance for disagreeing windows."""
+    return {"statistic": dev.spec.verdict_statistic, "tolerance": dev.spec.protocol.max_cv}
 
 
 def _exported_from(run: RunDir, manifest: dict):
@@ -334,6 +362,7 @@ def _into_manifest(path: Path, manifest: dict, result: dict) -> None:
         "artifact",
         "budget_ms",
         "meets_budget",
+        "verdict",
         "predicted_ms",
         "prediction_error_pct",
         "speedup",

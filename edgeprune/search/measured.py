@@ -331,6 +331,8 @@ class MeasuredSearch:
                 "p90_ms": m["p90_ms"] * r.refer,
                 "cv": m["cv"],
                 "n": m["n"],
+                # every window's runs pooled, as measured (not referred): the figures a validation's verdict decides on
+                **_steady(m),
             }
             self.store.add_measurement(record)
             measured[tuple(row["counts"])] = record
@@ -423,3 +425,9 @@ class MeasuredSearch:
             "or raise the budget (or, if the measurements were still closing in, --resume with a larger --max-rounds)"
         )
         return Choice({r["plan_hash"]: r for r in loop.rows}[best["plan_hash"]], best, False, stage + 1)
+
+
+def _steady(m: dict) -> dict:
+    """A measurement's steady-run median and p90 (latency/verdict.py), None where it has none."""
+    steady = (m.get("extra") or {}).get("steady") or {}
+    return {"steady_median_ms": steady.get("median_ms"), "steady_p90_ms": steady.get("p90_ms")}
