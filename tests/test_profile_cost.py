@@ -41,12 +41,15 @@ def test_a_family_is_its_grid_and_the_rest_interpolated_exactly_where_latency_is
 
 
 def test_what_cannot_be_interpolated_is_measured_in_full():
-    grouped = [_conv(c, c, groups=4) for c in range(16, 129, 16)]
     concat = [LayerConfig("concat", c, c, 8, 8, extra=(c // 2, c // 2)) for c in range(16, 129, 16)]
     other = [LayerConfig("other:Resize", c, c, 8, 8, detail="abc") for c in range(16, 129, 16)]
     small = [_conv(i, o, hw=7) for i in (8, 16) for o in (8, 16)]  # no more members than its grid
-    fams, full = families(grouped + concat + other + small, points=3)
-    assert not fams and len(full) == len(grouped + concat + other + small)
+    fams, full = families(concat + other + small, points=3)
+    assert not fams and len(full) == len(concat + other + small)
+    # a grouped conv (its group count fixed) is a family of its own, interpolated like any conv
+    grouped = [_conv(c, c, groups=4) for c in range(16, 129, 16)]
+    fams, full = families(grouped + small, points=3)
+    assert len(fams) == 1 and fams[0].one_axis and fams[0].grid(3)[0].groups == 4 and full == small
 
 
 def test_a_family_the_interpolation_misses_is_refined_then_measured_in_full():

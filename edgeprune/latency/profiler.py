@@ -420,7 +420,8 @@ class Units:
             final.update(errors)
             if not (check := set(plan.refine(errors))):
                 break
-            self.log(f"{len(check)} families interpolated worse than the tolerance: measured on finer grids")
+            what = "1 family" if len(check) == 1 else f"{len(check)} families"
+            self.log(f"{what} interpolated worse than the tolerance: measured on a finer grid")
             for i in check:
                 final.pop(i, None)
         self._write_interpolated(plan, final)

@@ -5,9 +5,9 @@ A *family* is the units alike in everything but their channel counts (op, input 
 stride, padding, fusion). A convolution's or a gemm's work is bilinear in its input and output
 widths, so a grid of a few widths on each axis, measured, gives every width between them by
 bilinear interpolation (exact for a*cin*cout + b*cin + c*cout + d, which the widths already on the
-channel step follow up to the kernel's blocking). A depthwise convolution, an add, a pool or a
-batch norm has one axis, its channels, and is interpolated linearly. Grouped convolutions,
-concatenations and other ops are measured in full.
+channel step follow up to the kernel's blocking; a grouped convolution's, its group count fixed,
+too). A depthwise convolution, an add, a pool or a batch norm has one axis, its channels, and is
+interpolated linearly. Concatenations and other ops are measured in full.
 
 What the interpolation misses (the blocking changing between grid points, the weights leaving a
 cache) is measured rather than assumed: a held-out random sample of every family's interpolated
@@ -38,8 +38,6 @@ def _family_key(cfg: LayerConfig) -> LayerConfig | None:
     if cfg.extra or cfg.detail or cfg.op in ("concat",) or cfg.op.startswith("other:"):
         return None
     depthwise = cfg.op == "conv" and cfg.groups == cfg.cin == cfg.cout and cfg.groups > 1
-    if cfg.op == "conv" and cfg.groups != 1 and not depthwise:
-        return None
     if cfg.op not in ("conv", "gemm") and not cfg.op.startswith(ONE_AXIS_OPS):
         return None
     return replace(cfg, cin=0, cout=0, groups=0 if depthwise else cfg.groups, template=None)
