@@ -127,24 +127,16 @@ def measure_interleaved(
         while unsettled() and time.monotonic() < deadline:
             stretch(ROUNDS)
     repeats = len(results) // n
-    chosen = []
-    for i in range(n):
-        rounds = [results[r * n + i] for r in range(repeats)]
-        ranked = sorted(rounds, key=lambda m: m.median_ms)
-        pick = ranked[0] if statistic == "quietest" else ranked[len(ranked) // 2]
-        chosen.append(
-            replace(
-                pick,
-                attempts=repeats,
-                extra={
-                    **pick.extra,
-                    "rounds_ms": [m.median_ms for m in rounds],
-                    "statistic": statistic,
-                    "steady": steady(rounds),  # every window's runs pooled: what a verdict decides on
-                },
-            )
-        )
-    return chosen
+    return [_kept([results[r * n + i] for r in range(repeats)], statistic) for i in range(n)]
+
+
+def _kept(rounds: list[Measurement], statistic: str) -> Measurement:
+    """One model's round that counts (its quietest, or its median round), with every round's
+    median and every window's runs pooled (latency/verdict.py: what a verdict decides on)."""
+    ranked = sorted(rounds, key=lambda m: m.median_ms)
+    pick = ranked[0] if statistic == "quietest" else ranked[len(ranked) // 2]
+    extra = {"rounds_ms": [m.median_ms for m in rounds], "statistic": statistic, "steady": steady(rounds)}
+    return replace(pick, attempts=len(rounds), extra={**pick.extra, **extra})
 
 
 @contextmanager

@@ -287,11 +287,7 @@ def profile(
     if sweep:
         table.meta["step_sweep"] = sweep
     units = Units(table, device, copies, batch, out, model_id, progress, log)
-    points = SAMPLE_POINTS if sample is None and len(configs) > SAMPLE_ABOVE else (sample or 0)
-    if points:
-        units.sampled(configs, points, len(s.groups), seed)
-    else:
-        units.measure_all(configs, len(s.groups), reused)
+    units.profile(configs, sample, len(s.groups), reused, seed)
     _calibrate(table, s, layers, model, model_id, input_shape, device, calibrate, recalibrate, seed, out, progress, log)
     table.meta["model_protocol"] = device.spec.protocol.to_dict()
     table.meta["measurement"] = {"statistic": "quietest", "unit_rounds": UNIT_ROUNDS, "model_rounds": ROUNDS}
@@ -356,6 +352,15 @@ class Units:
         if "unit_overhead_ms" not in table.meta:  # what one call of an (almost) empty model costs here
             empty = LayerConfig("act:relu", 1, 1)
             table.meta["unit_overhead_ms"] = round(measure_configs(device, [empty], UNIT_PROTOCOL)[0].median_ms, 6)
+
+    def profile(self, configs, sample: int | None, groups: int, reused: bool, seed: int) -> None:
+        """Every configuration, or (`sample` N widths per axis; None: SAMPLE_POINTS above
+        SAMPLE_ABOVE configurations) a designed sample of them, the rest interpolated."""
+        points = SAMPLE_POINTS if sample is None and len(configs) > SAMPLE_ABOVE else (sample or 0)
+        if points:
+            self.sampled(configs, points, groups, seed)
+        else:
+            self.measure_all(configs, groups, reused)
 
     def measured(self) -> dict[str, float]:
         """The configurations measured so far (not interpolated): key -> ms."""
