@@ -876,7 +876,7 @@ def agent_serve(
         cache=cache,
         tls_cert=tls_cert,
         tls_key=tls_key,
-        log=lambda s: out.print(s, highlight=False, markup=False),
+        log=lambda s: out.print(s, highlight=False, markup=False, soft_wrap=True),  # a log line is never folded
         max_mb=max_mb,
         max_items=max_items,
         max_queued=max_queued,
