@@ -30,9 +30,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# not wrapped: a path or a command in a log stays whole, ready to copy (a terminal wraps it for the eye)
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# not wrapped: a path or a command in a log stays whole, ready to copy (a terminal wraps it for the eye);
+# no emoji codes: rich would print a fingerprint's ":CD:" or a path's ":ab:" as a picture
+out = Console(soft_wrap=True, emoji=False)
+err = Console(stderr=True, soft_wrap=True, emoji=False)
 
 
 def _threads(threads: int | None) -> None:

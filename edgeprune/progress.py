@@ -100,7 +100,7 @@ class PlainProgress:
 def progress_bar(*, enabled: bool | str = True, console: Console | None = None) -> Progress | PlainProgress:
     """A progress display; `enabled` as a string: plain lines starting with it (work running beside
     other work, e.g. one device of several profiled at once: a terminal holds one live display)."""
-    console = console or Console(file=sys.stderr)
+    console = console or Console(file=sys.stderr, emoji=False)
     if isinstance(enabled, str):
         return PlainProgress(console.file, label=enabled)
     if not console.is_terminal:

@@ -73,7 +73,8 @@ def test_tls_agent_prints_its_fingerprint_and_warns_without_tls_off_loopback(cer
     tls = AgentProcess(tmp_path / "tls", tls=certificate).start()
     AgentClient(tls.url, tls.token, tls_ca=str(certificate[0])).info()  # an idle TLS client holds no stop
     t0 = time.time()
-    assert shown(certificate_fingerprint(certificate[0])) in tls.stop()
+    output = tls.stop()
+    assert shown(certificate_fingerprint(certificate[0])) in output, output
     assert time.time() - t0 < 12
     plain = AgentProcess(tmp_path / "plain", extra=("--host", "0.0.0.0")).start()
     assert "WARNING: no TLS: the token and every model cross the network in cleartext" in plain.stop()

@@ -39,6 +39,18 @@ def test_a_step_s_progress_is_said_when_it_starts_and_its_end_once():
     assert shown == ["measuring: 0/2 rounds", "measuring: 2/2 rounds"]
 
 
+def test_printed_text_is_never_rewritten_into_emoji():
+    """rich reads `:cd:` as an emoji code: a certificate fingerprint such as 45:CD:8D printed as 45💿8D
+    could not be pinned (and a path holding `:ab:` would change)."""
+    from edgeprune.cli import err, out
+
+    line = "TLS certificate SHA-256: 45:CD:8D:AB:1A in /tmp/x:ab:/y"
+    for console in (out, err):
+        with console.capture() as captured:
+            console.print(line, highlight=False, markup=False)
+        assert captured.get().strip() == line
+
+
 class NoisyDevice:
     """Every model takes 1 ms, or 1.3 ms in a slow phase (three windows of every six): a shared host,
     where the test wants it; each model of a comparison gets windows of both. Nothing is run (the files
