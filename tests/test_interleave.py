@@ -158,7 +158,7 @@ def test_a_pruned_model_measuring_slower_than_its_parent_is_measured_on(tmp_path
 def test_a_round_is_a_short_window_of_the_protocol():
     full = Protocol(warmup_runs=10, warmup_s=0.3, min_runs=50, min_s=1.0, precision=0.01, max_s=3.0, retries=2)
     w = window(full)
-    assert (w.warmup_runs, w.warmup_s, w.min_runs, w.min_s) == (5, 0.03, 20, 0.15)
+    assert (w.warmup_runs, w.warmup_s, w.min_runs, w.min_s) == (2, 0.03, 5, 0.15)
     assert w.precision is None and w.max_s is None and w.retries == 0 and w.max_cv == full.max_cv
     assert window(QUICK).min_s == QUICK.min_s  # never longer than the protocol's own
 

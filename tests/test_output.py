@@ -90,7 +90,7 @@ def test_a_noisy_device_is_said_once_per_run_with_its_figure(tmp_path):
     note, device = NoiseNote(), NoisyDevice()
     meter = PlanMeter(s, device, criterion="l2", relative=True, progress=False, log=logged.append, noise=note)
     try:
-        meter.dense_ms = meter.measure_dense()
+        meter.dense_ms, meter.dense_quietest_ms = meter.measure_dense()
         meter.referred([s.min_counts(), s.min_counts()])
     finally:
         meter.close()
@@ -102,7 +102,7 @@ def test_a_noisy_device_is_said_once_per_run_with_its_figure(tmp_path):
     said = [line for line in logged if "the device is noisy" in line]
     assert len(said) == 1 and note.said == said[0], logged
     assert said[0].startswith("the device is noisy: the dense model's rounds disagree by 30%, 1-1.3 ms over 15 rounds")
-    assert said[0].endswith("each model's quietest round counts (said once per run)")
+    assert said[0].endswith("ratios count each model's quietest round, budgets its steady runs (said once per run)")
     assert note.spreads == pytest.approx([0.3] * (1 + 3 + 3))  # every noisy model recorded, one line said
     again: list[str] = []  # another run: said again, of its own first noisy model
     measure_against_dense(

@@ -153,3 +153,51 @@ def test_validate_decides_on_the_named_statistic(tmp_path):
     share = verdict(steady_over, budget="50%", dense_then_ms=2.0, budget_ms=1.0, statistic="median")
     runs, dense_runs = steady_over.shipped.extra["steady"], steady_over.dense.extra["steady"]
     assert share["held_ms"] == pytest.approx(runs["median_ms"] * 2.0 / dense_runs["median_ms"])
+
+
+class ScriptedDevice:
+    """The dense model (the meter's first export, m0) runs 1 ms in every window; a pruned plan 0.5 ms in
+    one window of three and 0.7 ms in the other two (a host slow most of the time). Nothing is run."""
+
+    name = "scripted"
+    remote = False
+
+    def __init__(self) -> None:
+        self.spec = DeviceSpec(name="scripted", backend="onnxruntime", protocol=Protocol(min_s=0.0))
+        self.windows = 0
+
+    def measure_many(self, items, protocol=None, *, on_result=None, fresh=False):
+        out = []
+        for j, (path, _) in enumerate(items):
+            if Path(path).name == "m0.onnx":
+                ms = 1.0
+            else:
+                ms, self.windows = (0.5 if self.windows % 3 == 0 else 0.7), self.windows + 1
+            out.append(_window([ms * (1 + k / 1000) for k in range(20)]))
+            if on_result is not None:
+                on_result(j, out[-1])
+        return out
+
+
+@pytest.mark.parametrize("statistic, held", [("median", 0.7), ("p90", 0.7), ("quietest", 0.5)])
+def test_the_measured_check_holds_plans_to_the_named_statistic(statistic, held):
+    """prune keeps a plan only if validation will pass it: the candidate's figure is the device
+    profile's statistic of its steady runs (referred to the dense model beside it), not its quietest
+    window; `quietest` is what a run started before that rule keeps."""
+    import torch
+
+    from edgeprune.models import build_model
+    from edgeprune.pruning import space
+    from edgeprune.search.measured import PlanMeter
+
+    s = space(build_model("resnet20", in_channels=1).eval(), torch.randn(1, 1, 8, 8), step=8)
+    meter = PlanMeter(s, ScriptedDevice(), criterion="l2", relative=True, statistic=statistic, progress=False)
+    try:
+        meter.dense_ms, meter.dense_quietest_ms = meter.measure_dense()
+        r = meter.referred([s.min_counts()])
+    finally:
+        meter.close()
+    assert meter.dense_quietest_ms == pytest.approx(1.01, rel=0.01)
+    assert meter.held(r.raw[0]) * r.refer / meter.dense_ms == pytest.approx(held, rel=0.03)
+    with pytest.raises(EdgepruneError, match="unknown statistic 'mean'"):
+        PlanMeter(s, ScriptedDevice(), criterion="l2", relative=True, statistic="mean")

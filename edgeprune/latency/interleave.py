@@ -9,7 +9,7 @@ phase does not slow all models alike (a pruned resnet20 measured 0.49 of dense i
 0.57 in the slow one), so no reference model measured beside the others can cancel it.
 
 What does cancel it: noise on a CPU only ever adds time. Each model is measured in short windows
-(`window`: a few warm-up runs, then ~0.15 s), the models in turn, A B C, A B C, ... for many
+(`window`: a short warm-up, then ~0.15 s and at least 5 runs), the models in turn, A B C, A B C, ... for many
 rounds, and each keeps the window with the lowest median: the time it takes when nothing else on
 the host is in its way, which is what a dedicated device gives (the minimum as the estimator of a
 benchmark under positive noise, as in Julia's BenchmarkTools; the median *within* a window keeps
@@ -39,20 +39,35 @@ SETTLE = 0.1  # a known model measuring more than this over its quiet time: the 
 PRUNED_OVER = 0.03  # a model pruned from another measuring more than this over it: a slow phase hit it alone
 
 
+WINDOW_S = 0.15  # a window's timed share: at least this long ...
+WINDOW_RUNS = 5  # ... and this many runs: a 70 ms model (resnet50 at 224, 1 thread) times 5 runs, not 20
+WARMUP_RUNS = 2  # its warm-up only refills caches: 2 runs for a slow model, 0.03 s of runs for a fast one
+WARMUP_S = 0.03
+
+
 def window(protocol: Protocol) -> Protocol:
     """One round's share of PROTOCOL: a short warm-up (the model's session stays open in the
     measuring process; the warm-up only refills caches the other models used) and a short timed
-    window, never repeated (a noisy window is just one of many rounds)."""
+    window, never repeated (a noisy window is just one of many rounds). Counted in time for fast
+    models (hundreds of runs) and in runs for slow ones: 15 rounds of 25 whole models at 224
+    would otherwise take minutes a model."""
     return replace(
         protocol,
-        warmup_runs=min(protocol.warmup_runs, 5),
-        warmup_s=min(protocol.warmup_s, 0.03),
-        min_runs=min(protocol.min_runs, 20),
-        min_s=min(protocol.min_s, 0.15),
+        warmup_runs=min(protocol.warmup_runs, WARMUP_RUNS),
+        warmup_s=min(protocol.warmup_s, WARMUP_S),
+        min_runs=min(protocol.min_runs, WINDOW_RUNS),
+        min_s=min(protocol.min_s, WINDOW_S),
         precision=None,
         max_s=None,
         retries=0,
     )
+
+
+def window_seconds(protocol: Protocol, ms: float) -> float:
+    """About how long one window of a model taking MS takes under PROTOCOL (its warm-up and timed
+    share; the session's load and the export not counted)."""
+    w = window(protocol)
+    return max(w.warmup_runs * ms / 1000, w.warmup_s) + max(w.min_runs * ms / 1000, w.min_s)
 
 
 def measure_interleaved(
@@ -182,7 +197,7 @@ def noise_warning(label: str, rounds_ms: Sequence[float]) -> str:
         return ""
     return (
         f"the device is noisy: the {label} model's rounds disagree by {spread(rounds_ms):.0%}, {rounds}; "
-        "each model's quietest round counts (said once per run)"
+        "ratios count each model's quietest round, budgets its steady runs (said once per run)"
     )
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from edgeprune.checks import POSITIVE, POSITIVE_OR_NONE, Rule, check_value, check_values
 from edgeprune.devices import Device
 from edgeprune.errors import EdgepruneError
-from edgeprune.latency.interleave import ROUNDS, measure_interleaved, rounds_progress
+from edgeprune.latency.interleave import ROUNDS, measure_interleaved, rounds_progress, window_seconds
 from edgeprune.latency.layers import LayerConfig, ModelLayers, unit_model
 from edgeprune.latency.measurement import Measurement, Protocol
 from edgeprune.latency.predictor import Predictor
@@ -176,14 +176,20 @@ SAMPLE_POINTS = 5  # widths per axis of a family's first grid
 # prune and run profile a device that has no table of its own for the model first, where that
 # would take less than this (else they predict from another setup's table, and say how long)
 PROFILE_FIRST_S = 240
-CALIBRATION_S = 90  # the whole-model calibration's share of a profile (25 models, 15+ rounds of ~0.2 s)
+CALIBRATION_S = 90  # the whole-model calibration's share where a table kept no points (25 small models)
+EXPORT_S = 2.0  # a calibration plan's export, about
 
 
-def profile_estimate(other: LatencyTable) -> float | None:
+def profile_estimate(other: LatencyTable, protocol: Protocol) -> float | None:
     """Seconds a profile of the model another setup's table holds would take here: its units' time
-    there, and the calibration; None where it did not record its time."""
+    there, and its calibration models' windows under this device's `protocol` (ROUNDS each: at 224
+    the calibration, not the units, is most of a profile); None where it did not record its time."""
     seconds = other.meta.get("profile_seconds")
-    return None if seconds is None else float(seconds) + CALIBRATION_S
+    if seconds is None:
+        return None
+    points = (other.meta.get("calibration_points") or {}).values()
+    calibration = sum(ROUNDS * window_seconds(protocol, p["measured_ms"]) + EXPORT_S for p in points)
+    return float(seconds) + (calibration or CALIBRATION_S)
 
 
 def profiles_first(other: LatencyTable, device: Device, model_id: str, log) -> bool:
@@ -192,7 +198,7 @@ def profiles_first(other: LatencyTable, device: Device, model_id: str, log) -> b
     with its time); where it would take longer, how long is said and `other` is used."""
     if not fingerprint_diff(other.fingerprint, device.fingerprint()):
         return False
-    seconds = profile_estimate(other)
+    seconds = profile_estimate(other, device.spec.protocol)
     mine = f"{device.name} has no table of its own for {model_id}"
     if seconds is None or seconds > PROFILE_FIRST_S:
         took = f"about {seconds / 60:.0f} min" if seconds else "a while (the table did not record its time)"

@@ -9,11 +9,14 @@ model, and move the search budget by what the device says:
   search budget is loosened once (`loosened_budget`): the budget is the user's to spend on
   accuracy, and a plan from the looser round is kept only if it measures in (`after_loosening`).
 
-A budget that is a share of dense is held as a ratio: the dense model is measured again beside
-each round's candidates (`PlanMeter.referred`), so a device that drifted since the start does not
-move the goal. Every measurement is in turn with the others, in short windows, each model keeping
-its quietest (latency/interleave.py), so a shared machine's slow phases do not decide it. Every
-evaluation and measurement is in the run's store as it happens: a killed run resumes.
+What a candidate is held to is the figure validation decides on (latency/verdict.py): the
+statistic the device profile names (`verdict_statistic`: the median of the model's steady runs by
+default, p90 for hard real time), so a plan the check keeps is a plan validation passes. A budget
+that is a share of dense is held as a ratio: the dense model is measured again beside each round's
+candidates (`PlanMeter.referred`) and the candidates referred to it, like for like, so a device
+that drifted since the start does not move the goal. Every measurement is in turn with the others,
+in short windows (latency/interleave.py); every evaluation and measurement is in the run's store as
+it happens: a killed run resumes.
 """
 
 from __future__ import annotations
@@ -134,19 +137,42 @@ class Referred:
     refer: float
 
 
+HELD = ("median", "p90", "quietest")  # "quietest": a run started before the check named a statistic
+
+
+def held_figure(m: dict, statistic: str) -> float:
+    """The figure of measurement M (a Measurement's dict) held against a budget: `statistic` of its
+    steady runs (latency/verdict.py), or its quietest window's median."""
+    steady = (m.get("extra") or {}).get("steady")
+    return m["median_ms"] if statistic == "quietest" or not steady else steady[f"{statistic}_ms"]
+
+
 class PlanMeter:
-    """Exports plans of the space and measures them on the device, in turn (each its quietest of
-    many short windows). For a budget that is a share of dense, beside the dense model."""
+    """Exports plans of the space and measures them on the device, in turn (in many short windows).
+    For a budget that is a share of dense, beside the dense model. `statistic`: what a plan is held
+    to (`held_figure`)."""
 
     def __init__(
-        self, space, device, *, criterion: str, relative: bool, progress: bool = True, log=print, noise=None
+        self,
+        space,
+        device,
+        *,
+        criterion: str,
+        relative: bool,
+        statistic: str = "median",
+        progress: bool = True,
+        log=print,
+        noise=None,
     ) -> None:
         from edgeprune.latency.interleave import NoiseNote
 
+        if statistic not in HELD:
+            raise EdgepruneError(f"unknown statistic {statistic!r}; choose one of {list(HELD)}")
         self.space, self.device, self.criterion, self.relative = space, device, criterion, relative
-        self.progress, self.log = progress, log
+        self.statistic, self.progress, self.log = statistic, progress, log
         self.noise = noise if noise is not None else NoiseNote()  # the run's: a noisy device is said once
-        self.dense_ms: float | None = None  # the dense model as measured at the start
+        self.dense_ms: float | None = None  # the dense model's held figure, measured at the start
+        self.dense_quietest_ms: float | None = None  # ... and its quietest window: its time on a quiet device
         self._tmp = tempfile.TemporaryDirectory(prefix="edgeprune-meter-")
 
     def close(self) -> None:
@@ -178,23 +204,35 @@ class PlanMeter:
             self.noise.note("dense" if dense else "pruned", m.extra["rounds_ms"], self.log)
         return [m.to_dict() for m in measured]
 
-    def measure_dense(self) -> float:
-        """The dense model alone, at the start: the budget and the anchor hang on it."""
-        return self.measure([self.space.full_counts()])[0]["median_ms"]
+    def measure_dense(self) -> tuple[float, float]:
+        """The dense model alone, at the start: its held figure (the budget and the anchor hang on
+        it) and its quietest window."""
+        m = self.measure([self.space.full_counts()])[0]
+        return self.held(m), m["median_ms"]
+
+    def held(self, m: dict) -> float:
+        """Measurement M's figure held against the budget (`held_figure` of this meter's statistic)."""
+        return held_figure(m, self.statistic)
 
     def referred(self, plans: list) -> Referred:
         """Measure PLANS; for a budget that is a share of dense, beside the dense model.
 
         Such a budget is a ratio: the dense model is measured again, in turn with the plans, and
-        they are referred to it (scaled by the first dense measurement / this one), so a device
-        that drifted since the start (a shared machine, a board warming up) moves both sides of the
-        ratio alike."""
+        they are referred to it (scaled by the dense model's held figure at the start / beside
+        them), so a device that drifted since the start (a shared machine, a board warming up)
+        moves both sides of the ratio alike."""
         if not plans:
             return Referred([], [], 1.0)
         if not self.relative:
             return Referred(self.measure(plans), [], 1.0)
-        dense_now, *raw = self.measure([self.space.full_counts(), *plans], settle=self.dense_ms)
-        return Referred(raw, [dense_now["median_ms"]], self.dense_ms / dense_now["median_ms"])
+        settle = self.dense_quietest_ms or self.dense_ms
+        dense_now, *raw = self.measure([self.space.full_counts(), *plans], settle=settle)
+        return Referred(raw, [self.held(dense_now)], self.dense_ms / self.held(dense_now))
+
+    def described(self) -> str:
+        """What the figures held against the budget are, for a log line."""
+        what = "quietest window" if self.statistic == "quietest" else f"{self.statistic} of steady runs"
+        return what + (", referred to the dense model beside them" if self.relative else "")
 
     def log_referral(self, r: Referred, what: str) -> None:
         if r.beside and abs(r.refer - 1) > 0.01:
@@ -245,7 +283,7 @@ class MeasuredSearch:
             self.log(f"{why}measuring the smallest plan of the space on {self.device} ...")
             r = self.meter.referred([self.smallest_counts])
             self.meter.log_referral(r, "the smallest plan")
-            self.store.set("smallest_plan_ms", r.raw[0]["median_ms"] * r.refer)
+            self.store.set("smallest_plan_ms", self.meter.held(r.raw[0]) * r.refer)
         return self.store.get("smallest_plan_ms")
 
     def start(self, budget: float, refit: str) -> None:
@@ -316,7 +354,7 @@ class MeasuredSearch:
 
             self.log(
                 f"measuring the {len(todo)} best new candidates on {self.device} "
-                f"(in turn, each its quietest of {ROUNDS}+ short windows) ..."
+                f"(in turn, {ROUNDS}+ short windows each) ..."
             )
         r = self.meter.referred([row["counts"] for row in todo])
         for row, m in zip(todo, r.raw):
@@ -325,8 +363,8 @@ class MeasuredSearch:
                 "plan_hash": row["plan_hash"],
                 "round": stage,
                 "predicted_ms": row.get("predicted_ms"),
-                "measured_ms": m["median_ms"] * r.refer,
-                "raw_ms": m["median_ms"],
+                "measured_ms": self.meter.held(m) * r.refer,  # what is held against the target
+                "raw_ms": m["median_ms"],  # the quietest window, as measured
                 "dense_beside_ms": r.beside[0] if r.beside else None,
                 "p90_ms": m["p90_ms"] * r.refer,
                 "cv": m["cv"],
@@ -344,7 +382,7 @@ class MeasuredSearch:
             self.log(
                 f"measured {len(todo)} candidates on {self.device}: "
                 + ", ".join(f"{measured[tuple(row['counts'])]['measured_ms']:.4g}" for row in todo)
-                + f" ms (budget {self.budget_ms:.4g} ms, {self.target_ms:.4g} with the "
+                + f" ms, {self.meter.described()} (budget {self.budget_ms:.4g} ms, {self.target_ms:.4g} with the "
                 f"{self.settings.margin:.0%} margin)"
             )
         return measured, ok, by_counts
