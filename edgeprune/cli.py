@@ -589,6 +589,8 @@ app.command("prune")(prune_cmd)
 
 
 def _print_pruned(result: dict) -> None:
+    from edgeprune.search.measured import held_name
+
     d, c = result["dense"], result["chosen"]
     t = Table(
         title=f"{result['model']} pruned by {result['search']} ({result['cost']} constraint) on {result['device']}"
@@ -613,17 +615,11 @@ def _print_pruned(result: dict) -> None:
         out.print(f"residual blocks removed whole: {', '.join(c['removed_blocks'])}")
     verdict = "[green]meets[/green]" if result["met_budget"] else "[red]MISSES[/red]"
     out.print(
-        f"{verdict} the {result['budget_ms']:.4g} ms budget ({_held_on(result)} {c['measured_ms']:.4g} ms, "
+        f"{verdict} the {result['budget_ms']:.4g} ms budget ({held_name(result.get('held_on'))} "
+        f"{c['measured_ms']:.4g} ms, "
         f"{result['speedup']:.2f}x faster than dense); {result['evals']} evaluations, "
         f"{result['seconds_per_eval'] or 0:.2f} s each; run directory {result['run_dir']}"
     )
-
-
-def _held_on(result: dict) -> str:
-    """What prune's measured figures are (search/measured.py): a statistic of steady runs, or the
-    quietest window (a run started before the check named a statistic)."""
-    held = result.get("held_on") or "quietest"
-    return "quietest window" if held == "quietest" else f"{held} of steady runs"
 
 
 @app.command("finetune")

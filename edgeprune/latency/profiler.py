@@ -170,8 +170,10 @@ RULES = {
     "sample": Rule(int, lo=0, optional=True),
 }
 # a model reaching more configurations than this is profiled on a designed sample by default
-# (latency/sampling.py): resnet18 at 224 (3,588 at step 16) is measured in full, resnet50 (14,953) is not
-SAMPLE_ABOVE = 5000
+# (latency/sampling.py): resnet20/56 (280 at step 8) are measured in full; resnet18 at 224 (3,588 at
+# step 16) is sampled, which predicts whole models as well as measuring all and takes minutes, not 11
+# (bench/README.md, "Profiling cost")
+SAMPLE_ABOVE = 2000
 SAMPLE_POINTS = 5  # widths per axis of a family's first grid
 # prune and run profile a device that has no table of its own for the model first, where that
 # would take less than this (else they predict from another setup's table, and say how long)

@@ -14,6 +14,7 @@ import sqlite3
 from pathlib import Path
 
 from edgeprune.runs import write_text
+from edgeprune.search.measured import held_name
 
 
 def _pct(v) -> str:
@@ -98,7 +99,7 @@ def plan_summary(results: dict, plan=None) -> str:
         f"chosen plan {c['plan_hash'][:8]}{chosen_round}: {c['macs'] / 1e6:.2f} of {d['macs'] / 1e6:.2f} MMACs "
         f"({c['macs'] / d['macs']:.0%}), {c['params']:,} of {d['params']:,} params; {name} "
         f"{score(c['proxy_accuracy'])} (dense {score(d['proxy_accuracy'])}); measured {c['measured_ms']:.4g} ms "
-        "in the search"
+        f"({held_name(results.get('held_on'))}) in the search"
     )
     if plan is not None:  # by layer name, numbers in order (layer2.0 before layer10.0)
         counts = plan.counts
@@ -284,7 +285,7 @@ def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
         doc.heading("Search")
         c = results["chosen"]
         doc.table(
-            ["", "proxy accuracy", "predicted", "measured", "MMACs", "params"],
+            ["", "proxy accuracy", "predicted", f"measured ({held_name(results.get('held_on'))})", "MMACs", "params"],
             [
                 [
                     "dense",

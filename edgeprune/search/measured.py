@@ -147,6 +147,12 @@ def held_figure(m: dict, statistic: str) -> float:
     return m["median_ms"] if statistic == "quietest" or not steady else steady[f"{statistic}_ms"]
 
 
+def held_name(statistic: str | None) -> str:
+    """What a held figure is, in words ("median of steady runs"); None: a run from before the check
+    named a statistic (its quietest window)."""
+    return "quietest window" if statistic in (None, "quietest") else f"{statistic} of steady runs"
+
+
 class PlanMeter:
     """Exports plans of the space and measures them on the device, in turn (in many short windows).
     For a budget that is a share of dense, beside the dense model. `statistic`: what a plan is held
@@ -231,8 +237,7 @@ class PlanMeter:
 
     def described(self) -> str:
         """What the figures held against the budget are, for a log line."""
-        what = "quietest window" if self.statistic == "quietest" else f"{self.statistic} of steady runs"
-        return what + (", referred to the dense model beside them" if self.relative else "")
+        return held_name(self.statistic) + (", referred to the dense model beside them" if self.relative else "")
 
     def log_referral(self, r: Referred, what: str) -> None:
         if r.beside and abs(r.refer - 1) > 0.01:
