@@ -38,8 +38,7 @@ UNIT_PROTOCOL = Protocol(
 UNIT_ROUNDS = 4  # short windows per unit (the windows replace the precision rule: see measure_configs)
 STEP_CANDIDATES = (32, 16, 8, 4, 2)
 # A calibration line that misses its own whole-model points by more than this (median) was most
-# likely fitted on a busy device: the shipped tables' lines miss theirs by 0.5-3.9 % (one 6.5 %),
-# eight lines fitted on a busy morning of this VM by 2.8-11.7 %.
+# likely fitted on a busy device (bench/README.md, "Calibration scatter": what quiet and busy fits miss by)
 CALIBRATION_SCATTER = 0.05
 # ... and one that misses the dense model's own measurement by more than this: prune refers every
 # prediction to that one measurement (dense now / dense then), so an outlier there moves them all.

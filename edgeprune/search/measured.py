@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.latency.verdict import STATISTICS
 
 
 def cost_at(target_ms: float, lower: tuple[float, float], upper: tuple[float, float]) -> float:
@@ -137,7 +138,7 @@ class Referred:
     refer: float
 
 
-HELD = ("median", "p90", "quietest")  # "quietest": a run started before the check named a statistic
+HELD = (*STATISTICS, "quietest")  # "quietest": a run started before the check named a statistic
 
 
 def held_figure(m: dict, statistic: str) -> float:
