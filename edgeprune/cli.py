@@ -174,6 +174,10 @@ def train(
         trust_pickle=trust_pickle,
         log=log,
     )
+    _print_trained(ckpt, out_path, json_out)
+
+
+def _print_trained(ckpt, out_path: Path, json_out: bool) -> None:
     result = {
         "checkpoint": str(out_path),
         "model": ckpt.model,
@@ -709,7 +713,14 @@ def _finetune_seeds(runs, first: int, n: int, recipe: dict, workers, ray, cpus, 
 @app.command("export")
 def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="Run directory.", metavar="RUN")],
-    formats: Annotated[str, typer.Option("--format", help="Comma-separated: onnx, openvino, tensorrt.")] = "onnx",
+    formats: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="Comma-separated: onnx, openvino, tensorrt, onnx-int8, openvino-int8 (int8: static QDQ "
+            "quantization calibrated on training images).",
+        ),
+    ] = "onnx",
     out_dir: Annotated[Path | None, typer.Option("--out", help="Folder (default export/RUN-NAME).")] = None,
     tensorrt_precision: Annotated[str, typer.Option(help="TensorRT engine precision: fp16 or fp32.")] = "fp16",
     accuracy_images: Annotated[

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from abc import ABC, abstractmethod
@@ -57,6 +58,17 @@ class Backend(ABC):
     @abstractmethod
     def session(self, onnx_path: str | os.PathLike, input_shape: tuple[int, ...]):
         """A callable `run(x: np.ndarray) -> np.ndarray` for the model."""
+
+    def loadable(self, model_path: str | os.PathLike, input_shape: tuple[int, ...]):
+        """A context giving the file to load: the model as this backend's precision runs it. An
+        int8 backend given an fp32 ONNX model quantizes it (formats/quantize.py: a unit or a
+        candidate is timed as the quantized whole model will run); anything else loads as it is."""
+        path = Path(model_path)
+        if getattr(self, "precision", None) == "int8" and path.suffix == ".onnx":
+            from edgeprune.formats.quantize import as_int8
+
+            return as_int8(path, input_shape)
+        return contextlib.nullcontext(path)
 
     def measure(
         self,

@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: threads, execution providers, graph optimisation level."""
+"""ONNX Runtime backend: threads, execution providers, graph optimisation level, precision (fp32,
+or int8: static QDQ quantization, formats/quantize.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ OPT_LEVELS = {
     "extended": "ORT_ENABLE_EXTENDED",
     "all": "ORT_ENABLE_ALL",
 }
+PRECISIONS = ("fp32", "int8")
 
 
 class OnnxRuntimeBackend(Backend):
@@ -25,11 +27,22 @@ class OnnxRuntimeBackend(Backend):
         "threads": POSITIVE,
         "providers": Rule(list, optional=True),
         "graph_optimization": Rule(str, choices=tuple(OPT_LEVELS)),
+        "precision": Rule(str, choices=PRECISIONS),
     }
 
-    def __init__(self, *, threads: int = 1, providers: list[str] | None = None, graph_optimization: str = "all"):
+    def __init__(
+        self,
+        *,
+        threads: int = 1,
+        providers: list[str] | None = None,
+        graph_optimization: str = "all",
+        precision: str = "fp32",
+    ):
         if graph_optimization not in OPT_LEVELS:
             raise EdgepruneError(f"unknown graph_optimization {graph_optimization!r}; choose one of {list(OPT_LEVELS)}")
+        if precision not in PRECISIONS:
+            raise EdgepruneError(f"unknown ONNX Runtime precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self.precision = precision
         self.threads = threads
         self.providers = providers or ["CPUExecutionProvider"]
         self.graph_optimization = graph_optimization
@@ -43,7 +56,7 @@ class OnnxRuntimeBackend(Backend):
             "cpu": cpu_model(),
             "threads": self.threads,
             "providers": self.providers,
-            "precision": "fp32",
+            "precision": self.precision,
             "graph_optimization": self.graph_optimization,
         }
 
@@ -56,7 +69,10 @@ class OnnxRuntimeBackend(Backend):
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[self.graph_optimization])
         try:
-            sess = ort.InferenceSession(str(onnx_path), opts, providers=self.providers)
+            with self.loadable(onnx_path, input_shape) as path:
+                sess = ort.InferenceSession(str(path), opts, providers=self.providers)
+        except EdgepruneError:
+            raise
         except Exception as e:
             raise EdgepruneError(f"ONNX Runtime cannot load {onnx_path}: {str(e).splitlines()[0][:200]}") from None
         name = sess.get_inputs()[0].name

@@ -1,4 +1,5 @@
-"""OpenVINO backend: threads, inference precision (f32 / bf16 / f16), latency hint, one stream."""
+"""OpenVINO backend: threads, inference precision (f32 / bf16 / f16, or int8: the model quantized,
+formats/quantize.py, its QDQ pairs run as OpenVINO's int8 kernels), latency hint, one stream."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from edgeprune.backends.base import Backend, cpu_model
 from edgeprune.checks import POSITIVE, Rule
 from edgeprune.errors import EdgepruneError
 
-PRECISIONS = ("f32", "bf16", "f16")
+PRECISIONS = ("f32", "bf16", "f16", "int8")
 
 
 class OpenVinoBackend(Backend):
@@ -35,7 +36,8 @@ class OpenVinoBackend(Backend):
         # Precision is explicit: on AVX-512 CPUs OpenVINO would otherwise choose bf16 by itself.
         return {
             "INFERENCE_NUM_THREADS": self.threads,
-            "INFERENCE_PRECISION_HINT": self.precision,
+            # int8 is the quantized model's: what its QDQ pairs leave in float runs in f32
+            "INFERENCE_PRECISION_HINT": "f32" if self.precision == "int8" else self.precision,
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": "1",
             "ENABLE_CPU_PINNING": self.pinning,
@@ -58,7 +60,10 @@ class OpenVinoBackend(Backend):
 
         core = ov.Core()
         try:
-            compiled = core.compile_model(core.read_model(str(onnx_path)), self.device, self.config())
+            with self.loadable(onnx_path, input_shape) as path:
+                compiled = core.compile_model(core.read_model(str(path)), self.device, self.config())
+        except EdgepruneError:
+            raise
         except Exception as e:
             raise EdgepruneError(f"OpenVINO cannot load {onnx_path}: {str(e).strip().splitlines()[0][:200]}") from None
         request = compiled.create_infer_request()

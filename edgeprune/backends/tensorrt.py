@@ -1,4 +1,9 @@
-"""TensorRT backend: an engine built from the ONNX file (fp32 or fp16), timed with CUDA events.
+"""TensorRT backend: an engine built from the ONNX file (fp32, fp16, or int8), timed with CUDA events.
+
+int8 is TensorRT's explicit quantization: the engine is built from the model's QDQ form (an
+exported int8 ONNX as it is; an fp32 one quantized first, formats/quantize.py), with the int8
+and fp16 flags, so the quantized layers run int8 at the scales in the file and the rest fp16.
+No implicit-quantization calibrator: TensorRT 10 deprecates it in favour of QDQ graphs.
 
 Runs on an NVIDIA GPU host or a Jetson (usually through `edgeprune agent serve` there). Where
 `tensorrt` does not import, every use raises one clear error saying what to install and where.
@@ -21,19 +26,21 @@ MISSING = (
     "`edgeprune agent serve` there and set `agent:` in the device profile"
 )
 
+PRECISIONS = ("fp32", "fp16", "int8")
+
 
 class TensorRtBackend(Backend):
     name = "tensorrt"
     package = "tensorrt"
     OPTIONS = {
-        "precision": Rule(str, choices=("fp32", "fp16")),
+        "precision": Rule(str, choices=PRECISIONS),
         "workspace_mb": POSITIVE,
         "device_index": Rule(int, lo=0),
     }
 
     def __init__(self, *, precision: str = "fp16", workspace_mb: int = 1024, device_index: int = 0) -> None:
-        if precision not in ("fp32", "fp16"):
-            raise EdgepruneError(f"unknown TensorRT precision {precision!r}; choose fp32 or fp16")
+        if precision not in PRECISIONS:
+            raise EdgepruneError(f"unknown TensorRT precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.precision = precision
         self.workspace_mb = workspace_mb
         self.device_index = device_index
@@ -79,8 +86,10 @@ class TensorRtBackend(Backend):
                 raise EdgepruneError(f"TensorRT cannot parse {onnx_path}: {errors[:200]}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_mb << 20)
-        if self.precision == "fp16":
+        if self.precision in ("fp16", "int8"):
             config.set_flag(trt.BuilderFlag.FP16)
+        if self.precision == "int8":  # the QDQ pairs' layers in int8 (explicit quantization)
+            config.set_flag(trt.BuilderFlag.INT8)
         else:  # TF32 is on by default on Ampere and later: fp32 convolutions would round inputs to 10 bits
             config.clear_flag(trt.BuilderFlag.TF32)
         engine = builder.build_serialized_network(network, config)
@@ -103,7 +112,8 @@ class TensorRtBackend(Backend):
                     "version and GPU model that built it; export it again on this machine"
                 )
         else:
-            engine = runtime.deserialize_cuda_engine(self.build_engine(path))
+            with self.loadable(path, input_shape) as onnx_path:  # int8: the QDQ form
+                engine = runtime.deserialize_cuda_engine(self.build_engine(onnx_path))
         context = engine.create_execution_context()
         device = torch.device("cuda", self.device_index)
         buffers = {}

@@ -1,7 +1,8 @@
 """Export a model to the formats devices run, each checked against PyTorch by its own runtime.
 
-ONNX (simplified, checked), OpenVINO IR (from that ONNX), TensorRT engine (where TensorRT runs).
-Parity per format: every output on a batch against PyTorch (max abs difference; a classifier's
+ONNX (simplified, checked), OpenVINO IR (from that ONNX), TensorRT engine (where TensorRT runs),
+and int8: the ONNX quantized (static QDQ, calibrated on training images, formats/quantize.py)
+and its OpenVINO IR. Parity per format: every output on a batch against PyTorch (max abs difference; a classifier's
 top-1 agreement), held to `TOLERANCE`, and the task's figure computed by the runtime itself, one
 image at a time as the device will run it (static batch 1): a classifier's test accuracy, or the
 user's score_fn run on the file.
@@ -20,7 +21,8 @@ from edgeprune.errors import EdgepruneError, choices_error
 from edgeprune.progress import progress_bar
 from edgeprune.runs import file_sha256
 
-FORMATS = ("onnx", "openvino", "tensorrt")
+FORMATS = ("onnx", "onnx-int8", "openvino", "openvino-int8", "tensorrt")
+CALIBRATION_IMAGES = 256  # training images an int8 export is calibrated on
 
 # how far a runtime's logits may stray from PyTorch's for the file to ship: fp32 runtimes only
 # reorder sums and fuse ops (relative differences ~1e-6 here); an fp16 engine rounds every
@@ -28,6 +30,9 @@ FORMATS = ("onnx", "openvino", "tensorrt")
 TOLERANCE = {
     "fp32": {"max_rel_diff": 1e-3, "top1_agreement": 0.98},
     "fp16": {"max_rel_diff": 5e-2, "top1_agreement": 0.95},
+    # int8 rounds every activation to 1/255 of its calibrated range: logits move by several % of
+    # theirs and a few close calls flip; a file beyond these was calibrated on the wrong inputs
+    "int8": {"max_rel_diff": 0.25, "top1_agreement": 0.90},
 }
 
 
@@ -36,7 +41,9 @@ def parse_formats(text: str | list[str]) -> list[str]:
     for f in formats:
         if f not in FORMATS:
             raise choices_error("export format", f, FORMATS)
-    return ["onnx"] + [f for f in formats if f != "onnx"]  # ONNX is the source of the others
+    if "openvino-int8" in formats and "onnx-int8" not in formats:
+        formats.insert(formats.index("openvino-int8"), "onnx-int8")  # the int8 IR is read from the int8 ONNX
+    return ["onnx"] + [f for f in FORMATS[1:] if f in formats]  # ONNX is the source of the others
 
 
 def describe_parity(p: dict) -> str:
@@ -55,9 +62,9 @@ def runner(fmt: str, path: Path, onnx_path: Path, input_shape, *, precision: str
     """run(x) -> logits for one exported artifact, on this machine's runtime for that format."""
     from edgeprune.backends import OnnxRuntimeBackend, OpenVinoBackend, TensorRtBackend
 
-    if fmt == "onnx":
+    if fmt in ("onnx", "onnx-int8"):  # an int8 file runs as quantized: it holds its QDQ pairs
         return OnnxRuntimeBackend(threads=1).session(path, input_shape)
-    if fmt == "openvino":
+    if fmt in ("openvino", "openvino-int8"):
         return OpenVinoBackend(threads=1, precision="f32").session(path, input_shape)
     return TensorRtBackend(precision=precision).session(path, input_shape)  # the engine file written
 
@@ -186,25 +193,23 @@ def export_model(
     task=None,
     tensorrt_precision: str = "fp16",
     accuracy_images: int | None = None,
+    calibration: list[np.ndarray] | None = None,
     log=print,
 ) -> dict:
     """Write every format into `out_dir`; returns {format: {path, sha256, bytes, parity, ...}}.
-    With `task` (edgeprune.task), each file's parity is checked against PyTorch by its runtime."""
+    With `task` (edgeprune.task), each file's parity is checked against PyTorch by its runtime.
+    `calibration`: the int8 formats' calibration inputs (default: CALIBRATION_IMAGES of the task's
+    training inputs, in a fixed order; never test images)."""
     from edgeprune.formats.onnx import export_onnx, simplify_and_check
-    from edgeprune.formats.openvino import onnx_to_openvino
-    from edgeprune.formats.tensorrt import onnx_to_engine
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = export_onnx(model, input_shape, out / "model.onnx")
     artifacts: dict[str, dict] = {"onnx": {"path": onnx_path, **simplify_and_check(onnx_path)}}
-    for fmt in formats:
-        if fmt == "openvino":
-            artifacts[fmt] = {"path": onnx_to_openvino(onnx_path, out / "openvino" / "model.xml"), "precision": "fp32"}
-        elif fmt == "tensorrt":
-            engine = out / f"model-{tensorrt_precision}.engine"
-            artifacts[fmt] = {"path": onnx_to_engine(onnx_path, engine, precision=tensorrt_precision)}
-            artifacts[fmt]["precision"] = tensorrt_precision
+    if any(f.endswith("-int8") for f in formats) and calibration is None:
+        calibration = calibration_inputs(task, input_shape, log)
+    for fmt in formats[1:]:
+        artifacts[fmt] = _write_format(fmt, out, artifacts, tensorrt_precision, calibration)
     for fmt, a in artifacts.items():
         path = a["path"]
         files = [path] + ([path.with_suffix(".bin")] if fmt == "openvino" else [])
@@ -224,3 +229,40 @@ def export_model(
             if why:
                 log(f"{fmt}: FAILS parity with PyTorch: {why}")
     return artifacts
+
+
+def _write_format(fmt: str, out: Path, artifacts: dict, tensorrt_precision: str, calibration) -> dict:
+    """One format's file, from the ONNX already written (the int8 IR from the int8 ONNX)."""
+    from edgeprune.formats.openvino import onnx_to_openvino
+    from edgeprune.formats.quantize import quantize_int8
+    from edgeprune.formats.tensorrt import onnx_to_engine
+
+    onnx_path = artifacts["onnx"]["path"]
+    if fmt == "onnx-int8":
+        path = quantize_int8(onnx_path, out / "model.int8.onnx", calibration=calibration, progress=True)
+        return {"path": path, "precision": "int8", "calibration_inputs": len(calibration)}
+    if fmt == "openvino-int8":
+        path = onnx_to_openvino(artifacts["onnx-int8"]["path"], out / "openvino-int8" / "model.xml")
+        return {"path": path, "precision": "int8"}
+    if fmt == "openvino":
+        return {"path": onnx_to_openvino(onnx_path, out / "openvino" / "model.xml"), "precision": "fp32"}
+    engine = onnx_to_engine(onnx_path, out / f"model-{tensorrt_precision}.engine", precision=tensorrt_precision)
+    return {"path": engine, "precision": tensorrt_precision}
+
+
+def calibration_inputs(task, input_shape, log=print) -> list[np.ndarray]:
+    """CALIBRATION_IMAGES inputs of the task's training data, one per array at the file's batch
+    of one, drawn in a fixed order without augmentation; the example input alone where the export
+    was given no data (said: its ranges then fit that one input)."""
+    if task is None:
+        raise EdgepruneError("an int8 export needs calibration inputs: give data= or train_data= (training images)")
+    train = task.train  # a data set's batches hold batch_size images; a user's loader's, at least one
+    n = -(-CALIBRATION_IMAGES // train.batch_size) if train.dataset is not None else CALIBRATION_IMAGES
+    batches = train.inputs(n, input_of=task.input_of)
+    images = [x[i : i + 1].detach().cpu().numpy() for x in batches for i in range(len(x))][:CALIBRATION_IMAGES]
+    if len(images) < 16:
+        log(
+            f"int8 calibration on {len(images)} input(s) only: the activation ranges fit them; give the export "
+            "training data (data= or train_data=) for ranges that fit what the model will see"
+        )
+    return [x.reshape(input_shape) for x in images]

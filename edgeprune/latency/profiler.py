@@ -35,6 +35,9 @@ from edgeprune.progress import progress_bar
 UNIT_PROTOCOL = Protocol(
     warmup_runs=3, warmup_s=0.02, min_runs=20, min_s=0.02, precision=0.01, max_s=0.25, max_cv=0.15, retries=2
 )
+# how a unit is measured in context (copies > 1): each copy's output reduced as it is written
+# (unit_model's `reduced`); tables of the earlier way ("summed") are not extended with these
+UNIT_CONTEXT = "reduced"
 UNIT_ROUNDS = 4  # short windows per unit (the windows replace the precision rule: see measure_configs)
 STEP_CANDIDATES = (32, 16, 8, 4, 2)
 # A calibration line that misses its own whole-model points by more than this (median) was most
@@ -59,16 +62,16 @@ def measure_configs(
     each keeping its quietest (edgeprune/latency/interleave.py: a slow phase of a shared machine
     spans many units and would otherwise inflate them all).
 
-    With `copies` > 1, each configuration is measured as one copy and as `copies` copies summed
-    (see `unit_model`); the result's median, p90 and mean are per-copy differences (the unit's
-    cost inside a graph, never below 0), its n and cv those of the many-copy model, and `extra`
-    keeps both raw medians."""
+    With `copies` > 1, each configuration is measured as one copy and as `copies` copies summed,
+    each copy's output reduced (UNIT_CONTEXT; see `unit_model`); the result's median, p90 and
+    mean are per-copy differences (the unit's cost inside a graph, never below 0), its n and cv
+    those of the many-copy model, and `extra` keeps both raw medians."""
     kinds = (1, copies) if copies > 1 else (1,)
     with tempfile.TemporaryDirectory(prefix="edgeprune-units-") as d:
         items = []
         for i, cfg in enumerate(configs):
             for k in kinds:
-                model, shape = unit_model(cfg, seed=i, copies=k)
+                model, shape = unit_model(cfg, seed=i, copies=k, reduced=copies > 1)
                 path = Path(d) / f"u{i}x{k}.onnx"
                 onnx.save(model, str(path))
                 items.append((path, shape))
@@ -108,22 +111,36 @@ def detect_step(
     size inside which latency stays flat (on the development CPU with ONNX Runtime: 16).
 
     A step s fits when at most `max_off_share` of the channel counts c cost more than `tolerance`
-    less than ceil(c / s) * s channels do, i.e. rounding up to the step is (nearly) free."""
+    less than ceil(c / s) * s channels do, i.e. rounding up to the step is (nearly) free. Rounding
+    up that makes a layer *faster* counts for the step, not against it: OpenVINO's kernels block by
+    16 and a width off a multiple of 16 costs ~10 % more than the multiple above it, so a finer
+    step only offers the search widths that are slower than wider ones."""
     outs = list(range(4, max_out + 1))
     configs = [LayerConfig("conv", cin, c, hw[0], hw[1], (3, 3), (1, 1), (1, 1, 1, 1), 1, "relu") for c in outs]
     with progress_bar(enabled=progress) as bar:
         task = bar.add_task("channel step sweep", total=len(configs), status="")
         ms = measure_configs(device, configs, protocol, on_result=lambda i, m: bar.update(task, advance=1))
     t = {c: m.median_ms for c, m in zip(outs, ms)}
-    errors = {}  # per candidate step: share of channel counts whose latency differs from the block's top
-    for s in STEP_CANDIDATES:
-        errs = [abs(t[c] - t[-(-c // s) * s]) / t[c] for c in outs if -(-c // s) * s in t]
-        errors[s] = float(np.mean(np.asarray(errs) > tolerance)) if errs else 1.0
+    errors = {s: _off_share(t, s, tolerance) for s in STEP_CANDIDATES}
     step = next((s for s in STEP_CANDIDATES if errors[s] <= max_off_share), 1)
     return step, {
         "sweep": {"cin": cin, "hw": list(hw), "out": outs, "ms": [round(t[c], 5) for c in outs]},
         "quantisation_error": errors,
     }
+
+
+def _off_share(t: dict[int, float], s: int, tolerance: float) -> float:
+    """The share of channel counts c that cost more than `tolerance` less than their block's top,
+    ceil(c / s) * s. The top's cost is the lower of its own time and its block's median: one noisy
+    window at the top would otherwise put a whole flat block off its plateau (an OpenVINO sweep
+    read 32 channels 5 % over 17-31 and chose 8 over 16)."""
+    errs = []
+    for c in t:
+        top = -(-c // s) * s
+        if top in t:
+            block = [t[k] for k in range(top - s + 1, top + 1) if k in t]
+            errs.append((min(t[top], float(np.median(block))) - t[c]) / t[c])
+    return float(np.mean(np.asarray(errs) > tolerance)) if errs else 1.0
 
 
 def _open_table(
@@ -139,6 +156,11 @@ def _open_table(
                 "size; give this one its own --out"
             )
         if not fingerprint_diff(old.fingerprint, fingerprint) and old.step == step and old.unit_copies == copies:
+            if copies > 1 and old.meta.get("unit_context", "summed") != UNIT_CONTEXT:
+                raise EdgepruneError(
+                    f"{out} holds units measured in context the earlier way (whole outputs summed, which over-counts "
+                    "large maps): units measured now would not add up with them; profile into another --out"
+                )
             return old, len(old.entries)
         if diff := fingerprint_diff(old.fingerprint, fingerprint):
             raise EdgepruneError(
@@ -156,6 +178,8 @@ def _open_table(
         )
     table = LatencyTable(device.name, fingerprint, UNIT_PROTOCOL.to_dict(), step, model_id, list(shape))
     table.meta["unit_copies"] = copies
+    if copies > 1:
+        table.meta["unit_context"] = UNIT_CONTEXT
     return table, 0
 
 
@@ -256,26 +280,12 @@ def profile(
     from edgeprune.models.onnx import example_tensor
     from edgeprune.pruning import space
 
-    check_options(
-        step=step, copies=copies, calibrate=calibrate, recalibrate=recalibrate, batch=batch, seed=seed, sample=sample
-    )
+    options = {"step": step, "copies": copies, "calibrate": calibrate, "recalibrate": recalibrate, "batch": batch}
+    options |= {"seed": seed, "sample": sample}
+    check_options(**options)
     if isinstance(device, (list, tuple)):
-        return profile_devices(
-            model,
-            example_input,
-            devices=device,
-            outs=out,
-            model_id=model_id,
-            step=step,
-            copies=copies,
-            calibrate=calibrate,
-            recalibrate=recalibrate,
-            batch=batch,
-            seed=seed,
-            sample=sample,
-            progress=progress,
-            log=log,
-        )
+        kw = {"model_id": model_id, "progress": progress, "log": log, **options}
+        return profile_devices(model, example_input, devices=device, outs=out, **kw)
     device = Device.load(device) if isinstance(device, (str, os.PathLike)) else device
     input_shape = tuple(example_tensor(example_input).shape)
     model_id = model_id or type(model).__name__

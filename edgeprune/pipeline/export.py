@@ -54,13 +54,16 @@ def export(
     input_fn=None,
     tensorrt_precision: str = "fp16",
     accuracy_images: int | None = None,
+    calibration: list | None = None,
     plan=None,
     latency: dict | None = None,
     log=print,
 ) -> dict:
-    """Write `model` as ONNX (and OpenVINO IR, TensorRT engine) into `out_dir`; returns the
-    manifest. Parity is checked on `data`'s test images (a classifier) or on `train_data`'s
-    inputs with `score_fn` run on each file (any task); with neither, on the example input."""
+    """Write `model` as ONNX (and OpenVINO IR, TensorRT engine, int8 ONNX and IR) into `out_dir`;
+    returns the manifest. Parity is checked on `data`'s test images (a classifier) or on
+    `train_data`'s inputs with `score_fn` run on each file (any task); with neither, on the example
+    input. The int8 files are calibrated on `calibration` (arrays of the input's shape), by default
+    on training images of `data` / `train_data`."""
     from edgeprune.backends import TensorRtBackend
     from edgeprune.backends.tensorrt import MISSING
     from edgeprune.formats import export_model, parity_failures
@@ -89,6 +92,7 @@ def export(
         task=task,
         tensorrt_precision=tensorrt_precision,
         accuracy_images=accuracy_images,
+        calibration=calibration,
         log=log,
     )
     if task.score is not None:  # a whole test split through PyTorch: seconds, said before it starts

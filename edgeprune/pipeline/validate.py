@@ -27,13 +27,23 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.runs import RunDir, write_json, writes_run
 
 
-def _artifact_for(device, manifest: dict) -> Path:
+def _artifact_for(device, manifest: dict, log=print) -> Path:
     """What the device runs: the OpenVINO IR for a local OpenVINO device when exported, else the ONNX
-    file (an agent receives ONNX; TensorRT builds its engine from it on the device)."""
+    file (an agent receives ONNX; TensorRT builds its engine from it on the device); for an int8
+    device, the int8 files, or the fp32 ONNX where none was exported (the device quantizes it on
+    random inputs: its latency is the int8 model's, its accuracy is not known)."""
     formats = manifest["formats"]
-    if device.spec.backend == "openvino" and not device.remote and "openvino" in formats:
-        return Path(formats["openvino"]["path"])
-    return Path(formats["onnx"]["path"])
+    int8 = device.spec.options.get("precision") == "int8"
+    if int8 and "onnx-int8" not in formats:
+        log(
+            f"{device.name} runs int8 and the export has no int8 file: measuring the fp32 ONNX quantized on random "
+            "inputs (its latency is the int8 model's; its accuracy is not): export --formats onnx-int8 to ship int8"
+        )
+        return Path(formats["onnx"]["path"])
+    suffix = "-int8" if int8 else ""
+    if device.spec.backend == "openvino" and not device.remote and f"openvino{suffix}" in formats:
+        return Path(formats[f"openvino{suffix}"]["path"])
+    return Path(formats[f"onnx{suffix}"]["path"])
 
 
 @dataclass
@@ -274,7 +284,7 @@ def validate_run(
     dense_ckpt, source = run.dense(), _exported_from(run, manifest)
     dense = dense_ckpt.build()
     shape = tuple(manifest["input_shape"])
-    shipped = _artifact_for(dev, manifest)
+    shipped = _artifact_for(dev, manifest, log)
     started = time.monotonic()
     log(f"validating {shipped} on {dev.name} ({'agent ' + dev.spec.agent if dev.remote else 'this machine'})")
     weights = weight_count(source.build()) if sparse else None
@@ -332,7 +342,7 @@ def _exported_from(run: RunDir, manifest: dict):
 def _accuracy(run: RunDir, manifest: dict, shipped: Path, dense: nn.Module, dense_ckpt) -> dict:
     """The shipped file's test accuracy (computed by its runtime at export) beside the dense model's,
     on the same test images."""
-    fmt = "openvino" if shipped.suffix == ".xml" else "onnx"
+    fmt = next((f for f, a in manifest["formats"].items() if Path(a["path"]) == shipped), "onnx")
     acc = manifest["accuracy"].get(f"{fmt}_test", manifest["accuracy"]["pytorch_test"])
     dense_acc = run.recorded_dense_accuracy(dense_ckpt)
     parity = manifest["formats"].get(fmt, {}).get("parity", {})

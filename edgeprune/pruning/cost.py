@@ -43,21 +43,7 @@ class CostModel:
     def from_space(cls, space) -> CostModel:
         model = space.base
         layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, *NORMS))}
-        spatial: dict[str, int] = {}
-        hooks = []
-        for name, m in layers.items():
-
-            def hook(mod, inp, out, name=name):
-                channels = out.shape[1] if isinstance(mod, nn.Conv2d) else out.shape[-1]
-                spatial[name] = int(out[0].numel() // channels) if out.dim() > 1 else 1
-
-            hooks.append(m.register_forward_hook(hook))
-        try:
-            with torch.no_grad():
-                model.eval()(torch.randn(*space.input_shape))
-        finally:
-            for h in hooks:
-                h.remove()
+        spatial = _output_positions(model, layers, space.input_shape)
         names = [n for n in layers if n in spatial]
         index = {n: i for i, n in enumerate(names)}
         L, G = len(names), len(space.groups)
@@ -66,38 +52,9 @@ class CostModel:
             for d in g.layers:
                 if d.layer in index:
                     (a_out if d.dim == "out" else a_in)[index[d.layer], g.index] = d.factor
-        kind, out0, in0, groups0, dw, kernel, bias = [], [], [], [], [], [], []
-        counted = 0
-        for n in names:
-            m = layers[n]
-            counted += sum(p.numel() for p in m.parameters(recurse=False))
-            if isinstance(m, nn.Conv2d):
-                kind.append(0)
-                out0.append(m.out_channels)
-                in0.append(m.in_channels)
-                groups0.append(m.groups)
-                dw.append(m.groups > 1 and m.groups == m.in_channels == m.out_channels)
-                kernel.append(m.kernel_size[0] * m.kernel_size[1])
-                bias.append(m.bias is not None)
-            elif isinstance(m, nn.Linear):
-                kind.append(1)
-                out0.append(m.out_features)
-                in0.append(m.in_features)
-                groups0.append(1)
-                dw.append(False)
-                kernel.append(1)
-                bias.append(m.bias is not None)
-            else:
-                c = m.num_features if hasattr(m, "num_features") else getattr(m, "num_channels", 0)
-                if isinstance(m, nn.LayerNorm):
-                    c = int(np.prod(m.normalized_shape))
-                kind.append(2)
-                out0.append(c)
-                in0.append(c)
-                groups0.append(1)
-                dw.append(False)
-                kernel.append(1)
-                bias.append(sum(p.numel() for p in m.parameters(recurse=False)) > c)
+        rows = [_layer_row(layers[n]) for n in names]
+        kind, out0, in0, groups0, dw, kernel, bias = zip(*rows) if rows else ([],) * 7
+        counted = sum(p.numel() for n in names for p in layers[n].parameters(recurse=False))
         total = sum(p.numel() for p in model.parameters())
         free_per_channel, free_c0, a_free, free_params = _free_parameters(space)
         counted += free_params
@@ -203,3 +160,38 @@ def _free_parameters(space) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     c0 = np.array([a_free[i, g] * space.groups[g].width for i, g in enumerate(first)])
     per_channel = np.array([free[n].numel() for n in names]) / np.maximum(c0, 1)
     return per_channel, c0, a_free, sum(free[n].numel() for n in names)
+
+
+def _output_positions(model: nn.Module, layers: dict[str, nn.Module], input_shape) -> dict[str, int]:
+    """Per layer, the positions its output channels are computed at (H*W for a conv; tokens for a
+    linear layer): a layer's MACs are its per-position MACs times this. Layers the forward pass
+    does not reach are absent."""
+    spatial: dict[str, int] = {}
+    hooks = []
+    for name, m in layers.items():
+
+        def hook(mod, inp, out, name=name):
+            channels = out.shape[1] if isinstance(mod, nn.Conv2d) else out.shape[-1]
+            spatial[name] = int(out[0].numel() // channels) if out.dim() > 1 else 1
+
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.randn(*input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    return spatial
+
+
+def _layer_row(m: nn.Module) -> tuple[int, int, int, int, bool, int, bool]:
+    """(kind: 0 conv / 1 linear / 2 norm, channels out, in, groups, depthwise, kernel area, has bias)."""
+    if isinstance(m, nn.Conv2d):
+        dw = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+        return 0, m.out_channels, m.in_channels, m.groups, dw, m.kernel_size[0] * m.kernel_size[1], m.bias is not None
+    if isinstance(m, nn.Linear):
+        return 1, m.out_features, m.in_features, 1, False, 1, m.bias is not None
+    c = m.num_features if hasattr(m, "num_features") else getattr(m, "num_channels", 0)
+    if isinstance(m, nn.LayerNorm):
+        c = int(np.prod(m.normalized_shape))
+    return 2, c, c, 1, False, 1, sum(p.numel() for p in m.parameters(recurse=False)) > c

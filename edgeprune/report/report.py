@@ -224,27 +224,50 @@ figcaption{font-size:0.85em;color:#555;text-align:center}.pass{color:#070}.fail{
 
 def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
     """Write report.md and report.html (and prediction.png) into the run directory."""
-    from edgeprune.report.plots import prediction_plot
     from edgeprune.runs import RunDir
 
     folder = RunDir(run_dir)
     run = folder.path
     config = folder.read("config.json") or {}
     results, fine, val = folder.read("results.json"), folder.read("finetune.json"), folder.read("validation.json")
-    manifest = folder.manifest()
     doc = _Doc()
     model = results["model"] if results else config.get("weights", "?")
     device = results["device"] if results else config.get("device", "?")  # the profile's name, not its path
     doc.heading(f"edgeprune run: {model} on {device}", 1)
     if val:
-        referred = referred_note(val)
-        doc.para(
-            f"On {val['device']}, the shipped model {verdict_text(val)}" + (f"; {referred}" if referred else "") + ". "
-            f"In its quietest window {val['measured']['median_ms']:.4g} ms, "
-            f"{val['speedup']:.2f}x faster than the dense model ({val['dense_measured']['median_ms']:.4g} ms); "
-            f"test accuracy {_pct(val['test_accuracy'])} vs {_pct(val['dense_test_accuracy'])} dense."
-        )
+        _summary(doc, val)
+    _settings(doc, config)
+    if results:
+        _table_section(doc, results, config)
+        _search_section(doc, run, results, val)
+    else:
+        doc.para("The search has not run yet (no results.json).")
+    _finetune_section(doc, fine)
+    doc.heading("Export")
+    if manifest := folder.manifest():
+        doc.table(EXPORT_HEADER, export_rows(manifest))
+    else:
+        doc.para("Not exported (export.json missing).")
+    doc.heading("Validation on the device")
+    if val:
+        doc.table(["", "value", "note"], validation_rows(val))
+    else:
+        doc.para("Not validated (validation.json missing).")
+    return _write_pages(run, doc, model)
 
+
+def _summary(doc: _Doc, val: dict) -> None:
+    """The report's first paragraph: the verdict, the speedup and the accuracy it cost."""
+    referred = referred_note(val)
+    doc.para(
+        f"On {val['device']}, the shipped model {verdict_text(val)}" + (f"; {referred}" if referred else "") + ". "
+        f"In its quietest window {val['measured']['median_ms']:.4g} ms, "
+        f"{val['speedup']:.2f}x faster than the dense model ({val['dense_measured']['median_ms']:.4g} ms); "
+        f"test accuracy {_pct(val['test_accuracy'])} vs {_pct(val['dense_test_accuracy'])} dense."
+    )
+
+
+def _settings(doc: _Doc, config: dict) -> None:
     doc.heading("Settings")
     shown = (
         {**config, "model": (config.get("model") or {}).get("name")}
@@ -256,114 +279,102 @@ def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
         ["setting", "value"], [[k, v] for k, v in shown.items() if v not in (None, [], "", {}) and k not in hidden]
     )
 
-    if results:
-        doc.heading("Latency table and device")
-        doc.para(
-            f"Budget {results['budget_ms']:.4g} ms ({config.get('budget')}); dense model measured "
-            f"{results['dense']['measured_ms']:.4g} ms on {results['device']}; search constrained by "
-            f"{results['cost']}; predictions anchored on the dense measurement by a factor "
-            f"{results.get('anchor') or 1:.3f}."
-        )
-        t = results.get("table")
-        if t:
-            fp = t["fingerprint"]
-            doc.table(
-                ["latency table", "device profile", "runtime", "CPU / GPU", "threads", "precision", "step", "entries"],
-                [
-                    [
-                        t["path"],
-                        t["device"],
-                        f"{fp.get('runtime')} {fp.get('version')}",
-                        fp.get("cpu") or fp.get("gpu"),
-                        fp.get("threads", ""),
-                        fp.get("precision"),
-                        t["step"],
-                        t["entries"],
-                    ]
-                ],
-            )
-        doc.heading("Search")
-        c = results["chosen"]
-        doc.table(
-            ["", "proxy accuracy", "predicted", f"measured ({held_name(results.get('held_on'))})", "MMACs", "params"],
+
+def _table_section(doc: _Doc, results: dict, config: dict) -> None:
+    """The budget, the dense model's measurement and the latency table the search predicted from."""
+    doc.heading("Latency table and device")
+    doc.para(
+        f"Budget {results['budget_ms']:.4g} ms ({config.get('budget')}); dense model measured "
+        f"{results['dense']['measured_ms']:.4g} ms on {results['device']}; search constrained by "
+        f"{results['cost']}; predictions anchored on the dense measurement by a factor "
+        f"{results.get('anchor') or 1:.3f}."
+    )
+    if not (t := results.get("table")):
+        return
+    fp = t["fingerprint"]
+    doc.table(
+        ["latency table", "device profile", "runtime", "CPU / GPU", "threads", "precision", "step", "entries"],
+        [
             [
-                [
-                    "dense",
-                    _pct(results["dense"]["proxy_accuracy"]),
-                    "",
-                    _ms(results["dense"]["measured_ms"]),
-                    f"{results['dense']['macs'] / 1e6:.2f}",
-                    f"{results['dense']['params']:,}",
-                ],
-                [
-                    "chosen",
-                    _pct(c["proxy_accuracy"]),
-                    _ms(c["predicted_ms"]),
-                    _ms(c["measured_ms"]),
-                    f"{c['macs'] / 1e6:.2f}",
-                    f"{c['params']:,}",
-                ],
-            ],
-        )
-        doc.para(
-            f"{results['search']}: {results['evals']} evaluations ({results['seconds_per_eval'] or 0:.2f} s each), "
-            f"99 % of the best proxy accuracy after {results['evals_to_99pct']}; {results['rounds']} round(s) of "
-            "hardware-in-the-loop measurement"
-            + (
-                " (the last at a loosened search budget: the first plans measured well under the target)."
-                if results.get("loosened")
-                else "."
-            )
-            + (f" Residual blocks removed whole: {', '.join(c['removed_blocks'])}." if c.get("removed_blocks") else "")
-        )
-        points = []
-        if (run / "evals.sqlite").is_file():
-            with sqlite3.connect(run / "evals.sqlite") as db:
-                points = [
-                    {"predicted_ms": p, "measured_ms": m, "label": "search candidates"}
-                    for p, m in db.execute("SELECT predicted_ms, measured_ms FROM measurements")
-                ]
-        if val and c.get("predicted_ms"):
-            points.append(
-                {
-                    "predicted_ms": c["predicted_ms"],
-                    "measured_ms": val["measured"]["median_ms"],
-                    "label": "shipped model (validation)",
-                }
-            )
-        prediction_plot(points, run / "prediction.png", title="predicted vs measured latency")
-        doc.image(run / "convergence.png", "best proxy accuracy against evaluations")
-        doc.image(run / "scatter.png", "proxy accuracy against latency, every evaluation")
-        doc.image(run / "prediction.png", "predicted against measured latency on the device")
-    else:
-        doc.para("The search has not run yet (no results.json).")
+                t["path"],
+                t["device"],
+                f"{fp.get('runtime')} {fp.get('version')}",
+                fp.get("cpu") or fp.get("gpu"),
+                fp.get("threads", ""),
+                fp.get("precision"),
+                t["step"],
+                t["entries"],
+            ]
+        ],
+    )
 
+
+def _search_section(doc: _Doc, run: Path, results: dict, val: dict | None) -> None:
+    """The chosen plan beside the dense model, how the search got there, and its plots."""
+    from edgeprune.report.plots import prediction_plot
+
+    doc.heading("Search")
+    d, c = results["dense"], results["chosen"]
+
+    def row(name: str, plan: dict, predicted: str) -> list:
+        macs, params = f"{plan['macs'] / 1e6:.2f}", f"{plan['params']:,}"
+        return [name, _pct(plan["proxy_accuracy"]), predicted, _ms(plan["measured_ms"]), macs, params]
+
+    doc.table(
+        ["", "proxy accuracy", "predicted", f"measured ({held_name(results.get('held_on'))})", "MMACs", "params"],
+        [row("dense", d, ""), row("chosen", c, _ms(c["predicted_ms"]))],
+    )
+    loosened = " (the last at a loosened search budget: the first plans measured well under the target)"
+    doc.para(
+        f"{results['search']}: {results['evals']} evaluations ({results['seconds_per_eval'] or 0:.2f} s each), "
+        f"99 % of the best proxy accuracy after {results['evals_to_99pct']}; {results['rounds']} round(s) of "
+        "hardware-in-the-loop measurement"
+        + (loosened if results.get("loosened") else "")
+        + "."
+        + (f" Residual blocks removed whole: {', '.join(c['removed_blocks'])}." if c.get("removed_blocks") else "")
+    )
+    prediction_plot(_prediction_points(run, c, val), run / "prediction.png", title="predicted vs measured latency")
+    doc.image(run / "convergence.png", "best proxy accuracy against evaluations")
+    doc.image(run / "scatter.png", "proxy accuracy against latency, every evaluation")
+    doc.image(run / "prediction.png", "predicted against measured latency on the device")
+
+
+def _prediction_points(run: Path, chosen: dict, val: dict | None) -> list[dict]:
+    """Predicted vs measured ms: every candidate the search measured, and the shipped model."""
+    points = []
+    if (run / "evals.sqlite").is_file():
+        with sqlite3.connect(run / "evals.sqlite") as db:
+            points = [
+                {"predicted_ms": p, "measured_ms": m, "label": "search candidates"}
+                for p, m in db.execute("SELECT predicted_ms, measured_ms FROM measurements")
+            ]
+    if val and chosen.get("predicted_ms"):
+        points.append(
+            {
+                "predicted_ms": chosen["predicted_ms"],
+                "measured_ms": val["measured"]["median_ms"],
+                "label": "shipped model (validation)",
+            }
+        )
+    return points
+
+
+def _finetune_section(doc: _Doc, fine: dict | None) -> None:
     doc.heading("Finetuning")
-    if fine:
-        doc.para(
-            f"{fine['epochs']} epochs distilled from the dense model (T = {fine['distillation']['temperature']}, "
-            f"alpha = {fine['distillation']['alpha']}); best epoch {fine['best_epoch']}: held-out "
-            f"{_pct(fine['heldout_accuracy_before'])} -> {_pct(fine['heldout_accuracy'])}, test "
-            f"{_pct(fine['test_accuracy'])} (dense {_pct(fine['dense_test_accuracy'])})."
-        )
-        history = [[h["epoch"], _pct(h.get("score", h.get("heldout_accuracy")))] for h in fine["history"]]
-        doc.table(["epoch", "held-out accuracy"], history)
-    else:
+    if not fine:
         doc.para("Not finetuned (finetune.json missing).")
+        return
+    doc.para(
+        f"{fine['epochs']} epochs distilled from the dense model (T = {fine['distillation']['temperature']}, "
+        f"alpha = {fine['distillation']['alpha']}); best epoch {fine['best_epoch']}: held-out "
+        f"{_pct(fine['heldout_accuracy_before'])} -> {_pct(fine['heldout_accuracy'])}, test "
+        f"{_pct(fine['test_accuracy'])} (dense {_pct(fine['dense_test_accuracy'])})."
+    )
+    history = [[h["epoch"], _pct(h.get("score", h.get("heldout_accuracy")))] for h in fine["history"]]
+    doc.table(["epoch", "held-out accuracy"], history)
 
-    doc.heading("Export")
-    if manifest:
-        doc.table(EXPORT_HEADER, export_rows(manifest))
-    else:
-        doc.para("Not exported (export.json missing).")
 
-    doc.heading("Validation on the device")
-    if val:
-        rows = validation_rows(val)
-        doc.table(["", "value", "note"], rows)
-    else:
-        doc.para("Not validated (validation.json missing).")
-
+def _write_pages(run: Path, doc: _Doc, model) -> dict[str, Path]:
     md = run / "report.md"
     write_text(md, "\n".join(doc.md) + "\n")
     page = (

@@ -143,87 +143,93 @@ def fit(
     With `device`, batches are moved there (the model must already be on it).
     """
     torch.manual_seed(recipe.seed)
-    opt = sgd(model, recipe)
     train = data if isinstance(data, TrainData) else TrainData(data, batch_size=recipe.batch_size)
-    step = step or cross_entropy_step(recipe.label_smoothing)
-    per_epoch = len(train)
-    if recipe.max_batches_per_epoch:
-        per_epoch = min(per_epoch, recipe.max_batches_per_epoch)
-    total = per_epoch * recipe.epochs
-    epoch, batch = 0, 0
-    if state_file is not None and state_file.exists():
-        try:
-            state = torch.load(state_file, map_location="cpu", weights_only=True)
-        except Exception:
-            raise EdgepruneError(f"resume file {state_file} is damaged; delete it to start over") from None
-        if state.get("recipe") != asdict(recipe):
-            raise EdgepruneError(
-                f"resume file {state_file} was written with a different recipe; rerun with the same options, "
-                "or delete it (--restart) to start over"
-            )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        epoch, batch = state["epoch"], state["batch"]
-
-    def save_state(e: int, b: int) -> None:
-        if state_file is not None:
-            atomic_torch_save(
-                {
-                    "recipe": asdict(recipe),
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "epoch": e,
-                    "batch": b,
-                },
-                state_file,
-            )
-
-    last_save = time.monotonic()
+    run = _FitRun(model, recipe, train, state_file, step or cross_entropy_step(recipe.label_smoothing), device)
+    epoch, batch = run.resume()
     with progress_bar(enabled=progress) as bar:
-        task = bar.add_task(description, total=total, completed=epoch * per_epoch + batch, status="")
+        task = bar.add_task(description, total=run.total, completed=epoch * run.per_epoch + batch, status="")
         try:
             while epoch < recipe.epochs:
-                model.train()
-                # running sums stay on the model's device: reading them every step (.item()) would make
-                # the host wait for the accelerator at each batch instead of queueing the next one
-                loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-                seen, counted = 0, True
-                batches = train.batches(seed=recipe.seed, epoch=epoch, start=batch, limit=per_epoch)
-                for b, item in enumerate(batches, start=batch):
-                    item = to_device(item, device)
-                    lr = recipe.lr_at(epoch * per_epoch + b, total, per_epoch)
-                    for g in opt.param_groups:
-                        g["lr"] = lr
-                    loss, right = step(model, item)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    n = len(default_input(item))
-                    loss_sum += loss.detach() * n
-                    if right is None:
-                        counted = False
-                    else:
-                        correct += right
-                    seen += n
-                    status = None
-                    if b % STATUS_EVERY == 0 or b + 1 == per_epoch:
-                        status = f"epoch {epoch + 1}/{recipe.epochs} loss {loss_sum.item() / seen:.3f}"
-                        status += f" acc {correct.item() / seen:.3f}" if counted else ""
-                    bar.update(task, advance=1, **({"status": status} if status else {}))
-                    if time.monotonic() - last_save > save_every_s:
-                        save_state(epoch, b + 1)
-                        last_save = time.monotonic()
+                run.epoch(epoch, batch, lambda **kw: bar.update(task, advance=1, **kw), save_every_s)
                 epoch, batch = epoch + 1, 0
                 if on_epoch_end is not None:  # before the state is saved: a kill in between redoes the epoch
                     on_epoch_end(epoch, model)
-                save_state(epoch, 0)
-                last_save = time.monotonic()
+                run.save(epoch, 0)
         except KeyboardInterrupt:
             done = bar.tasks[0].completed
-            save_state(int(done // per_epoch), int(done % per_epoch))
+            run.save(int(done // run.per_epoch), int(done % run.per_epoch))
             kept = f"saved in {state_file}" if state_file else "not saved (no resume file)"
-            raise Interrupted(f"training stopped at step {int(done)}/{total}, {kept}") from None
+            raise Interrupted(f"training stopped at step {int(done)}/{run.total}, {kept}") from None
     return model
+
+
+class _FitRun:
+    """One `fit`: the model, its optimizer and schedule, and the resume file they are saved to."""
+
+    def __init__(self, model, recipe: Recipe, train: TrainData, state_file: Path | None, step: Step, device) -> None:
+        self.model, self.recipe, self.train, self.state_file, self.step = model, recipe, train, state_file, step
+        self.device = device
+        self.opt = sgd(model, recipe)
+        self.per_epoch = len(train)
+        if recipe.max_batches_per_epoch:
+            self.per_epoch = min(self.per_epoch, recipe.max_batches_per_epoch)
+        self.total = self.per_epoch * recipe.epochs
+        self.last_save = time.monotonic()
+
+    def resume(self) -> tuple[int, int]:
+        """(epoch, batch) to start from: the resume file's, loaded into the model and optimizer, or (0, 0)."""
+        if self.state_file is None or not self.state_file.exists():
+            return 0, 0
+        try:
+            state = torch.load(self.state_file, map_location="cpu", weights_only=True)
+        except Exception:
+            raise EdgepruneError(f"resume file {self.state_file} is damaged; delete it to start over") from None
+        if state.get("recipe") != asdict(self.recipe):
+            raise EdgepruneError(
+                f"resume file {self.state_file} was written with a different recipe; rerun with the same options, "
+                "or delete it (--restart) to start over"
+            )
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        return state["epoch"], state["batch"]
+
+    def save(self, epoch: int, batch: int) -> None:
+        self.last_save = time.monotonic()
+        if self.state_file is not None:
+            state = {"recipe": asdict(self.recipe), "model": self.model.state_dict(), "epoch": epoch, "batch": batch}
+            atomic_torch_save({**state, "optimizer": self.opt.state_dict()}, self.state_file)
+
+    def epoch(self, epoch: int, start: int, advance: Callable, save_every_s: float) -> None:
+        """Train one epoch from batch `start`, calling `advance(status=...)` after each batch and
+        saving the resume file every `save_every_s`."""
+        recipe, opt, device = self.recipe, self.opt, self.device
+        self.model.train()
+        # running sums stay on the model's device: reading them every step (.item()) would make
+        # the host wait for the accelerator at each batch instead of queueing the next one
+        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+        seen, counted = 0, True
+        batches = self.train.batches(seed=recipe.seed, epoch=epoch, start=start, limit=self.per_epoch)
+        for b, item in enumerate(batches, start=start):
+            item = to_device(item, device)
+            for g in opt.param_groups:
+                g["lr"] = recipe.lr_at(epoch * self.per_epoch + b, self.total, self.per_epoch)
+            loss, right = self.step(self.model, item)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n = len(default_input(item))
+            loss_sum += loss.detach() * n
+            counted = counted and right is not None
+            if right is not None:
+                correct += right
+            seen += n
+            if b % STATUS_EVERY == 0 or b + 1 == self.per_epoch:
+                status = f"epoch {epoch + 1}/{recipe.epochs} loss {loss_sum.item() / seen:.3f}"
+                advance(status=status + (f" acc {correct.item() / seen:.3f}" if counted else ""))
+            else:
+                advance()
+            if time.monotonic() - self.last_save > save_every_s:
+                self.save(epoch, b + 1)
 
 
 def train(
