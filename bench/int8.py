@@ -7,10 +7,13 @@ Models: the zoo's resnet20 and mobilenet_v2_cifar (Fashion-MNIST, 28x28) and, wi
 torchvision's mobilenet_v2 and resnet18 at 224 (untrained: int8 kernels' time does not depend on
 the weights; calibrated on random inputs, so no accuracy for them).
 
-    python bench/int8.py [--large] [--images 2000]
+    python bench/int8.py [--large] [--images 2000] [--budgets 50% 25%] [--evals 30] [--epochs 2]
 
 Prints per model and runtime: fp32 ms, int8 ms, the speedup (fp32 / int8; each model's quietest
-round, as every ratio here), and fp32 vs int8 test accuracy with the difference in points.
+round, as every ratio here), and fp32 vs int8 test accuracy with the difference in points. Then,
+for each budget (a share of the dense fp32 model), the three ways to meet it side by side: int8
+only, pruned fp32, pruned + int8 (`prune --precision int8`); bench/int8_budgets.py says how
+(`--budgets` with no value skips them: they prune and finetune 16 runs, an hour or more here).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+
+from int8_budgets import add_arguments, budget_table  # beside this script
 
 RUNTIMES = (("onnxruntime", "cpu-onnxruntime", "onnx"), ("openvino", "cpu-openvino", "openvino"))
 
@@ -69,6 +74,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--large", action="store_true", help="also mobilenet_v2 and resnet18 at 224")
     p.add_argument("--images", type=int, default=2000, help="test images each runtime scores")
+    add_arguments(p)
     args = p.parse_args()
     head = f"{'model':22} {'runtime':12} {'fp32 ms':>9} {'int8 ms':>9} {'speedup':>8} "
     head += f"{'fp32 acc':>9} {'int8 acc':>9} {'delta':>7}"
@@ -88,6 +94,8 @@ def main() -> None:
     print(head)
     print("-" * len(head))
     print("\n".join(rows))
+    if args.budgets:
+        print("\n" + budget_table(args))
 
 
 if __name__ == "__main__":

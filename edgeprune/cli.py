@@ -618,10 +618,13 @@ def _print_pruned(result: dict) -> None:
     if c.get("removed_blocks"):
         out.print(f"residual blocks removed whole: {', '.join(c['removed_blocks'])}")
     verdict = "[green]meets[/green]" if result["met_budget"] else "[red]MISSES[/red]"
+    p = result.get("precision") or {}
+    dense = f"{result['speedup']:.2f}x faster than dense"
+    if p.get("reference_ms") is not None:  # searched at another precision: against the dense model the user has
+        dense = f"{p['speedup_vs_reference']:.2f}x faster than dense {p['reference_precision']}, in {p['searched']}"
     out.print(
         f"{verdict} the {result['budget_ms']:.4g} ms budget ({held_name(result.get('held_on'))} "
-        f"{c['measured_ms']:.4g} ms, "
-        f"{result['speedup']:.2f}x faster than dense); {result['evals']} evaluations, "
+        f"{c['measured_ms']:.4g} ms, {dense}); {result['evals']} evaluations, "
         f"{result['seconds_per_eval'] or 0:.2f} s each; run directory {result['run_dir']}"
     )
 
@@ -757,7 +760,11 @@ def validate_cmd(
     run_dir: Annotated[Path, typer.Argument(help="Exported run directory.", metavar="RUN")],
     device: Annotated[str | None, typer.Option(help="Device profile (default: the run's).")] = None,
     claim_speedup: Annotated[
-        float | None, typer.Option(help="A claimed speedup to hold against the measurement.")
+        float | None,
+        typer.Option(
+            help="A claimed speedup to hold against the measurement; the same structure at the other precision "
+            "(int8, or fp32 for an int8 file) is measured beside it."
+        ),
     ] = None,
     sparse: Annotated[bool, typer.Option(help="Also measure an unstructured-sparse model of the same size.")] = True,
     repeats: Annotated[

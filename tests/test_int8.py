@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -148,3 +150,152 @@ def test_validation_runs_the_int8_file_on_an_int8_device(tmp_path):
     fp32_only = {"formats": {f: formats[f] for f in ("onnx", "openvino")}}
     assert _artifact_for(Device.load("cpu-openvino-int8"), fp32_only, said.append).name == "model.onnx"
     assert "no int8 file" in said[0] and "--formats onnx-int8" in said[0]
+
+
+def test_the_int8_proxy_scores_the_quantized_file(tiny_run, digits16):
+    """A candidate scored in int8 is its quantized file run by the runtime: close to fp32, not
+    equal, and a calibration that wrecks the file wrecks the score (fp32 scoring would not see it)."""
+    import torch
+
+    from edgeprune.formats import calibration_inputs
+    from edgeprune.pruning import space
+    from edgeprune.search import ProxyEvaluator
+    from edgeprune.search.quantized import QuantizedModel
+    from edgeprune.task import Task
+
+    net = load_checkpoint(tiny_run["weights"]).build().eval()
+    task = Task.classification_on(digits16, heldout_images=300)
+    s = space(net, torch.randn(1, 1, 16, 16), step=8, min_keep_ratio=0.25)
+    fp32, int8 = ProxyEvaluator(s, task), ProxyEvaluator(s, task, precision="int8")
+    half = [g.allowed[len(g.allowed) // 2] for g in s.groups]
+    assert abs(int8(half) - fp32(half)) < 0.1 and int8.seconds  # scored, and near the fp32 score
+    x = torch.cat([x for x, _ in digits16.batches("heldout", 100, limit=1)])
+    good = calibration_inputs(task, (1, 1, 16, 16))
+    ref, got = net(x), QuantizedModel(net, good)(x)
+    assert 0 < (got - ref).abs().max() / ref.abs().max() < 0.25
+    assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+    int8.int8_calibration = [g * 1000 for g in good]
+    assert int8.score(net) < fp32.score(net) - 0.3
+
+
+def test_prune_at_int8_holds_a_share_of_the_dense_model_as_the_device_runs_it(tmp_path, tinynet_28, monkeypatch):
+    """`precision="int8"` on an fp32 device: searched on the int8 sibling's table, candidates timed
+    quantized, a share-of-dense budget of the dense fp32 model measured beside its int8 self; the
+    export writes the int8 file and validation times that file beside the dense fp32 model. Then
+    `precision="auto"`: both precisions pruned, the better plan kept, both reported."""
+    import re
+    import shutil
+
+    import torch
+
+    import edgeprune
+    from edgeprune.models.reference import ModelRef
+
+    from .conftest import EXAMPLES
+
+    base = FAST_DEVICE.replace("channel_step: 8", "channel_step: 16")
+    (tmp_path / "fast-ort.yaml").write_text(base)
+    (tmp_path / "fast-ort-int8.yaml").write_text(
+        base.replace("name: fast-ort", "name: fast-ort-int8").replace("{threads: 1}", "{threads: 1, precision: int8}")
+    )
+    ref = ModelRef.parse(f"{EXAMPLES / 'tinynet.py'}:tinynet", kwargs={"width": 16})
+    model = ref.build()
+    model.load_state_dict(torch.load(tinynet_28["weights"], weights_only=True))
+    table = tmp_path / "int8.json"
+    edgeprune.profile(model, (1, 1, 28, 28), device=str(tmp_path / "fast-ort-int8.yaml"), out=table, step=16,
+                      calibrate=3, progress=False, log=lambda s: None)  # fmt: skip
+    said: list[str] = []
+    common = {"data": "digits:28", "search": "random", "evals": 4, "measure_top": 1, "heldout_images": 200,
+              "progress": False, "log": said.append, "model_ref": ref}  # fmt: skip
+    _, result = edgeprune.prune(model, (1, 1, 28, 28), device=str(tmp_path / "fast-ort.yaml"), budget="80%",
+                                precision="int8", table=table, run_dir=tmp_path / "run", **common)  # fmt: skip
+    r = result.record
+    assert r["device"] == "fast-ort-int8" and r["precision"]["searched"] == "int8"
+    assert r["precision"]["reference_precision"] == "fp32" and r["precision"]["reference_device"] == "fast-ort"
+    pair = next(line for line in said if line.startswith("the dense model in fp32 and in int8 on fast-ort"))
+    fp32_ms = float(re.search(r": (\S+) against (\S+) ms", pair).group(1))
+    assert r["budget_ms"] == pytest.approx(0.8 * fp32_ms, rel=0.002) == 0.8 * r["precision"]["reference_ms"]
+    assert r["met_budget"] and r["chosen"]["measured_ms"] <= r["budget_ms"]
+    manifest = edgeprune.export_run(tmp_path / "run", formats="onnx", out=tmp_path / "export", log=said.append)
+    assert "onnx-int8" in manifest["formats"] and is_quantized(manifest["formats"]["onnx-int8"]["path"])
+    v = edgeprune.validate_run(tmp_path / "run", repeats=5, sparse=False, report=False, progress=False,
+                               log=said.append)  # fmt: skip
+    assert v["device"] == "fast-ort" and v["artifact"].endswith("model.int8.onnx")
+    assert v["dense_at_search_ms"] == r["precision"]["reference_ms"]
+
+    # auto, each precision's table found where prune looks (this folder's latency_tables/)
+    monkeypatch.chdir(tmp_path)
+    for name, src in (("fast-ort", tinynet_28["table"]), ("fast-ort-int8", table)):
+        (tmp_path / "latency_tables" / name).mkdir(parents=True)
+        shutil.copy(src, tmp_path / "latency_tables" / name / f"{ref.id}.json")
+    said.clear()
+    _, result = edgeprune.prune(model, (1, 1, 28, 28), device=str(tmp_path / "fast-ort.yaml"), budget="80%",
+                                precision="auto", run_dir=tmp_path / "auto", **common)  # fmt: skip
+    choice = result.record["precision_choice"]
+    met = [p for p in ("device", "int8") if choice[p].get("met_budget")]
+    assert choice["kept"] == max(met, key=lambda p: choice[p]["proxy_accuracy"])
+    assert choice["device"]["precision"] == "fp32" and choice["int8"]["precision"] == "int8"
+    assert any(line.startswith("precision auto:\n") and f"kept: {choice['kept']}" in line for line in said), said
+    top = json.loads((tmp_path / "auto" / "results.json").read_text())
+    assert top["precision_choice"] == choice and (tmp_path / "auto" / "pruned.pt").is_file()
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["precision"] == choice["kept"]
+
+
+def test_precision_auto_keeps_the_plan_that_meets_the_budget():
+    """Where one precision cannot reach the budget, the other's plan is kept, and the reason said."""
+    from edgeprune.pipeline.precision import _keep_better
+    from edgeprune.pipeline.prune import PruneResult
+
+    def outcome(precision, met, score, ms):
+        record = {"precision": {"searched": precision}, "device": "d", "met_budget": met, "budget_ms": 1.0,
+                  "chosen": {"measured_ms": ms, "proxy_accuracy": score}}  # fmt: skip
+        return "model", PruneResult(None, record)
+
+    said: list[str] = []
+    unreachable = EdgepruneError("budget 1 ms is out of reach on d-int8: ...")
+    _, kept = _keep_better({"device": outcome("fp32", True, 0.8, 0.9), "int8": unreachable}, None, said.append)
+    assert kept.record["precision_choice"]["kept"] == "device" and "out of reach" in said[0]
+    both = {"device": outcome("fp32", True, 0.8, 0.9), "int8": outcome("int8", True, 0.85, 0.7)}
+    assert _keep_better(both, None, said.append)[1].record["precision_choice"]["kept"] == "int8"
+    missed = {"device": outcome("fp32", True, 0.8, 0.9), "int8": outcome("int8", False, 0.9, 1.1)}
+    assert _keep_better(missed, None, said.append)[1].record["precision_choice"]["kept"] == "device"
+    with pytest.raises(EdgepruneError, match="neither precision reaches the budget"):
+        _keep_better({"device": unreachable, "int8": unreachable}, None, said.append)
+
+
+def test_a_speedup_claim_is_held_beside_the_same_structure_in_int8(tiny_run, tmp_path):
+    """validate --claim-speedup also measures the shipped structure at the other precision; which
+    file that is follows the export's formats."""
+    import edgeprune
+    from edgeprune.pipeline.validate import twin_of
+
+    net = load_checkpoint(tiny_run["weights"]).build().eval()
+    v = edgeprune.validate(net, dense=net, example_input=(1, 1, 16, 16), device=tiny_run["device"], budget="95%",
+                           claim_speedup=2.0, sparse=False, repeats=3, progress=False, log=lambda s: None)  # fmt: skip
+    assert v["precision_twin"]["precision"] == "int8" and v["precision_twin"]["speedup"] > 0
+    assert v["claim"]["int8_structured_speedup"] == v["precision_twin"]["speedup"]
+    formats = {f: {"path": str(tmp_path / p)} for f, p in [
+        ("onnx", "model.onnx"), ("openvino", "openvino/model.xml"),
+        ("onnx-int8", "model.int8.onnx"), ("openvino-int8", "openvino-int8/model.xml")]}  # fmt: skip
+    manifest, fp32, ir, ir8 = {"formats": formats}, Device.load("cpu-openvino"), "openvino", "openvino-int8"
+    assert twin_of(tmp_path / ir / "model.xml", manifest, fp32) == ("int8", tmp_path / ir8 / "model.xml", False)
+    assert twin_of(tmp_path / ir8 / "model.xml", manifest, fp32) == ("fp32", tmp_path / ir / "model.xml", False)
+    assert twin_of(tmp_path / "openvino/model.xml", {"formats": {"onnx": formats["onnx"]}}, fp32) == (
+        "int8", tmp_path / "model.onnx", True)  # fmt: skip
+    assert twin_of(tmp_path / "model.onnx", manifest, Device.load("cpu-onnxruntime-int8")) is None
+
+
+def test_a_device_at_int8_is_its_int8_sibling_or_itself_marked(tmp_path):
+    """`at_precision("int8")`: the shipped -int8 profile where one exists (its tables, its step), else
+    the profile with the runtime's precision set and its name marked, so its tables stay apart."""
+    assert Device.load("cpu-onnxruntime").at_precision("int8").spec.path.endswith("cpu-onnxruntime-int8.yaml")
+    assert Device.load("cpu-openvino-bf16").at_precision("int8").name == "cpu-openvino-int8"
+    own = Device.load("cpu-openvino-int8")
+    assert own.at_precision("int8") is own and own.at_precision(None) is own
+    fp16 = DeviceSpec.load("jetson-orin-tensorrt-fp16")
+    jetson = fp16.at_precision("int8")
+    assert (jetson.name, jetson.options["precision"], jetson.agent) == ("jetson-orin-tensorrt-int8", "int8", fp16.agent)
+    (tmp_path / "mine.yaml").write_text(FAST_DEVICE.replace("name: fast-ort", "name: mine"))
+    mine = DeviceSpec.load(tmp_path / "mine.yaml")
+    assert mine.precision == "fp32" and mine.at_precision("int8").name == "mine-int8"
+    assert mine.at_precision("int8").make_backend().precision == "int8"

@@ -362,6 +362,10 @@ def test_unit_copies_read_one_input_and_sum(cfg):
     assert [n.op_type for n in reduced.graph.node].count("ReduceSum") == 3
     single, _ = unit_model(cfg, seed=5, reduced=True)
     assert float(run(single)) == pytest.approx(float(np.sum(run(one))), rel=1e-4, abs=1e-3)
+    # pooled (an int8 device's units): each copy's map averaged (GlobalAveragePool) before the sum
+    pooled, _ = unit_model(cfg, seed=5, copies=3, reduced=True, pooled=True)
+    means = float(np.sum(np.mean(total, axis=(2, 3)))) if total.ndim == 4 else float(np.sum(total))
+    assert float(run(pooled)) == pytest.approx(means, rel=1e-4, abs=1e-3)
     with pytest.raises(EdgepruneError, match="at least 1"):
         unit_model(cfg, copies=0)
 

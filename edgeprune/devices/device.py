@@ -29,6 +29,12 @@ class Device:
     def load(cls, name_or_path: str | os.PathLike) -> Device:
         return cls(DeviceSpec.load(name_or_path))
 
+    def at_precision(self, precision: str | None) -> Device:
+        """This device at `precision` (DeviceSpec.at_precision); itself for None or its own."""
+        if precision is None or precision == self.spec.precision:
+            return self
+        return Device(self.spec.at_precision(precision))
+
     @property
     def name(self) -> str:
         return self.spec.name

@@ -7,7 +7,7 @@ is always explicit, because OpenVINO otherwise picks bf16 by itself on AVX-512 C
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -18,6 +18,7 @@ from edgeprune.latency.measurement import Protocol
 from edgeprune.latency.verdict import STATISTICS
 
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+DEFAULT_PRECISION = {"onnxruntime": "fp32", "openvino": "f32", "tensorrt": "fp16"}  # each backend's default
 DEVICES_ENV = "EDGEPRUNE_DEVICES"
 FIELDS = {
     "name",
@@ -122,6 +123,29 @@ class DeviceSpec:
         except (OSError, yaml.YAMLError) as e:
             raise EdgepruneError(f"cannot read device profile {p}: {str(e).splitlines()[0]}") from None
         return cls.from_dict(data, path=str(p))
+
+    @property
+    def precision(self) -> str:
+        """The precision the profile runs models in (its runtime's default where it names none)."""
+        return self.options.get("precision") or DEFAULT_PRECISION[self.backend]
+
+    def at_precision(self, precision: str) -> DeviceSpec:
+        """This device at `precision`: itself where it runs that already; else the sibling profile
+        named for it where one exists (cpu-onnxruntime -> cpu-onnxruntime-int8: its tables and
+        step are that precision's), else this profile with the runtime's precision set and the
+        name marked (a table of it is kept apart from the other precision's)."""
+        if precision == self.precision:
+            return self
+        stem = self.name.removesuffix(f"-{self.precision}")
+        sibling = f"{stem}-{precision}"
+        where = [Path(self.path).parent] if self.path else []
+        for d in [*where, *devices_dirs()]:
+            if (d / f"{sibling}.yaml").is_file():
+                other = DeviceSpec.load(d / f"{sibling}.yaml")
+                if other.backend == self.backend and other.agent == self.agent and other.precision == precision:
+                    return other
+        options = {**self.options, "precision": precision}
+        return replace(self, name=sibling, options=options, path=None, description=f"{self.description} ({precision})")
 
     def to_dict(self) -> dict:
         d = asdict(self)

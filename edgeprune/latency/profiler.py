@@ -36,8 +36,17 @@ UNIT_PROTOCOL = Protocol(
     warmup_runs=3, warmup_s=0.02, min_runs=20, min_s=0.02, precision=0.01, max_s=0.25, max_cv=0.15, retries=2
 )
 # how a unit is measured in context (copies > 1): each copy's output reduced as it is written
-# (unit_model's `reduced`); tables of the earlier way ("summed") are not extended with these
+# (unit_model's `reduced`); on an int8 device pooled first, in int8, as a graph's next layer reads
+# it (unit_model's `pooled`); tables of another way ("summed": the earlier one) are not extended
 UNIT_CONTEXT = "reduced"
+INT8_UNIT_CONTEXT = "pooled"
+
+
+def unit_context(device) -> str:
+    """How `device`'s units are measured in context (UNIT_CONTEXT or INT8_UNIT_CONTEXT)."""
+    return INT8_UNIT_CONTEXT if device.spec.precision == "int8" else UNIT_CONTEXT
+
+
 UNIT_ROUNDS = 4  # short windows per unit (the windows replace the precision rule: see measure_configs)
 STEP_CANDIDATES = (32, 16, 8, 4, 2)
 # A calibration line that misses its own whole-model points by more than this (median) was most
@@ -71,7 +80,8 @@ def measure_configs(
         items = []
         for i, cfg in enumerate(configs):
             for k in kinds:
-                model, shape = unit_model(cfg, seed=i, copies=k, reduced=copies > 1)
+                pooled = copies > 1 and unit_context(device) == INT8_UNIT_CONTEXT
+                model, shape = unit_model(cfg, seed=i, copies=k, reduced=copies > 1, pooled=pooled)
                 path = Path(d) / f"u{i}x{k}.onnx"
                 onnx.save(model, str(path))
                 items.append((path, shape))
@@ -156,10 +166,10 @@ def _open_table(
                 "size; give this one its own --out"
             )
         if not fingerprint_diff(old.fingerprint, fingerprint) and old.step == step and old.unit_copies == copies:
-            if copies > 1 and old.meta.get("unit_context", "summed") != UNIT_CONTEXT:
+            if copies > 1 and (theirs := old.meta.get("unit_context", "summed")) != unit_context(device):
                 raise EdgepruneError(
-                    f"{out} holds units measured in context the earlier way (whole outputs summed, which over-counts "
-                    "large maps): units measured now would not add up with them; profile into another --out"
+                    f"{out} holds units measured in context another way ({theirs}, not {unit_context(device)}): units "
+                    "measured now would not add up with them; profile into another --out"
                 )
             return old, len(old.entries)
         if diff := fingerprint_diff(old.fingerprint, fingerprint):
@@ -179,7 +189,7 @@ def _open_table(
     table = LatencyTable(device.name, fingerprint, UNIT_PROTOCOL.to_dict(), step, model_id, list(shape))
     table.meta["unit_copies"] = copies
     if copies > 1:
-        table.meta["unit_context"] = UNIT_CONTEXT
+        table.meta["unit_context"] = unit_context(device)
     return table, 0
 
 

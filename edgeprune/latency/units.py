@@ -209,7 +209,7 @@ class _UnitGraph:
 
 
 def unit_model(
-    cfg, *, seed: int = 0, copies: int = 1, reduced: bool = False
+    cfg, *, seed: int = 0, copies: int = 1, reduced: bool = False, pooled: bool = False
 ) -> tuple[onnx.ModelProto, tuple[int, ...]]:
     """A one-unit ONNX model for `cfg` (a LayerConfig) and its input shape.
 
@@ -225,7 +225,12 @@ def unit_model(
     copy's output is live at a time, as in a graph. Summing the whole outputs instead keeps all K
     alive to the end: a 96 x 112 x 112 map is 4.8 MB, four are past this VM's cache, and the
     mobilenet_v2 expand conv measured 0.89 ms a copy that way against 0.47 ms reduced, while the
-    whole model moved by what the reduced units predict (bench/README.md)."""
+    whole model moved by what the reduced units predict (bench/README.md).
+
+    `pooled` (with `reduced`, for an int8 device): a 4-d output is averaged over its map by a
+    GlobalAveragePool before the sum. Quantized, that pool runs in int8 on the int8 map as the next
+    layer of a graph would read it; a ReduceSum would first dequantize the whole map to fp32 (and
+    ONNX Runtime transpose it out of its int8 layout), which a graph of int8 layers never does."""
     if copies < 1:
         raise EdgepruneError(f"copies must be at least 1, got {copies}")
     rng = np.random.default_rng(seed)
@@ -238,6 +243,9 @@ def unit_model(
         nodes += n
         inits += i
     if reduced:
+        if pooled and len(shape) == 4 and cfg.op != "gemm" and cfg.template is None:  # a map in, a map out
+            nodes += [helper.make_node("GlobalAveragePool", [out], [f"{out}_pool"]) for out in outs]
+            outs = [f"{out}_pool" for out in outs]
         nodes += [helper.make_node("ReduceSum", [out], [f"{out}_sum"], keepdims=0) for out in outs]
         outs = [f"{out}_sum" for out in outs]
     if named:

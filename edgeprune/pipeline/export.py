@@ -150,6 +150,7 @@ def export_run(
     source, ckpt = run.shipped()
     run.dense()  # checked to be this run's too: the manifest carries its figures
     results = run.read("results.json") or {}
+    fmts = with_int8(fmts, results, log)
     data = run_task_data(run)
     target = Path(out) if out else Path("export") / run.name
     chosen = results.get("chosen", {})
@@ -166,7 +167,7 @@ def export_run(
             ckpt.build(),
             ckpt.example_shape,
             target,
-            formats=formats,
+            formats=fmts,
             data=data,
             tensorrt_precision=tensorrt_precision,
             accuracy_images=accuracy_images,
@@ -181,6 +182,17 @@ def export_run(
     write_json(target / "manifest.json", manifest)
     write_json(run / "export.json", {"out": str(target), "manifest": str(target / "manifest.json")})
     return manifest
+
+
+def with_int8(fmts: list[str], results: dict, log=print) -> list[str]:
+    """The formats of a run that searched int8 include their int8 files: what it chose was held
+    to its budget, and scored, as int8."""
+    if (results.get("precision") or {}).get("searched") != "int8":
+        return fmts
+    added = [f"{f}-int8" for f in fmts if f in ("onnx", "openvino") and f"{f}-int8" not in fmts]
+    if added:
+        log(f"the run searched int8: also exporting {', '.join(added)}")
+    return fmts + added
 
 
 def _forget_stale_export(run: RunDir, target: Path) -> None:

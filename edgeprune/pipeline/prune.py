@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +126,11 @@ class Pruning:
         self.session = None  # a RaySession: candidates are scored on its workers
         self.scoring = {"where": "this process", "workers": 1, "nodes": 1, "requeued": 0}
         self.noise = None  # the run's NoiseNote (latency/interleave.py): a noisy device is said once a run
+        # where the search runs at another precision than the device's own (int8): the device as it
+        # is, on which the dense model is measured beside its quantized self (a share-of-dense
+        # budget is of the dense model the user has)
+        self.reference = None
+        self.alone = False  # the dense model quantized meets the budget: no pruning needed
 
     def run_from(self, table, cluster, *, resume: bool, progress: bool, started: float):
         """The table loaded, the prunable space built, the run's store and the device's meter
@@ -177,12 +184,21 @@ class Pruning:
             store.set("dense_ms", held)
         meter.dense_ms = dense_ms = store.get("dense_ms")
         meter.dense_quietest_ms = store.get("dense_quietest_ms")
+        if self.reference is not None and store.get("reference_ms") is None:
+            store.set("reference_ms", self.measure_reference(s, meter))
         # THE budget of the run, in ms: computed once, from the dense model measured at the start, and
         # kept in the store; every later figure (results.json, validation, the report, `run`) is this one
         if store.get("budget_ms") is None:
-            store.set("budget_ms", self.budget.ms(dense_ms))
+            store.set("budget_ms", self.budget.ms(store.get("reference_ms") or dense_ms))
         budget_ms = store.get("budget_ms")
         target_ms = budget_ms * (1 - cfg.margin)  # what candidates must measure, leaving room for noise
+        self.alone = self.reference is not None and dense_ms <= target_ms
+        if self.alone:
+            self.log(
+                f"the dense {self.ref.id} in {self.device.spec.precision} measures {dense_ms:.4g} ms, within the "
+                f"{budget_ms:.4g} ms budget less its {cfg.margin:.0%} margin: quantizing alone meets it, and the "
+                "dense model's plan is kept (no channel is pruned)"
+            )
         if self.table is not None:
             self.predict_on(s, dense_ms)
         problem, first, dense_cost = self.problem(s, budget_ms, target_ms, dense_ms, store)
@@ -205,6 +221,30 @@ class Pruning:
         choice, evaluator, loop = self.search(s, problem, search, store, budget_ms, dense_ms, progress)
         figures = {"dense_ms": dense_ms, "budget_ms": budget_ms, "target_ms": target_ms, "started": started}
         return self.finish(s, choice, evaluator, loop, problem, store, figures)
+
+    def measure_reference(self, s, meter) -> float:
+        """The dense model at the device's own precision: its held figure, measured in turn with its
+        quantized self on the device as it is (a quantized file runs quantized there), said with
+        what quantizing alone gains."""
+        from edgeprune.formats.quantize import as_int8
+        from edgeprune.latency import interleave
+        from edgeprune.models.onnx import export_onnx
+        from edgeprune.search.measured import held_figure, held_name
+
+        own, to = self.reference.spec.precision, self.device.spec.precision
+        shape, what = s.input_shape, f"the dense model in {own} and in {to} on {self.reference.name}"
+        with tempfile.TemporaryDirectory(prefix="edgeprune-reference-") as tmp:
+            path = export_onnx(self.model, shape, Path(tmp) / "dense.onnx")
+            with as_int8(path, shape) as quantized:
+                with interleave.rounds_progress(f"measuring {what}", 2, enabled=meter.progress) as shown:
+                    pair = interleave.measure_interleaved(self.reference, [(path, shape), (quantized, shape)],
+                                                          on_result=shown)  # fmt: skip
+        ms = [held_figure(m.to_dict(), meter.statistic) for m in pair]
+        self.log(
+            f"{what}: {ms[0]:.4g} against {ms[1]:.4g} ms ({held_name(meter.statistic)}), {to} {ms[0] / ms[1]:.2f}x "
+            f"{'faster' if ms[0] >= ms[1] else 'slower (this runtime gains nothing from it at this size)'}"
+        )
+        return ms[0]
 
     def load_table(self, table, *, progress: bool = True) -> None:
         """The latency table (none for a FLOPs search without one), checked against the model and
@@ -292,7 +332,7 @@ class Pruning:
             first = cfg.flops_target if cfg.flops_target else target_ms / dense_ms
             cost, unit = FlopsCost(s.cost, s.macs()), "of dense MACs"
         else:
-            if dense_ms <= target_ms:
+            if dense_ms <= target_ms and not self.alone:
                 raise EdgepruneError(
                     f"the dense {self.ref.id} measures {dense_ms:.4g} ms on {self.device.name}, within the "
                     f"{budget_ms:.4g} ms budget less its {cfg.margin:.0%} margin: nothing to prune; lower the budget"
@@ -300,7 +340,7 @@ class Pruning:
             cost, unit = self.predictor, "ms (predicted)"
             dense_cost = float(cost(np.asarray([s.full_counts()]))[0])
             first = min(target_ms, dense_cost * target_ms / dense_ms)
-            if first < 0.999 * target_ms and store.get("search_budget") is None:
+            if first < 0.999 * target_ms and store.get("search_budget") is None and not self.alone:
                 # the table's line misses the dense end low: held in ms, the budget would admit plans the
                 # table itself says are as slow as the dense model, which the device then refuses
                 self.log(
@@ -311,6 +351,7 @@ class Pruning:
         problem = BudgetProblem.create(
             s, cost, store.get("search_budget", first), max_keep=cfg.max_keep, fix=cfg.fix, unit=unit, check=False
         )
+        problem.dense_fits = self.alone
         return problem, first, float(cost(np.asarray([s.full_counts()]))[0])
 
     def search(self, s, problem, search, store, budget_ms: float, dense_ms: float, progress: bool):
@@ -332,7 +373,7 @@ class Pruning:
         pool = self.scoring_pool(s, evaluator)
         acp = acp_widths(s, evaluator.calibration) if cfg.search == "pso" else None
         searcher = make_searcher(
-            cfg.search,
+            "uniform" if self.alone else cfg.search,  # at full width: the dense plan
             problem,
             evals=cfg.evals,
             seed=cfg.seed,
@@ -376,12 +417,7 @@ class Pruning:
         from edgeprune.search import ProxyEvaluator
 
         cfg = self.cfg
-        common = {
-            "criterion": cfg.criterion,
-            "calibration_batches": cfg.calibration_batches,
-            "seed": cfg.seed,
-            "train_steps": cfg.proxy_steps,
-        }
+        common = self.evaluator_args()
         if cfg.proxy == "bn":
             return ProxyEvaluator(s, self.task, **common)
         from edgeprune.search.supernet import SupernetEvaluator
@@ -406,15 +442,22 @@ class Pruning:
             example_input=self.x,
             space_args={"step": s.step, "min_keep_ratio": cfg.min_keep, "depth": cfg.depth},
             task=self.task,
-            evaluator_args={
-                "criterion": cfg.criterion,
-                "calibration_batches": cfg.calibration_batches,
-                "seed": cfg.seed,
-                "train_steps": cfg.proxy_steps,
-            },
+            evaluator_args=self.evaluator_args(),
             log=self.log,
         )
         return evaluator.pool
+
+    def evaluator_args(self) -> dict:
+        """The proxy's settings (here and on Ray workers alike); an int8 device's candidates are
+        scored as their int8 files run."""
+        cfg = self.cfg
+        return {
+            "criterion": cfg.criterion,
+            "calibration_batches": cfg.calibration_batches,
+            "seed": cfg.seed,
+            "train_steps": cfg.proxy_steps,
+            "precision": "int8" if self.device.spec.precision == "int8" else "fp32",
+        }
 
     def finish(self, s, choice, evaluator, loop, problem, store, figures: dict):
         """The pruned model (BatchNorm recalibrated), its result, and the run's files."""
@@ -437,7 +480,7 @@ class Pruning:
             "dataset": self.config.get("data"),
             "task": self.task.metric,
             "device": self.device.name,
-            "search": self.cfg.search,
+            "search": "uniform" if self.alone else self.cfg.search,
             "cost": self.cfg.cost,
             "budget_ms": figures["budget_ms"],
             "margin": self.cfg.margin,
@@ -466,6 +509,7 @@ class Pruning:
                 "round": m.get("round"),  # the round of the measured search that measured it (from 0)
             },
             "held_on": store.get("statistic"),  # what the measured figures are (search/measured.py)
+            "precision": self._precision_record(store, m["measured_ms"]),
             "met_budget": choice.met,
             "speedup": dense_ms / m["measured_ms"],
             "evals": len(distinct),
@@ -482,6 +526,21 @@ class Pruning:
             write_json(self.run / "results.json", record)
         self.log(plan_summary(record, plan))
         return pruned, PruneResult(plan, record, None if self.run is None else self.run.path)
+
+    def _precision_record(self, store, measured_ms: float) -> dict:
+        """The precision searched and shipped; for one other than the device's own, the dense model
+        at the device's own precision (what a share-of-dense budget is of) and the speedup over it."""
+        record = {"searched": self.device.spec.precision, "device": self.device.name}
+        reference = store.get("reference_ms")
+        if self.reference is not None and reference is not None:
+            record.update(
+                reference_device=self.reference.name,
+                reference_precision=self.reference.spec.precision,
+                reference_ms=reference,
+                speedup_vs_reference=reference / measured_ms,
+                quantized_alone=self.alone,
+            )
+        return record
 
     def _table_record(self) -> dict | None:
         t = self.table
@@ -586,6 +645,12 @@ def prune(
     from edgeprune.models.onnx import example_tensor
     from edgeprune.task import make_task
 
+    if settings.get("precision") == "auto":  # a prune at each precision, the better plan kept
+        from edgeprune.pipeline.precision import prune_each_precision
+
+        given = locals()
+        call = {k: given[k] for k in inspect.signature(prune).parameters if k != "settings"}
+        return prune_each_precision(prune, call, {k: v for k, v in settings.items() if k != "precision"})
     started = time.monotonic()
     model, x, ref = model.eval(), example_tensor(example_input), _reference(model, model_ref)
     budget = Budget.parse(budget)
@@ -615,7 +680,9 @@ def prune(
             input_fn=input_fn,
             heldout_images=cfg.heldout_images,
         )
-        job = Pruning(model, x, ref, device, budget, run, config, cfg, task, log)
+        searched = device.at_precision("int8") if cfg.precision == "int8" else device
+        job = Pruning(model, x, ref, searched, budget, run, config, cfg, task, log)
+        job.reference = device if searched is not device else None
         job.noise = noise
         return job.run_from(table, cluster, resume=resume, progress=progress, started=started)
 

@@ -44,6 +44,9 @@ def _searchers() -> tuple[str, ...]:
     return ("uniform", "random", "bo", "bocr", "pso", "knapsack", "darts")
 
 
+PRECISIONS = ("device", "int8", "auto")
+
+
 def _criteria() -> tuple[str, ...]:
     return ("l1", "l2", "bn", "reprune", "acp")
 
@@ -54,6 +57,14 @@ class PruneSettings:
 
     search: str = setting(
         "bocr", "Searcher: uniform, random, bo, bocr, pso, knapsack or darts.", kind=str, choices=_searchers()
+    )
+    precision: str = setting(
+        "device",
+        "Precision the model ships in: device (the device profile's), int8 (quantized; searched on the device's "
+        "int8 table, each candidate scored as its int8 file runs) or auto (both, keeping the more accurate plan "
+        "that meets the budget). A share-of-dense budget is always of the dense model at the device's precision.",
+        kind=str,
+        choices=PRECISIONS,
     )
     evals: int = setting(60, "Distinct plans to score.", lo=1)
     seed: int = setting(0, "Seed of the searcher and of the proxy's batches.", lo=0)

@@ -27,13 +27,19 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.runs import RunDir, write_json, writes_run
 
 
-def _artifact_for(device, manifest: dict, log=print) -> Path:
+def _artifact_for(device, manifest: dict, log=print, *, int8: bool = False) -> Path:
     """What the device runs: the OpenVINO IR for a local OpenVINO device when exported, else the ONNX
     file (an agent receives ONNX; TensorRT builds its engine from it on the device); for an int8
     device, the int8 files, or the fp32 ONNX where none was exported (the device quantizes it on
-    random inputs: its latency is the int8 model's, its accuracy is not known)."""
+    random inputs: its latency is the int8 model's, its accuracy is not known). `int8`: the run
+    searched int8 on a device of another precision: its int8 files, which run quantized there."""
     formats = manifest["formats"]
-    int8 = device.spec.options.get("precision") == "int8"
+    if int8 and "onnx-int8" not in formats:
+        raise EdgepruneError(
+            "the run searched int8 and its export has no int8 file: export it again (`edgeprune export RUN` adds "
+            "onnx-int8 for such a run)"
+        )
+    int8 = int8 or device.spec.precision == "int8"
     if int8 and "onnx-int8" not in formats:
         log(
             f"{device.name} runs int8 and the export has no int8 file: measuring the fp32 ONNX quantized on random "
@@ -53,6 +59,28 @@ class Measured:
     shipped: object  # Measurement
     dense: object
     sparse: dict | None
+    twin: dict | None = None  # the shipped structure at the other precision (int8 <-> fp32), for a claim
+
+
+def twin_of(shipped: Path, manifest: dict | None, device) -> tuple[str, Path, bool] | None:
+    """The shipped structure at the other precision, which a speedup claim is also held beside:
+    (precision, file, whether to quantize it first). For an fp32 file, the export's int8 file of
+    the same format, else its fp32 ONNX quantized (for its latency); for an int8 one, the export's
+    fp32 file. None on an int8 device (every file runs int8 there) or where no file serves."""
+    from edgeprune.formats.quantize import is_quantized
+
+    if device.spec.precision == "int8":
+        return None
+    formats = (manifest or {}).get("formats", {})
+    fmt = "openvino" if shipped.suffix == ".xml" else "onnx"
+    path = lambda f: Path(formats[f]["path"]) if f in formats else None  # noqa: E731
+    int8 = Path(formats.get(f"{fmt}-int8", {}).get("path", "")) == shipped or (fmt == "onnx" and is_quantized(shipped))
+    if int8:
+        return ("fp32", path(fmt), False) if path(fmt) else None
+    if path(f"{fmt}-int8"):
+        return "int8", path(f"{fmt}-int8"), False
+    source = shipped if fmt == "onnx" else path("onnx")
+    return ("int8", source, True) if source else None
 
 
 def measure_against_dense(
@@ -66,6 +94,7 @@ def measure_against_dense(
     progress: bool,
     log,
     noise=None,
+    twin: tuple[str, Path, bool] | None = None,
 ) -> Measured:
     """Measure the shipped file beside the dense model (and, given `shipped_weights`, the dense
     model magnitude-sparsified to that many weights), in turn, `repeats` rounds. `noise`: the run's
@@ -74,7 +103,7 @@ def measure_against_dense(
     from edgeprune.models.onnx import export_onnx, simplify_and_check
     from edgeprune.pruning.sparse import magnitude_sparsify, weight_count
 
-    labels = ("shipped", "dense", "sparse")[: 2 + (shipped_weights is not None)]
+    labels = ["shipped", "dense", "sparse"][: 2 + (shipped_weights is not None)] + ([twin[0]] if twin else [])
     rounds = (
         f"{repeats} rounds" if repeats else f"{ROUNDS} rounds or more, over {ROUNDS * dev.spec.protocol.min_s:.3g} s"
     )
@@ -90,6 +119,8 @@ def measure_against_dense(
             sparse_path = export_onnx(sparse_model, shape, Path(tmp) / "sparse.onnx")
             simplify_and_check(sparse_path)  # like for like: its zeros stay weights in a dense layout
             items.append((sparse_path, shape))
+        if twin:
+            items.append((_quantized(twin[1], shape, Path(tmp)) if twin[2] else twin[1], shape))
         # the shipped model measuring slower than its dense parent is measured on (a slow phase
         # that spared the dense model's windows) before it is believed
         with rounds_progress(
@@ -108,7 +139,18 @@ def measure_against_dense(
             "measured": measured[2].to_dict(),
             "speedup": measured[1].median_ms / measured[2].median_ms,
         }
-    return Measured(measured[0], measured[1], sparse_row)
+    twin_row = None
+    if twin:
+        twin_row = {"precision": twin[0], "measured": measured[-1].to_dict()}
+        twin_row["speedup"] = measured[1].median_ms / measured[-1].median_ms
+    return Measured(measured[0], measured[1], sparse_row, twin_row)
+
+
+def _quantized(path: Path, shape, tmp: Path) -> Path:
+    """`path` quantized to int8 on random inputs (its latency is the int8 model's)."""
+    from edgeprune.formats.quantize import quantize_int8, random_inputs
+
+    return quantize_int8(path, tmp / "twin.int8.onnx", calibration=random_inputs(tuple(shape)))
 
 
 def verdict(
@@ -186,6 +228,9 @@ def verdict(
             "share_of_claim": result["speedup"] / claim_speedup,
             "holds": result["speedup"] >= claim_speedup,
         }
+        if m.twin:  # the same structure at the other precision: what quantizing adds (or removes)
+            result["claim"][f"{m.twin['precision']}_structured_speedup"] = m.twin["speedup"]
+    result["precision_twin"] = m.twin
     return result
 
 
@@ -235,8 +280,9 @@ def validate(
         else:
             shipped = Path(model)
         weights = weight_count(model) if sparse and isinstance(model, nn.Module) else None
+        twin = twin_of(shipped, None, dev) if claim_speedup is not None else None
         m = measure_against_dense(
-            dev, shipped, dense, shape, shipped_weights=weights, repeats=repeats, progress=progress, log=log
+            dev, shipped, dense, shape, shipped_weights=weights, repeats=repeats, progress=progress, log=log, twin=twin
         )
     result = {
         "device": dev.name,
@@ -284,19 +330,26 @@ def validate_run(
     dense_ckpt, source = run.dense(), _exported_from(run, manifest)
     dense = dense_ckpt.build()
     shape = tuple(manifest["input_shape"])
-    shipped = _artifact_for(dev, manifest, log)
+    precision = results.get("precision") or {}
+    # a run that searched int8 on a device of another precision: its int8 file beside the dense
+    # model as the device runs it (what the budget is a share of), the dense figure of then that one's
+    other = precision.get("searched") == "int8" and dev.spec.precision != "int8"
+    dense_then = precision.get("reference_ms") if other else results.get("dense", {}).get("measured_ms")
+    shipped = _artifact_for(dev, manifest, log, int8=other)
     started = time.monotonic()
     log(f"validating {shipped} on {dev.name} ({'agent ' + dev.spec.agent if dev.remote else 'this machine'})")
     weights = weight_count(source.build()) if sparse else None
+    twin = twin_of(shipped, manifest, dev) if claim_speedup is not None else None
     m = measure_against_dense(
-        dev, shipped, dense, shape, shipped_weights=weights, repeats=repeats, progress=progress, log=log, noise=noise
-    )
+        dev, shipped, dense, shape, shipped_weights=weights, repeats=repeats, progress=progress, log=log, noise=noise,
+        twin=twin,
+    )  # fmt: skip
     figures = verdict(
         m,
         budget=config["budget"],
         budget_ms=results["budget_ms"],
         predicted_ms=results["chosen"].get("predicted_ms"),
-        dense_then_ms=results.get("dense", {}).get("measured_ms"),
+        dense_then_ms=dense_then,
         claim_speedup=claim_speedup,
         **_decided_by(dev),
     )

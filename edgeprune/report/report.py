@@ -195,22 +195,20 @@ def validation_rows(val: dict) -> list[list[str]]:
             + (f" (both on the first {val['accuracy_images']:,} test images)" if val.get("accuracy_images") else ""),
         ],
     ]
-    sp = val.get("unstructured_sparse")
+    sp, tw = val.get("unstructured_sparse"), val.get("precision_twin")
     if sp:
-        rows.append(
-            [
-                f"unstructured sparse, same weights ({sp['sparsity']:.0%} zeros)",
-                _ms(sp["measured"]["median_ms"]),
-                f"speedup {sp['speedup']:.2f}x" + _noisy(sp["measured"]),
-            ]
-        )
+        rows.append(_other_model_row(f"unstructured sparse, same weights ({sp['sparsity']:.0%} zeros)", sp))
+    if tw:
+        rows.append(_other_model_row(f"same structure in {tw['precision']}", tw))
     if val.get("claim"):
         cl = val["claim"]
+        also = "".join(f", {p} structured {cl[f'{p}_structured_speedup']:.2f}x" for p in ("int8", "fp32")
+                       if f"{p}_structured_speedup" in cl)  # fmt: skip
         rows.append(
             [
                 "claimed speedup",
                 f"{cl['claimed_speedup']:.2f}x",
-                f"measured {cl['measured_speedup']:.2f}x ({cl['share_of_claim']:.0%} of the claim)",
+                f"measured {cl['measured_speedup']:.2f}x ({cl['share_of_claim']:.0%} of the claim){also}",
             ]
         )
     return rows
@@ -333,10 +331,35 @@ def _search_section(doc: _Doc, run: Path, results: dict, val: dict | None) -> No
         + "."
         + (f" Residual blocks removed whole: {', '.join(c['removed_blocks'])}." if c.get("removed_blocks") else "")
     )
+    if text := precision_text(results):
+        doc.para(text)
     prediction_plot(_prediction_points(run, c, val), run / "prediction.png", title="predicted vs measured latency")
     doc.image(run / "convergence.png", "best proxy accuracy against evaluations")
     doc.image(run / "scatter.png", "proxy accuracy against latency, every evaluation")
     doc.image(run / "prediction.png", "predicted against measured latency on the device")
+
+
+def _other_model_row(label: str, row: dict) -> list[str]:
+    """A model measured beside the shipped one (sparse, the other precision): ms and speedup over dense."""
+    return [label, _ms(row["measured"]["median_ms"]), f"speedup {row['speedup']:.2f}x" + _noisy(row["measured"])]
+
+
+def precision_text(results: dict) -> str:
+    """What precision the search ran at, against what dense figure; both of `--precision auto`."""
+    p, said = results.get("precision") or {}, []
+    if p.get("reference_ms") is not None:
+        said.append(
+            f"Searched in {p['searched']} on {p['device']}: the dense model measured "
+            f"{p['reference_ms']:.4g} ms in {p['reference_precision']} on {p['reference_device']} (what a "
+            f"share-of-dense budget is of), the chosen plan {p['speedup_vs_reference']:.2f}x faster than it"
+            + (", by quantizing alone (nothing pruned)." if p.get("quantized_alone") else ".")
+        )
+    if choice := results.get("precision_choice"):
+        from edgeprune.pipeline.precision import describe
+
+        lines = describe(choice).splitlines()[1:]
+        said.append("`--precision auto`: " + "; ".join(line.strip() for line in lines) + ".")
+    return " ".join(said)
 
 
 def _prediction_points(run: Path, chosen: dict, val: dict | None) -> list[dict]:

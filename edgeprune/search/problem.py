@@ -41,6 +41,7 @@ class BudgetProblem:
     hi: np.ndarray  # per variable, the largest keep ratio
     unit: str = ""
     _allowed: list[np.ndarray] = field(default_factory=list, repr=False)
+    dense_fits: bool = False  # the dense model meets the budget as it is (quantized alone): its plan may be chosen
 
     @classmethod
     def create(
@@ -93,7 +94,9 @@ class BudgetProblem:
                 f"budget {budget:.4g} {unit} is below the smallest cost this search space reaches "
                 f"({smallest:.4g} {unit}, every free group at its minimum keep-count); {self.widen_hint()}"
             )
-        if budget >= dense:
+        if budget >= dense and self.dense_fits:
+            budget = dense
+        elif budget >= dense:
             raise EdgepruneError(
                 f"budget {budget:.4g} {unit} is at or above the dense model's {dense:.4g} {unit}: "
                 "the unpruned model already fits, nothing to prune"

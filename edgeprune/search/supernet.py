@@ -309,6 +309,7 @@ class SupernetEvaluator(ProxyEvaluator):
         seed: int = 0,
         train_steps: int = 0,
         train_lr: float = 0.05,
+        precision: str = "fp32",
         device: str = "cpu",
         supernet_steps: int = 300,
         supernet_lr: float = 0.05,
@@ -330,6 +331,7 @@ class SupernetEvaluator(ProxyEvaluator):
             seed=seed,
             train_steps=train_steps,
             train_lr=train_lr,
+            precision=precision,
             device=device,
         )
         self.supernet = Supernet(space, task, settings, criterion=criterion, device=device)
@@ -359,4 +361,4 @@ class SupernetEvaluator(ProxyEvaluator):
             with torch.enable_grad():
                 self._train(model)
         recalibrate_bn_on(model, (to_device(x, self.device) for x in self.calibration))
-        return float(self.task.score(model.eval()))
+        return self.score(model)
