@@ -12,11 +12,12 @@ budget (a share of the dense fp32 model), three ways to meet it:
   and scored as int8 files), finetuned, exported with its int8 file. Where quantizing alone meets
   the budget, its plan is the dense model and no finetune runs.
 
-(b) and (c) get the same search (evaluations, seed) and the same finetune recipe (distilled,
-`--epochs` x `--batches`). Every file of a (model, runtime) is then measured in one interleaved
-run beside the dense fp32 model (1 thread; each file's quietest round); the budget is the share
-of the dense model measured there. Accuracy is the test split's, computed by the runtime on the
-file (export's parity pass). The runs are kept under --runs: a second invocation resumes.
+(b) and (c) get the same search (evaluations, seed, and depth pruning too under --depth-below)
+and the same finetune recipe (distilled, `--epochs` x `--batches`). Every file of a (model,
+runtime) is then measured in one interleaved run beside the dense fp32 model (1 thread; each
+file's quietest round); the budget is the share of the dense model measured there. Accuracy is
+the test split's, computed by the runtime on the file (export's parity pass). The runs are kept
+under --runs: a second invocation resumes.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def run_row(args, model: str, runtime: str, budget: str, variant: str) -> dict:
         try:
             prune_run(out, resume=(out / "config.json").is_file(), progress=False, log=lambda s: None,
                       weights=f"zoo:{model}-fashion-mnist", device=device, budget=budget, search="bocr",
-                      evals=args.evals, seed=0, precision="int8" if variant == "int8" else "device")  # fmt: skip
+                      evals=args.evals, seed=0, precision="int8" if variant == "int8" else "device",
+                      depth=float(budget.rstrip("%")) < args.depth_below)  # fmt: skip
         except EdgepruneError as e:  # a budget the device cannot reach at this precision
             out.mkdir(parents=True, exist_ok=True)
             (out / "infeasible.txt").write_text(str(e) + "\n")
@@ -135,6 +137,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--epochs", type=int, default=2, help="finetune epochs (distilled), every pruned row alike")
     ap.add_argument("--batches", type=int, default=150, help="finetune batches per epoch")
     ap.add_argument("--runs", default="runs/bench-int8", help="where the runs are kept (a second invocation resumes)")
+    ap.add_argument(
+        "--depth-below",
+        type=float,
+        default=30,
+        help="budgets under this share (%%) also remove whole residual blocks, (b) and (c) alike: at step 16 "
+        "resnet20's 16-channel stage cannot narrow, and width alone stops near 30 %% of dense",
+    )
 
 
 def budget_table(args) -> str:

@@ -158,23 +158,23 @@ def test_the_int8_proxy_scores_the_quantized_file(tiny_run, digits16):
     import torch
 
     from edgeprune.formats import calibration_inputs
+    from edgeprune.formats.quantized import Int8Runner, QuantizedModel
     from edgeprune.pruning import space
     from edgeprune.search import ProxyEvaluator
-    from edgeprune.search.quantized import QuantizedModel
     from edgeprune.task import Task
 
     net = load_checkpoint(tiny_run["weights"]).build().eval()
     task = Task.classification_on(digits16, heldout_images=300)
     s = space(net, torch.randn(1, 1, 16, 16), step=8, min_keep_ratio=0.25)
-    fp32, int8 = ProxyEvaluator(s, task), ProxyEvaluator(s, task, precision="int8")
+    good = calibration_inputs(task, (1, 1, 16, 16))
+    fp32, int8 = ProxyEvaluator(s, task), ProxyEvaluator(s, task, as_run=Int8Runner(good))
     half = [g.allowed[len(g.allowed) // 2] for g in s.groups]
     assert abs(int8(half) - fp32(half)) < 0.1 and int8.seconds  # scored, and near the fp32 score
     x = torch.cat([x for x, _ in digits16.batches("heldout", 100, limit=1)])
-    good = calibration_inputs(task, (1, 1, 16, 16))
     ref, got = net(x), QuantizedModel(net, good)(x)
     assert 0 < (got - ref).abs().max() / ref.abs().max() < 0.25
     assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
-    int8.int8_calibration = [g * 1000 for g in good]
+    int8.as_run = Int8Runner([g * 1000 for g in good])
     assert int8.score(net) < fp32.score(net) - 0.3
 
 

@@ -437,7 +437,7 @@ def test_in_context_profile_records_the_per_copy_cost(tmp_path):
     old = LatencyTable.load(tmp_path / "t.json")
     del old.meta["unit_context"]
     old.save(tmp_path / "summed.json")
-    with pytest.raises(EdgepruneError, match="earlier way .* profile into another --out"):
+    with pytest.raises(EdgepruneError, match="another way .* profile into another --out"):
         profile(
             model=model, model_id="resnet20", example_input=(1, 1, 8, 8), device=CountingDevice(),
             out=tmp_path / "summed.json", step=16, progress=False, log=lambda s: None,

@@ -456,8 +456,15 @@ class Pruning:
             "calibration_batches": cfg.calibration_batches,
             "seed": cfg.seed,
             "train_steps": cfg.proxy_steps,
-            "precision": "int8" if self.device.spec.precision == "int8" else "fp32",
+            "as_run": self.int8_runner() if self.device.spec.precision == "int8" else None,
         }
+
+    def int8_runner(self):
+        """An int8 search's proxy runs each candidate as its int8 file, calibrated as the export will be."""
+        from edgeprune.formats.package import calibration_inputs
+        from edgeprune.formats.quantized import Int8Runner
+
+        return Int8Runner(calibration_inputs(self.task, (1, *self.x.shape[1:]), log=lambda _: None))
 
     def finish(self, s, choice, evaluator, loop, problem, store, figures: dict):
         """The pruned model (BatchNorm recalibrated), its result, and the run's files."""

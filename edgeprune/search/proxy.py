@@ -12,8 +12,9 @@ first trains that many SGD steps distilled from the dense model (the finetune's 
 cosine schedule), a short-training fitness in the spirit of ACP's 3-epoch one at a fraction of
 its cost. The training batches and the teacher's targets are also drawn once.
 
-With `precision="int8"` a candidate is scored as its int8 file runs (search/quantized.py says
-why the file and not fake-quantization): PTQ does not cost every plan alike.
+With `as_run` (an int8 search: formats/quantized.py's Int8Runner) a candidate is scored as it
+will run, its int8 file (that module says why the file and not fake-quantization): PTQ does not
+cost every plan alike.
 
 `many(plans)` scores a batch: on the evaluator's `pool` of Ray workers where it has one
 (edgeprune/cluster/scoring.py, each worker holding an evaluator of its own), else here in turn.
@@ -46,7 +47,7 @@ class ProxyEvaluator:
         seed: int = 0,
         train_steps: int = 0,
         train_lr: float = 0.05,
-        precision: str = "fp32",
+        as_run=None,
         device: str = "cpu",
     ) -> None:
         self.space = space
@@ -64,10 +65,8 @@ class ProxyEvaluator:
                 ]
             self.train_batches *= -(-train_steps // len(self.train_batches))  # a train split shorter than the steps
             del self.train_batches[train_steps:]
-        # int8: each candidate is scored as its quantized file runs (search/quantized.py), calibrated
-        # on the export's training images
-        self.precision = precision
-        self.int8_calibration = self._int8_calibration() if precision == "int8" else None
+        # model -> the model as it will run (an int8 search: its quantized file, formats/quantized.py)
+        self.as_run = as_run
         self.cache: dict[str, float] = {}
         self.seconds: list[float] = []  # wall time of each evaluation actually computed
         self.pool = None  # a ScoringPool: `many` scores on its workers
@@ -114,17 +113,9 @@ class ProxyEvaluator:
 
     def score(self, model: nn.Module) -> float:
         """The task's score of `model` (ready: pruned, BN recalibrated) at the search's precision."""
-        if self.precision == "int8":
-            from edgeprune.search.quantized import QuantizedModel
-
-            model = QuantizedModel(model, self.int8_calibration)
+        if self.as_run is not None:
+            model = self.as_run(model)
         return float(self.task.score(model.eval()))
-
-    def _int8_calibration(self) -> list:
-        """The training images an int8 export calibrates on (formats/package.py), one per array."""
-        from edgeprune.formats.package import calibration_inputs
-
-        return calibration_inputs(self.task, (1, *self.space.input_shape[1:]), log=lambda _: None)
 
     def _train(self, model: nn.Module) -> None:
         """One distilled SGD step per training batch: the finetune's loss and optimizer, cosine from `train_lr`."""

@@ -309,7 +309,7 @@ class SupernetEvaluator(ProxyEvaluator):
         seed: int = 0,
         train_steps: int = 0,
         train_lr: float = 0.05,
-        precision: str = "fp32",
+        as_run=None,
         device: str = "cpu",
         supernet_steps: int = 300,
         supernet_lr: float = 0.05,
@@ -331,7 +331,7 @@ class SupernetEvaluator(ProxyEvaluator):
             seed=seed,
             train_steps=train_steps,
             train_lr=train_lr,
-            precision=precision,
+            as_run=as_run,
             device=device,
         )
         self.supernet = Supernet(space, task, settings, criterion=criterion, device=device)

@@ -57,3 +57,14 @@ def _padded(x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x)
     pad = np.zeros((BATCH - len(x), *x.shape[1:]), dtype=np.float32)
     return np.ascontiguousarray(np.concatenate([x, pad]))
+
+
+class Int8Runner:
+    """Model -> the model as its int8 file runs (QuantizedModel), calibrated on `calibration`: what
+    an int8 search's proxy scores (the pipeline gives it to the proxy; picklable for Ray workers)."""
+
+    def __init__(self, calibration: list[np.ndarray]) -> None:
+        self.calibration = calibration
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        return QuantizedModel(model, self.calibration)
