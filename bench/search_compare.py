@@ -17,6 +17,7 @@ uniform is paired by seed). A method is a searcher with its settings:
   bocr-steps30                                bocr, each candidate trained 30 distilled steps before scoring
   bocr-supernet                               bocr scored by the SP width supernet (trained once)
   bocr-flops                                  bocr constrained by MACs (the FLOPs baseline), same measured check
+  bo-warm, bocr-warm, pso-warm                the searcher started from the knapsack's plans (--warm-start)
 
 Printed per budget and method: the chosen plan's proxy score (mean, min-max over seeds), the
 evaluations to 99 % of the run's best, the measured ms and whether every seed met the budget,
@@ -52,6 +53,9 @@ METHODS = {
     "bocr-steps30": {"search": "bocr", "proxy_steps": 30},
     "bocr-supernet": {"search": "bocr", "proxy": "supernet"},
     "bocr-flops": {"search": "bocr", "cost": "flops"},
+    "bo-warm": {"search": "bo", "warm_start": "knapsack"},
+    "bocr-warm": {"search": "bocr", "warm_start": "knapsack"},
+    "pso-warm": {"search": "pso", "warm_start": "knapsack"},
 }
 DEFAULT = ["uniform", "bocr", "knapsack", "knapsack-r4", "darts", "bocr-flops"]
 

@@ -17,7 +17,7 @@ from edgeprune.models import build_model
 from edgeprune.pruning import space
 from edgeprune.pruning.masks import ChannelMasks
 from edgeprune.search import BudgetProblem, LatencyCost, SearchContext, make_searcher
-from edgeprune.search.knapsack import KnapsackSolver, capped, solve_knapsack
+from edgeprune.search.knapsack import KnapsackSolver, capped, knapsack_starts, solve_knapsack
 from edgeprune.search.marginal import MarginalCosts
 from edgeprune.search.saliency import count_values, taylor_saliency
 from edgeprune.task import make_task
@@ -180,6 +180,29 @@ def test_knapsack_searcher_meets_the_table_budget_and_is_deterministic(tiny_prob
         make_searcher("knapsack", problem, evals=3)
 
 
+def test_a_warm_start_is_what_bo_bocr_and_pso_propose_first(tiny_problem):
+    """`--warm-start knapsack`: the knapsack's plans are the first proposals of bo and bocr (in place
+    of Sobol points, which follow from their first) and among pso's first generation."""
+    s, cost, dense, task = tiny_problem
+    problem = BudgetProblem.create(s, cost, 0.6 * dense)
+    context = SearchContext(task, criterion="l2", log=lambda m: None)
+    starts = knapsack_starts(problem, context=context, n=2, seed=0)
+    plans = [tuple(problem.repair(u[None], fill=False).counts[0]) for u in starts]
+    assert 1 <= len(set(plans)) == len(plans) <= 2  # the plan and a neighbour, distinct
+    assert plans[0] == tuple(problem.repair(make_searcher("knapsack", problem, evals=1, context=context).ask()[None],
+                                            fill=False).counts[0])  # fmt: skip
+
+    def first(name, n, **kw):
+        return make_searcher(name, problem, evals=12, seed=0, **kw).ask_batch(n)
+
+    for name in ("bo", "bocr"):
+        warm, cold = first(name, len(starts) + 2, starts=starts), first(name, 2)
+        assert np.allclose(warm[: len(starts)], starts) and np.allclose(warm[len(starts) :], cold)
+    # a particle whose plan an earlier one took is moved (duplicate elimination): the plan is proposed either way
+    swarm = {tuple(problem.repair(u[None], fill=True).counts[0]) for u in first("pso", 10, starts=starts, particles=10)}
+    assert {tuple(problem.repair(u[None], fill=True).counts[0]) for u in starts} <= swarm
+
+
 @pytest.mark.parametrize("search", ["knapsack", pytest.param("darts", marks=pytest.mark.slow)])
 def test_new_searchers_resume_after_kill_9(tiny_run, tmp_path, cli, search):
     """A knapsack or darts prune killed after its first evaluations resumes: nothing lost or
@@ -197,3 +220,21 @@ def test_new_searchers_resume_after_kill_9(tiny_run, tmp_path, cli, search):
     assert after[: len(kept)] == kept and len(after) > len(kept)
     res = json.loads(r.stdout)
     assert res["search"] == search and res["chosen"]["predicted_ms"] is not None
+
+
+def test_a_warm_started_prune_begins_with_the_knapsack_plan_and_keeps_it_on_resume(tiny_run, tmp_path, cli):
+    out = tmp_path / "run"
+    args = prune_args(tiny_run, out, budget_ms="80%", search="bocr", evals=4, measure_top=1, warm_start="knapsack")
+    r = cli(*args, "--json")
+    assert r.returncode == 0, r.stderr
+    assert "warm start: the knapsack's plans" in r.stderr
+    with sqlite3.connect(out / "evals.sqlite") as db:
+        first = [(json.loads(u), c) for u, c in db.execute("SELECT u_raw, counts FROM evals ORDER BY i LIMIT 2")]
+        (starts,) = db.execute("SELECT value FROM state WHERE key = 'warm_starts'").fetchone()
+    assert np.allclose([u for u, _ in first], json.loads(starts))  # the search's first two proposals
+    r = cli(*prune_args(tiny_run, out, evals=6), "--resume", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "warm start" not in r.stderr  # solved once, kept in the store
+    with sqlite3.connect(out / "evals.sqlite") as db:
+        again = [(json.loads(u), c) for u, c in db.execute("SELECT u_raw, counts FROM evals ORDER BY i LIMIT 2")]
+    assert again == first

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import os
 import tempfile
@@ -34,6 +35,7 @@ from edgeprune.runs import RunDir, RunStore, write_json
 from edgeprune.search.budget import Budget
 
 CONFIG = "config.json"
+WARM_PLANS = 2  # knapsack plans a warm start begins with: its plan and a neighbour (of BO's 10 starts)
 
 
 @dataclass
@@ -223,9 +225,11 @@ class Pruning:
         return self.finish(s, choice, evaluator, loop, problem, store, figures)
 
     def measure_reference(self, s, meter) -> float:
-        """The dense model at the device's own precision: its held figure, measured in turn with its
-        quantized self on the device as it is (a quantized file runs quantized there), said with
-        what quantizing alone gains."""
+        """The dense model at the device's own precision, as a figure of this run's clock: measured in
+        turn with its quantized self on the device as it is (a quantized file runs quantized there),
+        their ratio times the quantized dense model's figure at the start (`meter.dense_ms`, what
+        every round's plans are referred to). A ratio measured in turn holds under load that moves
+        both alike; a figure measured once, at another moment than the start's, would not."""
         from edgeprune.formats.quantize import as_int8
         from edgeprune.latency import interleave
         from edgeprune.models.onnx import export_onnx
@@ -240,11 +244,13 @@ class Pruning:
                     pair = interleave.measure_interleaved(self.reference, [(path, shape), (quantized, shape)],
                                                           on_result=shown)  # fmt: skip
         ms = [held_figure(m.to_dict(), meter.statistic) for m in pair]
+        ratio = ms[0] / ms[1]
         self.log(
-            f"{what}: {ms[0]:.4g} against {ms[1]:.4g} ms ({held_name(meter.statistic)}), {to} {ms[0] / ms[1]:.2f}x "
-            f"{'faster' if ms[0] >= ms[1] else 'slower (this runtime gains nothing from it at this size)'}"
+            f"{what}: {ms[0]:.4g} against {ms[1]:.4g} ms ({held_name(meter.statistic)}), {to} {ratio:.2f}x "
+            f"{'faster' if ratio >= 1 else 'slower (this runtime gains nothing from it at this size)'}; "
+            f"the dense {own} figure of the budget: {meter.dense_ms:.4g} ms (the {to} one at the start) x {ratio:.3f}"
         )
-        return ms[0]
+        return meter.dense_ms * ratio
 
     def load_table(self, table, *, progress: bool = True) -> None:
         """The latency table (none for a FLOPs search without one), checked against the model and
@@ -372,6 +378,7 @@ class Pruning:
         store.set("dense_score", dense_score)
         pool = self.scoring_pool(s, evaluator)
         acp = acp_widths(s, evaluator.calibration) if cfg.search == "pso" else None
+        context = SearchContext(task, criterion=cfg.criterion, seed=cfg.seed, log=self.log, progress=progress)
         searcher = make_searcher(
             "uniform" if self.alone else cfg.search,  # at full width: the dense plan
             problem,
@@ -380,8 +387,9 @@ class Pruning:
             clusters=cfg.clusters,
             acp_counts=acp,
             particles=cfg.particles,
-            context=SearchContext(task, criterion=cfg.criterion, seed=cfg.seed, log=self.log, progress=progress),
+            context=context,
             rounds=cfg.knapsack_rounds,
+            starts=self.warm_starts(problem, context, store),
         )
         predictor = self.predictor
 
@@ -411,13 +419,27 @@ class Pruning:
                 self.scoring = pool.summary()
                 pool.close()
 
+    def warm_starts(self, problem, context, store) -> list[np.ndarray]:
+        """`--warm-start knapsack`: the knapsack's plans, found once and kept in the store (a resumed
+        run proposes the same starts without solving again)."""
+        from edgeprune.search import WARM_STARTED
+        from edgeprune.search.knapsack import knapsack_starts
+
+        if self.cfg.warm_start == "none" or self.alone or self.cfg.search not in WARM_STARTED:
+            return []
+        if store.get("warm_starts") is None:
+            self.log(f"warm start: the knapsack's plans at the search budget ({problem.budget:.4g} {problem.unit}) ...")
+            points = knapsack_starts(problem, context=context, n=WARM_PLANS, seed=self.cfg.seed)
+            store.set("warm_starts", [u.tolist() for u in points])
+        return [np.asarray(u, float) for u in store.get("warm_starts")]
+
     def evaluator(self, s, progress: bool):
         """The accuracy proxy: the plan on the dense weights, or on a width supernet trained once
         (kept in the run folder, so a resumed run does not train it again)."""
         from edgeprune.search import ProxyEvaluator
 
         cfg = self.cfg
-        common = self.evaluator_args()
+        common = self.evaluator_args
         if cfg.proxy == "bn":
             return ProxyEvaluator(s, self.task, **common)
         from edgeprune.search.supernet import SupernetEvaluator
@@ -442,14 +464,15 @@ class Pruning:
             example_input=self.x,
             space_args={"step": s.step, "min_keep_ratio": cfg.min_keep, "depth": cfg.depth},
             task=self.task,
-            evaluator_args=self.evaluator_args(),
+            evaluator_args=self.evaluator_args,
             log=self.log,
         )
         return evaluator.pool
 
+    @functools.cached_property
     def evaluator_args(self) -> dict:
-        """The proxy's settings (here and on Ray workers alike); an int8 device's candidates are
-        scored as their int8 files run."""
+        """The proxy's settings (here and on Ray workers alike; built once: an int8 runner holds its
+        calibration images); an int8 device's candidates are scored as their int8 files run."""
         cfg = self.cfg
         return {
             "criterion": cfg.criterion,
@@ -474,10 +497,13 @@ class Pruning:
         row, m = choice.row, choice.measurement
         counts = [int(c) for c in row["counts"]]
         written = "" if self.run is None else " and writing the run's files (checkpoints, plots)"
-        self.log(f"recalibrating the chosen plan's BatchNorm{written} ...")
         plan = evaluator.plan(counts)
         pruned = plan.apply(self.model)
-        recalibrate_bn_on(pruned, self.task.train.inputs(20, seed=0, input_of=self.task.input_of))
+        if self.alone:  # the dense model as trained: its BatchNorm statistics are the full training set's
+            self.log(f"keeping the dense model as it is{written} ...")
+        else:
+            self.log(f"recalibrating the chosen plan's BatchNorm{written} ...")
+            recalibrate_bn_on(pruned, self.task.train.inputs(20, seed=0, input_of=self.task.input_of))
         distinct = [r for r in loop.rows if not r["duplicate"]]
         scores = np.maximum.accumulate([r["score"] for r in distinct])
         dense_ms = figures["dense_ms"]

@@ -91,6 +91,13 @@ class PruneSettings:
         "after each; 0: one shot on the dense model's saliency.",
         lo=0,
     )
+    warm_start: str = setting(
+        "none",
+        "bo, bocr and pso: knapsack starts the search from the one-shot knapsack's plans (its plan and a "
+        "neighbour, seconds), in place of as many of its own starting points; none: its own only.",
+        kind=str,
+        choices=("none", "knapsack"),
+    )
     min_keep: float = setting(0.1, "Smallest keep ratio of any group.", kind=float, lo=0, hi=1, lo_open=True)
     max_keep: float = setting(1.0, "Largest keep ratio of any group.", kind=float, lo=0, hi=1, lo_open=True)
     depth: bool = setting(False, "Also remove whole residual blocks (reaches budgets width pruning cannot).", kind=bool)

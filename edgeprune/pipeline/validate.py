@@ -13,6 +13,7 @@ validation.json, the manifest's "validation" and the report.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -99,6 +100,7 @@ def measure_against_dense(
     """Measure the shipped file beside the dense model (and, given `shipped_weights`, the dense
     model magnitude-sparsified to that many weights), in turn, `repeats` rounds. `noise`: the run's
     NoiseNote (a noisy device is said once a run; default: once for this measurement)."""
+    from edgeprune.formats.quantize import as_int8
     from edgeprune.latency.interleave import ROUNDS, NoiseNote, measure_interleaved, rounds_progress
     from edgeprune.models.onnx import export_onnx, simplify_and_check
     from edgeprune.pruning.sparse import magnitude_sparsify, weight_count
@@ -110,7 +112,7 @@ def measure_against_dense(
     what = f"the {', '.join(labels[:-1])} and {labels[-1]} models"
     # said before the dense (and sparse) models are exported and checked: seconds of work
     log(f"measuring {what} on {dev.name}, in turn, in short windows, {rounds} ...")
-    with tempfile.TemporaryDirectory(prefix="edgeprune-validate-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgeprune-validate-") as tmp, contextlib.ExitStack() as files:
         dense_path = export_onnx(dense, shape, Path(tmp) / "dense.onnx")
         simplify_and_check(dense_path)  # the same treatment as the shipped file
         items = [(shipped, shape), (dense_path, shape)]
@@ -120,7 +122,7 @@ def measure_against_dense(
             simplify_and_check(sparse_path)  # like for like: its zeros stay weights in a dense layout
             items.append((sparse_path, shape))
         if twin:
-            items.append((_quantized(twin[1], shape, Path(tmp)) if twin[2] else twin[1], shape))
+            items.append((files.enter_context(as_int8(twin[1], shape)) if twin[2] else twin[1], shape))
         # the shipped model measuring slower than its dense parent is measured on (a slow phase
         # that spared the dense model's windows) before it is believed
         with rounds_progress(
@@ -144,13 +146,6 @@ def measure_against_dense(
         twin_row = {"precision": twin[0], "measured": measured[-1].to_dict()}
         twin_row["speedup"] = measured[1].median_ms / measured[-1].median_ms
     return Measured(measured[0], measured[1], sparse_row, twin_row)
-
-
-def _quantized(path: Path, shape, tmp: Path) -> Path:
-    """`path` quantized to int8 on random inputs (its latency is the int8 model's)."""
-    from edgeprune.formats.quantize import quantize_int8, random_inputs
-
-    return quantize_int8(path, tmp / "twin.int8.onnx", calibration=random_inputs(tuple(shape)))
 
 
 def verdict(

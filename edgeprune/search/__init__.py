@@ -25,6 +25,7 @@ from edgeprune.search.pso import ParticleSwarm
 from edgeprune.search.simple import RandomSearch, Uniform
 
 SEARCHERS = {s.name: s for s in (Uniform, RandomSearch, BayesOpt, BOCR, ParticleSwarm, Knapsack, DifferentiableWidths)}
+WARM_STARTED = ("bo", "bocr", "pso")  # searchers a warm start's points (--warm-start) can begin with
 MODEL_AWARE = ("knapsack", "darts")  # searchers that read the model and the task (a SearchContext), not only the cost
 
 
@@ -45,10 +46,11 @@ def make_searcher(
     particles: int = 10,
     context: SearchContext | None = None,
     rounds: int = 0,
+    starts: Sequence[np.ndarray] = (),
 ) -> Searcher:
     """A searcher by name: uniform, random, bo, bocr (k = `clusters`), pso (swarm around `acp_counts`),
     knapsack (`rounds` of pruning while training, 0: one shot) and darts, which read the model and
-    the task through `context`."""
+    the task through `context`. `starts`: points bo, bocr and pso propose first (a warm start)."""
     if name not in SEARCHERS:
         raise choices_error("search", name, list(SEARCHERS))
     if name in MODEL_AWARE and context is None:
@@ -59,9 +61,11 @@ def make_searcher(
         return DifferentiableWidths(problem, evals=evals, seed=seed, context=context)
     if name == "bocr":
         labels = cluster_groups(group_importances(problem), clusters)
-        return BOCR(problem, evals=evals, seed=seed, labels=labels)
+        return BOCR(problem, evals=evals, seed=seed, labels=labels, starts=starts)
     if name == "pso":
-        return ParticleSwarm(problem, evals=evals, seed=seed, particles=particles, acp_counts=acp_counts)
+        return ParticleSwarm(problem, evals=evals, seed=seed, particles=particles, acp_counts=acp_counts, starts=starts)
+    if name == "bo":
+        return BayesOpt(problem, evals=evals, seed=seed, starts=starts)
     return SEARCHERS[name](problem, evals=evals, seed=seed)
 
 
@@ -69,6 +73,7 @@ __all__ = [
     "BOCR",
     "COSTS",
     "SEARCHERS",
+    "WARM_STARTED",
     "BayesOpt",
     "BudgetProblem",
     "Evaluation",

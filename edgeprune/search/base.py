@@ -55,6 +55,9 @@ class Searcher:
         self.history: list[Evaluation] = []
         self.seen: set[tuple[int, ...]] = set()
         self.pending: list[tuple[np.ndarray, tuple[int, ...]]] = []  # the batch asked, not yet told: (u, counts)
+        # a warm start: points another searcher found (the knapsack's plans), proposed first in place of
+        # as many of this searcher's own starts (BO's Sobol points, PSO's random particles)
+        self.starts: list[np.ndarray] = []
 
     def ask(self) -> np.ndarray:
         """The next candidate, a point in [0, 1]^dim."""
@@ -64,6 +67,16 @@ class Searcher:
         """Hold a proposal of the batch being asked (where repair put it, and its plan) until it is
         told; the batch is told in the order it was asked."""
         self.pending.append((np.asarray(u, float), tuple(int(c) for c in counts)))
+
+    def ask_batch(self, n: int) -> list[np.ndarray]:
+        """`n` proposals asked as one batch, each held as pending where repair puts its plan (what
+        the search loop does, without scoring)."""
+        points = []
+        for _ in range(n):
+            u = self.ask()
+            self.pend(u, self.problem.repair(u[None], fill=self.fill).counts[0])
+            points.append(u)
+        return points
 
     def room(self) -> int:
         """How many more proposals the batch being asked may take before the searcher must be told."""

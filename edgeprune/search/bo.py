@@ -83,8 +83,10 @@ class BayesOpt(Searcher):
         n_init: int = 10,
         n_candidates: int = 1024,
         local_share: float = 0.5,
+        starts=(),
     ) -> None:
         super().__init__(problem, evals=evals, seed=seed)
+        self.starts = [np.asarray(u, float) for u in starts]
         self.n_init = n_init
         self.n_candidates = n_candidates
         self.local_share = local_share
@@ -124,8 +126,10 @@ class BayesOpt(Searcher):
         return np.concatenate(parts)
 
     def ask(self) -> np.ndarray:
+        if self.asked < len(self.starts):  # a warm start's points replace the first Sobol points
+            return self.starts[self.asked]
         if self.asked < self.n_init or self.n < 2:  # Sobol starts (a batch larger than them: more of the sequence)
-            k = self.asked
+            k = self.asked - len(self.starts)
             return self.expand(self._sobol(max(self.n_init, k + 1), seed=self.seed)[k : k + 1])[0]
         repaired = self.problem.repair(self.expand(self._candidates()), fill=self.fill)
         keys = [tuple(int(c) for c in row) for row in repaired.counts]

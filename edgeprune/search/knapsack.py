@@ -171,6 +171,20 @@ class Knapsack(Searcher):
         return {"rounds": self.rounds}
 
 
+def knapsack_starts(problem: BudgetProblem, *, context: SearchContext, n: int = 2, seed: int = 0) -> list[np.ndarray]:
+    """Points of `n` distinct plans of the one-shot knapsack (its plan, then neighbours; fewer where
+    4n tries find no more): seconds of work that start bo, bocr or pso where the saliency says the
+    budget is best spent (`--warm-start knapsack`)."""
+    searcher = Knapsack(problem, evals=4 * n, context=context, seed=seed)
+    points, plans = [], set()
+    for _ in range(4 * n):
+        (u,) = searcher.ask_batch(1)
+        if searcher.pending[-1][1] not in plans and len(points) < n:
+            plans.add(searcher.pending[-1][1])
+            points.append(u)
+    return points
+
+
 class ProgressivePruning:
     """HALP's schedule on masks: budgets from dense down to the search budget in `rounds` steps;
     at each, the knapsack's plan masks the model, which trains `steps` distilled steps before the

@@ -3,7 +3,8 @@
 ACP (Chang et al. 2022) clusters each layer's channels by feature-map similarity; the number of
 clusters is a data-driven width, and its initial swarm perturbs those widths particle by particle
 (particle i moves each group by i channel steps up, down or not at all). Half the swarm is built
-that way here, the other half at random. Inertia decays linearly over the run (ACP: 0.6 -> 0.43;
+that way here, the other half at random (a warm start's points, the knapsack's plans, in place of
+as many random ones). Inertia decays linearly over the run (ACP: 0.6 -> 0.43;
 here 0.9 -> 0.4 by default), c1 = c2 = 2. Particles move in the unit cube; each position is
 repaired to the budget before it is scored. Many positions repair to the same plan, so a swarm
 left alone collapses onto a few plans: a particle whose plan was already scored is moved by a
@@ -48,6 +49,7 @@ class ParticleSwarm(Searcher):
         inertia: tuple[float, float] = (0.9, 0.4),
         c1: float = 2.0,
         c2: float = 2.0,
+        starts=(),
     ) -> None:
         from pymoo.algorithms.soo.nonconvex.pso import PSO
         from pymoo.core.problem import Problem
@@ -58,12 +60,14 @@ class ParticleSwarm(Searcher):
         init = [rng.random((particles - n_acp, problem.dim))]
         if n_acp:
             init.insert(0, acp_swarm(problem, acp_counts, n_acp, rng))
+        self.starts = [np.asarray(u, float) for u in starts][:particles]
+        init = np.concatenate(init)
+        if self.starts:  # in place of the last random particles
+            init[-len(self.starts) :] = self.starts
         self.inertia = inertia
         self.generations = max(1, -(-evals // particles) - 1)
         self._problem = Problem(n_var=problem.dim, n_obj=1, xl=0.0, xu=1.0)
-        self.algorithm = PSO(
-            pop_size=particles, sampling=np.concatenate(init), adaptive=False, w=inertia[0], c1=c1, c2=c2
-        )
+        self.algorithm = PSO(pop_size=particles, sampling=init, adaptive=False, w=inertia[0], c1=c1, c2=c2)
         self.algorithm.setup(self._problem, seed=seed, verbose=False)
         self.particles = particles
         self.generation = 0
