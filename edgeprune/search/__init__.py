@@ -64,9 +64,7 @@ def make_searcher(
         return BOCR(problem, evals=evals, seed=seed, labels=labels, starts=starts)
     if name == "pso":
         return ParticleSwarm(problem, evals=evals, seed=seed, particles=particles, acp_counts=acp_counts, starts=starts)
-    if name == "bo":
-        return BayesOpt(problem, evals=evals, seed=seed, starts=starts)
-    return SEARCHERS[name](problem, evals=evals, seed=seed)
+    return SEARCHERS[name](problem, evals=evals, seed=seed, starts=starts if name in WARM_STARTED else ())
 
 
 __all__ = [

@@ -48,7 +48,7 @@ class Searcher:
     name: ClassVar[str] = ""
     fill: ClassVar[bool] = True  # repair spends the leftover budget greedily
 
-    def __init__(self, problem: BudgetProblem, *, evals: int, seed: int = 0) -> None:
+    def __init__(self, problem: BudgetProblem, *, evals: int, seed: int = 0, starts=()) -> None:
         self.problem = problem
         self.evals = evals
         self.seed = seed
@@ -57,7 +57,7 @@ class Searcher:
         self.pending: list[tuple[np.ndarray, tuple[int, ...]]] = []  # the batch asked, not yet told: (u, counts)
         # a warm start: points another searcher found (the knapsack's plans), proposed first in place of
         # as many of this searcher's own starts (BO's Sobol points, PSO's random particles)
-        self.starts: list[np.ndarray] = []
+        self.starts: list[np.ndarray] = [np.asarray(u, float) for u in starts]
 
     def ask(self) -> np.ndarray:
         """The next candidate, a point in [0, 1]^dim."""

@@ -85,8 +85,7 @@ class BayesOpt(Searcher):
         local_share: float = 0.5,
         starts=(),
     ) -> None:
-        super().__init__(problem, evals=evals, seed=seed)
-        self.starts = [np.asarray(u, float) for u in starts]
+        super().__init__(problem, evals=evals, seed=seed, starts=starts)
         self.n_init = n_init
         self.n_candidates = n_candidates
         self.local_share = local_share

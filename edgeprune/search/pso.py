@@ -54,13 +54,12 @@ class ParticleSwarm(Searcher):
         from pymoo.algorithms.soo.nonconvex.pso import PSO
         from pymoo.core.problem import Problem
 
-        super().__init__(problem, evals=evals, seed=seed)
+        super().__init__(problem, evals=evals, seed=seed, starts=[np.asarray(u, float) for u in starts][:particles])
         rng = np.random.default_rng([seed, 7])
         n_acp = particles // 2 if acp_counts is not None else 0
         init = [rng.random((particles - n_acp, problem.dim))]
         if n_acp:
             init.insert(0, acp_swarm(problem, acp_counts, n_acp, rng))
-        self.starts = [np.asarray(u, float) for u in starts][:particles]
         init = np.concatenate(init)
         if self.starts:  # in place of the last random particles
             init[-len(self.starts) :] = self.starts
