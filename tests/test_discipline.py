@@ -54,6 +54,10 @@ BAD = {  # arguments (RUN: a run folder, CONFIG: a config file with the text giv
     "finetune lr nan": (("finetune", "RUN", "--lr", "nan"), "--lr must be more than 0, got nan"),
     "finetune alpha": (("finetune", "RUN", "--alpha", "1.5"), "--alpha must be in [0, 1], got 1.5"),
     "finetune device": (("finetune", "RUN", "--train-device", "gpu"), "unknown torch device 'gpu'"),
+    "qat threshold": (
+        ("finetune", "RUN", "--qat", "--qat-threshold", "-1"),
+        "--qat-threshold must be at least 0, got -1",
+    ),
     "export format": (("export", "RUN", "--format", "tflite"), "unknown export format 'tflite'"),
     "export images": (("export", "RUN", "--accuracy-images", "0"), "--accuracy-images must be at least 1"),
     "validate repeats": (("validate", "RUN", "--repeats", "0"), "--repeats must be at least 1"),

@@ -1,6 +1,7 @@
 """Ship it: finetune with distillation, export with parity, validate on the device, report, `run`."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,6 +111,40 @@ def test_run_chains_every_stage(pipeline_run):
     assert m["measured_ms"] == v["measured"]["median_ms"] and m["meets_budget"] == v["meets_budget"]
     assert m["device"] == v["device"] and m["speedup"] == v["speedup"]
     assert v["accuracy_images"] is None  # the runtime scored the whole test split, as the dense model was
+
+
+def test_finetune_qat_on_a_run_once(pipeline_run, tmp_path, cli_here):
+    """`finetune --qat` after a finished finetune: the held-out scores of the float model and its
+    int8 file recorded, QAT run where int8 loses, its model kept only where its file scores higher
+    (the model it replaced kept beside it); a second call does nothing again; the report says it;
+    other settings start again from the finetune's own model."""
+    from edgeprune.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run"], run)
+    before = load_checkpoint(run / "finetuned.pt")
+    args = ("finetune", str(run), "--epochs", "2", "--lr", "0.02", "--qat", "--qat-threshold", "0")
+    r = cli_here(*args)
+    assert r.returncode == 0, r.stderr
+    assert "int8:" in r.stdout and "held-out images" in r.stdout
+    q = json.loads((run / "finetune.json").read_text())["qat"]
+    assert q["ran"] == (q["heldout_fp32"] - q["heldout_int8"] > 0)
+    assert q["kept"] == (q["ran"] and q["heldout_int8_after"] > q["heldout_int8"])
+    after = load_checkpoint(run / "finetuned.pt")
+    assert after.meta["qat"]["summary"] == q["summary"] and after.meta["finished"]
+    assert (run / "finetuned-before-qat.pt").is_file() == q["kept"]
+    changed = any(not torch.equal(a, before.state_dict[k]) for k, a in after.state_dict.items())
+    assert changed == q["kept"]
+    again = cli_here(*args)
+    assert again.returncode == 0 and "quantization-aware finetune already done" in again.stderr + again.stdout
+    write_report(run)
+    assert f"Quantization-aware finetune (`--qat`): {q['summary']}." in (run / "report.md").read_text()
+    # other settings start from the finetune's own model: a threshold no loss reaches puts it back
+    assert cli_here(*args[:-1], "1").returncode == 0
+    assert not json.loads((run / "finetune.json").read_text())["qat"]["ran"]
+    back = load_checkpoint(run / "finetuned.pt").state_dict
+    assert all(torch.equal(a, before.state_dict[k]) for k, a in back.items())
+    assert not (run / "finetuned-before-qat.pt").is_file()
 
 
 def test_the_validation_table_gives_the_search_s_prediction_where_the_device_drifted():

@@ -395,6 +395,8 @@ def _finetune_section(doc: _Doc, fine: dict | None) -> None:
     )
     history = [[h["epoch"], _pct(h.get("score", h.get("heldout_accuracy")))] for h in fine["history"]]
     doc.table(["epoch", "held-out accuracy"], history)
+    if fine.get("qat"):
+        doc.para(f"Quantization-aware finetune (`--qat`): {fine['qat']['summary']}.")
 
 
 def _write_pages(run: Path, doc: _Doc, model) -> dict[str, Path]:

@@ -46,6 +46,7 @@ class FinetuneResult:
     best_epoch: int
     score: float  # the best held-out score
     recipe: dict = field(default_factory=dict)
+    qat: dict | None = None  # what a quantization-aware finetune after it found (pipeline/qat.py)
 
 
 class FinetuneStore:
