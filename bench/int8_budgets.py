@@ -7,7 +7,7 @@ For each Fashion-MNIST zoo model, runtime (ONNX Runtime, OpenVINO; the fp32 devi
 budget (a share of the dense fp32 model), three ways to meet it:
 
 - (a) int8 only: the dense model quantized (the export's int8 file, calibrated on 256 training images);
-- (b) pruned fp32: `prune` (bocr) on the fp32 device, finetuned, exported;
+- (b) pruned fp32: `prune` (`--search`, default bocr) on the fp32 device, finetuned, exported;
 - (c) pruned + int8: `prune --precision int8` on the same device (the int8 table; candidates timed
   and scored as int8 files), finetuned, exported with its int8 file. Where quantizing alone meets
   the budget, its plan is the dense model and no finetune runs.
@@ -37,14 +37,15 @@ def run_row(args, model: str, runtime: str, budget: str, variant: str) -> dict:
     from edgeprune.pipeline import export_run, finetune_run, prune_run
 
     device, fmt = RUNTIMES[runtime]
-    out = Path(args.runs) / f"{model}-{runtime}-{budget.rstrip('%')}-{variant}"
+    tag = "" if args.search == "bocr" else f"-{args.search}"  # bocr's rows keep their first folders
+    out = Path(args.runs) / f"{model}-{runtime}-{budget.rstrip('%')}-{variant}{tag}"
     if (out / "infeasible.txt").is_file():
         return {"error": (out / "infeasible.txt").read_text().strip()}
     t0 = time.monotonic()
     if not (out / "results.json").is_file():
         try:
             prune_run(out, resume=(out / "config.json").is_file(), progress=False, log=lambda s: None,
-                      weights=f"zoo:{model}-fashion-mnist", device=device, budget=budget, search="bocr",
+                      weights=f"zoo:{model}-fashion-mnist", device=device, budget=budget, search=args.search,
                       evals=args.evals, seed=0, precision="int8" if variant == "int8" else "device",
                       depth=float(budget.rstrip("%")) < args.depth_below)  # fmt: skip
         except EdgepruneError as e:  # a budget the device cannot reach at this precision
@@ -134,6 +135,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--models", nargs="+", default=["resnet20", "mobilenet_v2_cifar"])
     ap.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES))
     ap.add_argument("--evals", type=int, default=30, help="plans each search scores")
+    ap.add_argument("--search", default="bocr", help="searcher of (b) and (c) alike (knapsack varies least by seed)")
     ap.add_argument("--epochs", type=int, default=2, help="finetune epochs (distilled), every pruned row alike")
     ap.add_argument("--batches", type=int, default=150, help="finetune batches per epoch")
     ap.add_argument("--runs", default="runs/bench-int8", help="where the runs are kept (a second invocation resumes)")

@@ -98,11 +98,10 @@ def test_noisy_run_is_measured_again():
         while time.perf_counter() - t < 0.001:
             pass
 
-    quiet = measure_callable(
-        spin,
-        Protocol(warmup_runs=1, warmup_s=0, min_runs=20, min_s=0, max_cv=0.5, max_foreign_load=1.0),
-    )
-    assert quiet.attempts == 1
+    # one preemption of a shared VM inside the ~25 ms a measurement takes makes its cv several
+    # times 0.5: a quiet callable is measured once in at least one of three tries
+    quiet = Protocol(warmup_runs=1, warmup_s=0, min_runs=20, min_s=0, max_cv=0.5, max_foreign_load=1.0)
+    assert min(measure_callable(spin, quiet).attempts for _ in range(3)) == 1
 
 
 def test_precision_stops_timing_once_the_median_is_known():
