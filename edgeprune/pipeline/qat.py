@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -80,8 +80,6 @@ def quantization_aware(
 ) -> QatOutcome:  # fmt: skip
     """Score `model` and its int8 file on the held-out images; where int8 loses more than the
     threshold, finetune a copy through int8 rounding and keep it if its int8 file scores higher."""
-    from dataclasses import replace
-
     from edgeprune.formats.package import calibration_inputs
     from edgeprune.formats.quantized import Int8Runner
     from edgeprune.training.qat import quantization_aware_finetune
