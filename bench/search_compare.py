@@ -114,7 +114,7 @@ def search_row(method: str, rs: list[dict]) -> str:
         f"{method:<15}{acc.mean():>9.2f} ({acc.min():.2f}-{acc.max():.2f})"
         f"{np.mean([r['evals_to_99pct'] for r in rs]):>8.1f}"
         f"{np.mean([r['chosen']['measured_ms'] for r in rs]):>10.4f}"
-        f"{rs[0]['budget_ms']:>10.4f}"
+        f"{np.mean([r['budget_ms'] for r in rs]):>10.4f}"
         f"{sum(r['met_budget'] for r in rs):>4}/{len(rs)}"
         f"{np.mean([r.get('wall_s', r['seconds']) for r in rs]):>8.0f}"
     )
@@ -137,7 +137,7 @@ def finetune_rows(budget: str, by_method: dict[str, list[dict]]) -> list[str]:
             gap = " | | | "
         lines.append(
             f"| {budget} | {method} | {np.mean([r['chosen']['measured_ms'] for r in rs]):.4f} / "
-            f"{rs[0]['budget_ms']:.4f} | {sum(r['met_budget'] for r in rs)}/{len(rs)} | "
+            f"{np.mean([r['budget_ms'] for r in rs]):.4f} | {sum(r['met_budget'] for r in rs)}/{len(rs)} | "
             f"{np.mean(held):.2f} | {np.mean(test):.2f}{gap} |"
         )
     return lines

@@ -378,7 +378,7 @@ def test_example_configs_are_valid(path):
 
 def test_the_quickstart_runs_on_shipped_files_alone():
     """`edgeprune run` without a config (make demo): resnet20 on Fashion-MNIST, cpu-onnxruntime, half
-    the dense latency, bocr; its checkpoint and latency table ship with the repository, so the demo
+    the dense latency, the knapsack; its checkpoint and latency table ship with the repository, so the demo
     profiles nothing and downloads nothing."""
     from edgeprune.pipeline.run import QUICKSTART, check_config
     from edgeprune.zoo import resolve_weights
@@ -386,5 +386,5 @@ def test_the_quickstart_runs_on_shipped_files_alone():
     cfg = check_config(dict(QUICKSTART))
     ckpt = load_checkpoint(resolve_weights(cfg["weights"]))
     assert (ckpt.model, ckpt.dataset, cfg["device"]) == ("resnet20", "fashion-mnist", "cpu-onnxruntime")
-    assert (cfg["prune"]["budget"], cfg["prune"]["search"]) == ("50%", "bocr")
+    assert (cfg["prune"]["budget"], cfg["prune"]["search"]) == ("50%", "knapsack")
     assert (ROOT / "latency_tables" / cfg["device"] / f"{ckpt.model}.json").is_file()

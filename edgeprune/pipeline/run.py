@@ -44,7 +44,7 @@ QUICKSTART = {
     "name": "quickstart",
     "weights": "zoo:resnet20-fashion-mnist",
     "device": "cpu-onnxruntime",
-    "prune": {"budget": "50%", "search": "bocr", "evals": 30},
+    "prune": {"budget": "50%", "search": "knapsack", "evals": 30},
     "finetune": {"epochs": 1, "lr": 0.05},
     "export": {"formats": ["onnx"]},
     "validate": {},

@@ -56,7 +56,7 @@ class PruneSettings:
     """How a pruning run searches (everything but the model, data, device, budget and table)."""
 
     search: str = setting(
-        "bocr", "Searcher: uniform, random, bo, bocr, pso, knapsack or darts.", kind=str, choices=_searchers()
+        "knapsack", "Searcher: uniform, random, bo, bocr, pso, knapsack or darts.", kind=str, choices=_searchers()
     )
     precision: str = setting(
         "device",
