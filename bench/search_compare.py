@@ -49,6 +49,8 @@ METHODS = {
     "pso": {"search": "pso"},
     "knapsack": {"search": "knapsack"},
     "knapsack-r4": {"search": "knapsack", "knapsack_rounds": 4},
+    "knapsack-e1": {"search": "knapsack", "evals": 1},
+    "knapsack-steps30": {"search": "knapsack", "proxy_steps": 30},
     "darts": {"search": "darts"},
     "bocr-steps30": {"search": "bocr", "proxy_steps": 30},
     "bocr-supernet": {"search": "bocr", "proxy": "supernet"},
@@ -71,15 +73,17 @@ def run_one(args, method: str, budget: str, seed: int) -> dict:
             resume=(out / "config.json").is_file(),
             progress=False,
             log=lambda s: None,
-            weights=args.weights,
-            device=args.device,
-            budget=budget,
-            evals=args.evals,
-            seed=seed,
-            margin=args.margin,
-            depth=args.depth,
-            **METHODS[method],
-            **({"table": args.table} if args.table else {}),
+            **{
+                "weights": args.weights,
+                "device": args.device,
+                "budget": budget,
+                "evals": args.evals,
+                "seed": seed,
+                "margin": args.margin,
+                "depth": args.depth,
+                **({"table": args.table} if args.table else {}),
+                **METHODS[method],  # a method's own settings (its evaluations too) win
+            },
         )
         res["wall_s"] = time.monotonic() - t0
         (out / "results.json").write_text(json.dumps(res, indent=2))
