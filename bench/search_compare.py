@@ -6,13 +6,15 @@
     python bench/search_compare.py --finetune-epochs 30 --train-device cuda          # a GPU host
 
 Each (method, budget, seed) is a real `edgeprune.prune` run on the device profile with the shipped
-latency table (every method the same evaluations, the same space: `--depth` lets every method remove
-whole residual blocks, which the tighter budgets need), then, with `--finetune-epochs`, the same
-distilled finetune of the chosen plan (`finetune_run`, seeded by the search seed, so the gap to
-uniform is paired by seed). A method is a searcher with its settings:
+latency table (every method the same evaluations unless it sets its own, the same space: `--depth`
+lets every method remove whole residual blocks, which the tighter budgets need), then, with
+`--finetune-epochs`, the same distilled finetune of the chosen plan (`finetune_run`, seeded by the
+search seed, so the gap to uniform is paired by seed). A method is a searcher with its settings:
 
   uniform, random, bo, bocr, pso, knapsack   the searcher, BN-recalibrated proxy
   knapsack-r4                                 knapsack pruned in 4 rounds while training (HALP)
+  knapsack-e1                                 the knapsack's own plan only (1 evaluation, no neighbours)
+  knapsack-steps30                            knapsack, each neighbour trained 30 distilled steps before scoring
   darts                                       differentiable widths (the table's expected latency as a loss)
   bocr-steps30                                bocr, each candidate trained 30 distilled steps before scoring
   bocr-supernet                               bocr scored by the SP width supernet (trained once)
