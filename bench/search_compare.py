@@ -69,24 +69,19 @@ def run_one(args, method: str, budget: str, seed: int) -> dict:
     out = Path(args.runs) / f"{tag}-{budget.rstrip('%')}-{method}-s{seed}{'-depth' * args.depth}"
     results = out / "results.json"
     if not results.is_file():
+        settings = {
+            "weights": args.weights,
+            "device": args.device,
+            "budget": budget,
+            "evals": args.evals,
+            "seed": seed,
+            "margin": args.margin,
+            "depth": args.depth,
+            **({"table": args.table} if args.table else {}),
+            **METHODS[method],  # a method's own settings (its evaluations too) win
+        }
         t0 = time.monotonic()
-        res = prune(
-            out,
-            resume=(out / "config.json").is_file(),
-            progress=False,
-            log=lambda s: None,
-            **{
-                "weights": args.weights,
-                "device": args.device,
-                "budget": budget,
-                "evals": args.evals,
-                "seed": seed,
-                "margin": args.margin,
-                "depth": args.depth,
-                **({"table": args.table} if args.table else {}),
-                **METHODS[method],  # a method's own settings (its evaluations too) win
-            },
-        )
+        res = prune(out, resume=(out / "config.json").is_file(), progress=False, log=lambda s: None, **settings)
         res["wall_s"] = time.monotonic() - t0
         (out / "results.json").write_text(json.dumps(res, indent=2))
     res = json.loads(results.read_text())
