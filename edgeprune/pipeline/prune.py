@@ -229,24 +229,33 @@ class Pruning:
         turn with its quantized self on the device as it is (a quantized file runs quantized there),
         their ratio times the quantized dense model's figure at the start (`meter.dense_ms`, what
         every round's plans are referred to). A ratio measured in turn holds under load that moves
-        both alike; a figure measured once, at another moment than the start's, would not."""
+        both alike; a figure measured once, at another moment than the start's, would not. Like every
+        ratio here it is of the quietest windows: noise only adds time, more to the larger model, so a
+        ratio of typical windows overstates what quantizing gains, and every budget after it with it;
+        a noisy stretch (windows far over the quietest) is measured again."""
         from edgeprune.formats.quantize import as_int8
         from edgeprune.latency import interleave
+        from edgeprune.latency.verdict import least_noisy
         from edgeprune.models.onnx import export_onnx
-        from edgeprune.search.measured import held_figure, held_name
 
         own, to = self.reference.spec.precision, self.device.spec.precision
         shape, what = s.input_shape, f"the dense model in {own} and in {to} on {self.reference.name}"
+        tolerance = self.reference.spec.protocol.max_cv
+
+        def noisy(spread: float) -> None:
+            self.log(f"{what}: windows {spread:.0%} over the quietest (over the {tolerance:.0%} tolerance), again")
+
         with tempfile.TemporaryDirectory(prefix="edgeprune-reference-") as tmp:
             path = export_onnx(self.model, shape, Path(tmp) / "dense.onnx")
             with as_int8(path, shape) as quantized:
                 with interleave.rounds_progress(f"measuring {what}", 2, enabled=meter.progress) as shown:
-                    pair = interleave.measure_interleaved(self.reference, [(path, shape), (quantized, shape)],
-                                                          on_result=shown)  # fmt: skip
-        ms = [held_figure(m.to_dict(), meter.statistic) for m in pair]
+                    items = [(path, shape), (quantized, shape)]
+                    pair = least_noisy(lambda: interleave.measure_interleaved(self.reference, items, on_result=shown),
+                                       tolerance=tolerance, on_noisy=noisy)  # fmt: skip
+        ms = [m.median_ms for m in pair]  # each model's quietest window
         ratio = ms[0] / ms[1]
         self.log(
-            f"{what}: {ms[0]:.4g} against {ms[1]:.4g} ms ({held_name(meter.statistic)}), {to} {ratio:.2f}x "
+            f"{what}: {ms[0]:.4g} against {ms[1]:.4g} ms (quietest windows), {to} {ratio:.2f}x "
             f"{'faster' if ratio >= 1 else 'slower (this runtime gains nothing from it at this size)'}; "
             f"the dense {own} figure of the budget: {meter.dense_ms:.4g} ms (the {to} one at the start) x {ratio:.3f}"
         )
