@@ -117,10 +117,14 @@ def table_for(args, model: str, runtime: str) -> list[str]:
                      f"{' | '.join(_cell(c, budget) for c in cells)} | {_gap(cells[1], cells[2])}")  # fmt: skip
         print(lines[-1], flush=True)
         for name, c in zip(("(a)", "(b)", "(c)"), cells):
-            if "file" in c and (c["ms"] <= budget) != (quiet[c["file"]] <= quiet_budget):
-                q, met = quiet[c["file"]], "yes" if quiet[c["file"]] <= quiet_budget else "NO"
+            q = quiet.get(c.get("file"))
+            if q is not None and _met(c["ms"], budget) != (met := _met(q, quiet_budget)):
                 notes.append(f"  {b} {name}: quietest rounds {q:.4f} against {quiet_budget:.4f} ms: {met}")
     return lines + ([f"{model} {runtime}, where the quietest rounds decide otherwise:", *notes] if notes else [])
+
+
+def _met(ms: float, budget: float) -> str:
+    return "yes" if ms <= budget else "NO"
 
 
 def _cell(row: dict, budget: float) -> str:
@@ -128,7 +132,7 @@ def _cell(row: dict, budget: float) -> str:
         why = "out of reach" if "out of reach" in row["error"] else row["error"][:24]
         return f"{why:^28}"
     acc = f"{row['accuracy']:.2%}" if row.get("accuracy") is not None else "-"
-    mark = "yes" if row["ms"] <= budget else "NO"
+    mark = _met(row["ms"], budget)
     alone = "*" if row.get("alone") else " "
     return f"{row['ms']:8.4f} {acc:>8} {mark:>4}{alone}    "
 
